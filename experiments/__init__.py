@@ -1,0 +1,1 @@
+"""Experiments for stquant-jax: data, models, optimizers and a training loop."""

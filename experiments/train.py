@@ -1,0 +1,229 @@
+"""Importable training loop for GPT-2 (stdlib text) and ViT (MNIST-5k).
+
+Example:
+  >>> log = train(TrainConfig(model="gpt2", preset="tiny", tokenizer="bytes",
+  ...                         steps=20, batch_size=4, seq_len=64))
+  >>> log["eval"][-1]["loss"]
+
+CLI::
+
+  python -m experiments.train --model gpt2 --preset tiny --optimizer adamw \
+      --steps 200 --log runs/gpt2_tiny_adamw.json
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments import data, models, optimizers
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a run; stored verbatim in the JSON log."""
+  model: str = "gpt2"  # "gpt2" or "vit"
+  preset: str = "tiny"
+  optimizer: str = "adamw"  # see optimizers.OPTIMIZERS
+  optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+  steps: int = 200
+  batch_size: int = 16
+  seq_len: int | None = None  # gpt2 only; None = model context length.
+  tokenizer: str = "gpt2"  # gpt2 only: "gpt2" (BPE) or "bytes".
+  max_bytes: int | None = None  # gpt2 only: source bytes per split.
+  learning_rate: float = 1e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * this.
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float | None = 1.0
+  compute_dtype: str = "float32"
+  seed: int = 0
+  eval_interval: int = 50
+  eval_batches: int = 4
+  log_path: str | None = None
+  progress: bool = True
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup then cosine decay to ``min_lr_ratio * learning_rate``."""
+  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Gradient clipping (optional) chained with the named optimizer."""
+  tx = optimizers.make_optimizer(
+      cfg.optimizer, lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+      weight_decay=cfg.weight_decay, mask=_decay_mask, **cfg.optimizer_kwargs)
+  if cfg.grad_clip is not None:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  return tx
+
+
+def make_data(cfg: TrainConfig, context_len: int | None):
+  """Returns ``(train_iterator, eval_batches, overrides)`` for the model."""
+  if cfg.model == "gpt2":
+    seq_len = cfg.seq_len or context_len
+    train_T = data.load_text_tokens("train", cfg.tokenizer, cfg.max_bytes)
+    val_T = data.load_text_tokens("validation", cfg.tokenizer, cfg.max_bytes)
+    vocab = data.VOCAB_SIZES[cfg.tokenizer]
+    return (data.text_batches(train_T, cfg.batch_size, seq_len, cfg.seed),
+            data.text_eval_batches(val_T, cfg.batch_size, seq_len,
+                                   cfg.eval_batches),
+            {"vocab_size": vocab, "context_len": max(context_len, seq_len)})
+  if cfg.model == "vit":
+    train_ds, val_ds = data.load_mnist5k(seed=cfg.seed)
+    return (data.image_batches(train_ds, cfg.batch_size, cfg.seed),
+            data.image_eval_batches(val_ds, cfg.batch_size)[:cfg.eval_batches],
+            {})
+  raise ValueError(f"{cfg.model=} must be 'gpt2' or 'vit'")
+
+
+def data_sharding(batch_size: int):
+  """Batch sharding over a 'data' mesh axis; None on a single device.
+
+  Uses the largest device count that divides ``batch_size``.
+  """
+  n = math.gcd(batch_size, jax.device_count())
+  if n <= 1:
+    return None, None
+  mesh = jax.make_mesh((n,), ("data",), (jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+  return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def raw_opt_state(optimizer: nnx.Optimizer):
+  """The optax state with nnx ``Variable`` wrappers removed."""
+  return jax.tree.map(lambda v: v.get_value(), optimizer.opt_state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_steps(loss_fn):
+  """Jitted ``train_step(model, optimizer, batch)`` and ``eval_step``."""
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(model, *batch)
+    optimizer.update(model, grads)
+    return metrics
+
+  @nnx.jit
+  def eval_step(model, batch):
+    return loss_fn(model, *batch)[1]
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, model, batches) -> dict[str, float]:
+  """Mean of each metric over the fixed evaluation batches."""
+  metrics = [jax.device_get(eval_step(model, b)) for b in batches]
+  return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+  """Trains one model; returns (and optionally writes) the JSON-able log."""
+  t_start = time.perf_counter()
+  model_cls, presets = models.MODELS[cfg.model]
+  context_len = getattr(presets[cfg.preset], "context_len", None)
+  train_it, eval_batches, overrides = make_data(cfg, context_len)
+  model = models.make_model(cfg.model, cfg.preset, cfg.seed,
+                            dtype=cfg.compute_dtype, **overrides)
+  optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=nnx.Param)
+  batch_sh, replicated = data_sharding(cfg.batch_size)
+  if replicated is not None:  # Data parallel: replicate state, shard batch.
+    for obj in (model, optimizer):
+      nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
+    put = lambda b: jax.device_put(b, batch_sh)
+    eval_batches = [put(b) for b in eval_batches]
+  else:
+    put = jax.device_put
+  train_step, eval_step = make_steps(models.LOSSES[cfg.model])
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  opt_state = raw_opt_state(optimizer)
+  log = {
+      "config": dataclasses.asdict(cfg),
+      "model_config": dataclasses.asdict(model.cfg),
+      "param_count": int(n_params),
+      "opt_state_bytes": optimizers.state_bytes(opt_state),
+      "opt_state_average_bits": (optimizers.average_bits(opt_state)
+                                 if cfg.optimizer.startswith("stquant")
+                                 else None),
+      "devices": [str(d) for d in jax.devices()],
+      "data_parallel": 1 if batch_sh is None else batch_sh.mesh.size,
+      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+      "train_loss": [], "step_time_s": [], "eval": [],
+  }
+  bar = _progress(cfg)
+  for step in range(1, cfg.steps + 1):
+    batch = put(next(train_it))
+    t0 = time.perf_counter()
+    metrics = jax.device_get(train_step(model, optimizer, batch))
+    log["step_time_s"].append(time.perf_counter() - t0)
+    log["train_loss"].append(float(metrics["loss"]))
+    if step % cfg.eval_interval == 0 or step == cfg.steps:
+      log["eval"].append({"step": step,
+                          **evaluate(eval_step, model, eval_batches)})
+    bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}",
+                    val=f"{log['eval'][-1]['loss']:.3f}" if log["eval"] else "-",
+                    refresh=False)
+    bar.update()
+  bar.close()
+  times = log["step_time_s"][1:] or log["step_time_s"]
+  log["median_step_time_s"] = float(np.median(times)) if times else None
+  log["total_time_s"] = time.perf_counter() - t_start
+  if cfg.log_path:
+    path = pathlib.Path(cfg.log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log, indent=1))
+  return log
+
+
+def _progress(cfg: TrainConfig):
+  from tqdm.auto import tqdm
+  return tqdm(total=cfg.steps, disable=not cfg.progress,
+              desc=f"{cfg.model}-{cfg.preset} {cfg.optimizer}")
+
+
+def main(argv=None) -> dict[str, Any]:
+  """Parses flags named like the :class:`TrainConfig` fields and trains."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  for f in dataclasses.fields(TrainConfig):
+    flag = "--" + f.name.replace("_", "-")
+    if f.name == "optimizer_kwargs":
+      parser.add_argument(flag, type=json.loads, default={},
+                          help="JSON dict of stquant policy overrides")
+    elif f.name == "progress":
+      parser.add_argument("--no-progress", dest="progress",
+                          action="store_false")
+    else:
+      kind = {"int | None": int, "float | None": float,
+              "str | None": str}.get(str(f.type), f.type)
+      parser.add_argument(flag, type=kind, default=f.default)
+  log = train(TrainConfig(**vars(parser.parse_args(argv))))
+  print(json.dumps({k: log[k] for k in ("param_count", "opt_state_bytes",
+                                        "median_step_time_s", "eval")}))
+  return log
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,92 @@
+"""Bit-allocation policies: which leaves are quantized, and at how many bits.
+
+A policy is consulted at ``init`` with each parameter's *global* shape and
+dtype (never a device-local shard), and returns the bit-width for m and for v,
+or ``None`` to keep that moment in float32. Policies may also carry state in
+the optimizer state (the adaptive STQuant policy keeps its statistics there);
+:class:`FixedBits` has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from stquant_jax._packing import MAX_BITS, MIN_BITS
+
+
+def _is_float(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+class Policy:
+  """Interface every bit-allocation policy implements.
+
+  Subclasses override :meth:`leaf_bits`; adaptive policies also override
+  :meth:`init_state` and :meth:`update_state`, which must be pure jnp (they run
+  inside the jitted update).
+  """
+
+  def leaf_bits(self, shape: tuple[int, ...], dtype) -> tuple[int | None, int | None]:
+    """(mu_bits, nu_bits) for a float leaf of global ``shape``; None keeps float32."""
+    raise NotImplementedError
+
+  def init_state(self, params) -> Any:
+    del params
+    return ()
+
+  def update_state(self, state, grads, count) -> Any:
+    del grads, count
+    return state
+
+
+def _check_optional_bits(name: str, value) -> None:
+  if value is None:
+    return
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise TypeError(f"{name} must be an int in {MIN_BITS}..{MAX_BITS} or None, "
+                    f"got {type(value).__name__}")
+  if not MIN_BITS <= value <= MAX_BITS:
+    raise ValueError(f"{name}={value} must be in {MIN_BITS}..{MAX_BITS} (or None for float32)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedBits(Policy):
+  """The same bit-widths for every large floating-point leaf.
+
+  Leaves with fewer than ``min_size`` values (biases, norms, tiny tensors) keep
+  float32 moments, as in bitsandbytes and torchao; so do moments whose bit-width
+  is ``None``. Integer leaves get no moments at all.
+
+  Args:
+    mu_bits: bits for the first moment m (2..8), or None for float32.
+    nu_bits: bits for the second moment v (2..8), or None for float32.
+    min_size: leaves with fewer values stay in float32.
+
+  Example:
+    >>> import stquant_jax as sq
+    >>> sq.FixedBits(mu_bits=4, nu_bits=4).leaf_bits((1024, 1024), "float32")
+    (4, 4)
+    >>> sq.FixedBits().leaf_bits((64,), "float32")
+    (None, None)
+  """
+
+  mu_bits: int | None = 8
+  nu_bits: int | None = 8
+  min_size: int = 4096
+
+  def __post_init__(self):
+    _check_optional_bits("mu_bits", self.mu_bits)
+    _check_optional_bits("nu_bits", self.nu_bits)
+    if not isinstance(self.min_size, int) or isinstance(self.min_size, bool):
+      raise TypeError(f"min_size must be an int, got {type(self.min_size).__name__}")
+    if self.min_size < 0:
+      raise ValueError(f"min_size={self.min_size} must be >= 0")
+
+  def leaf_bits(self, shape, dtype):
+    if not _is_float(dtype) or math.prod(shape) < self.min_size:
+      return None, None
+    return self.mu_bits, self.nu_bits

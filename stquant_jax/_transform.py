@@ -1,0 +1,202 @@
+"""``scale_by_stquant``: Adam scaling with block-wise quantized, bit-packed moments."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stquant_jax._maps import CodeMap
+from stquant_jax._policy import FixedBits, Policy
+from stquant_jax._quantize import (
+    DEFAULT_BLOCK_SIZE, QuantizedArray, check_block_size, dequantize, num_blocks,
+    quantize_like)
+
+
+class ScaleByStquantState(NamedTuple):
+  """State of :func:`scale_by_stquant`.
+
+  ``mu`` and ``nu`` mirror the params tree. Each leaf is a
+  :class:`~stquant_jax.QuantizedArray` (quantized moment), a float32 array of
+  the parameter's shape (a moment the policy keeps in full precision), or a
+  float32 ``[0]`` placeholder (integer leaves, which get no moments).
+  """
+
+  count: jax.Array  # int32 []
+  mu: optax.Updates
+  nu: optax.Updates
+  policy_state: Any
+
+
+def _check_hparam(name, value, lo, hi, hi_open=True):
+  """Checks a concrete hyperparameter; traced values (inject_hyperparams) pass."""
+  if isinstance(value, (jax.Array, np.ndarray)) or isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+  if not (lo <= value and (value < hi if hi_open else value <= hi)):
+    bracket = ")" if hi_open else "]"
+    raise ValueError(f"{name}={value} must be in [{lo}, {hi}{bracket}")
+
+
+def _placeholder():
+  return jnp.zeros((0,), jnp.float32)
+
+
+def _zeros_state(param, bits, signed, block_size, maps):
+  """Initial moment for one leaf: zero codes with zero scales decode to zeros."""
+  if param is None:
+    return None
+  shape, dtype = tuple(param.shape), param.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return _placeholder()
+  if bits is None:
+    return jnp.zeros(shape, jnp.float32)
+  cmap = maps(bits, signed)
+  nb = num_blocks(int(np.prod(shape, dtype=np.int64)), block_size)
+  return QuantizedArray(
+      codes=jnp.zeros((nb, block_size * bits // 32), jnp.uint32),
+      scales=jnp.zeros((nb,), jnp.float32),
+      code_map=cmap, block_size=block_size, shape=shape, dtype=jnp.dtype(jnp.float32))
+
+
+def _read(moment):
+  return dequantize(moment) if isinstance(moment, QuantizedArray) else moment
+
+
+def _write(new, moment):
+  return quantize_like(new, moment) if isinstance(moment, QuantizedArray) else new
+
+
+def scale_by_stquant(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    policy: Policy | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    mu_map=None,
+    nu_map=None,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam's rule, keeping m and v as quantized low-bit codes.
+
+  Each step dequantizes the moments to float32, applies Adam in float32, uses
+  the fresh float32 moments for this step's update, and requantizes them with
+  new block scales:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2,\quad
+    u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+
+  The policy (default :class:`~stquant_jax.FixedBits`) decides per leaf, from
+  its global shape and dtype at ``init``, how many bits m and v get. Bit-widths,
+  maps, block size and shapes are static metadata of the state, so the update
+  compiles once.
+
+  Non-finite gradients: a NaN/Inf gradient element yields a NaN/Inf update for
+  that element only (visible in the parameters); its stored moments are written
+  as zero, and block scales ignore non-finite values, so no other element's
+  state changes. Wrap in :func:`optax.apply_if_finite` to skip such steps and
+  keep the previous state intact.
+
+  Args:
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the second moment inside the square root.
+    policy: a :class:`~stquant_jax.Policy`; default ``FixedBits()`` (8-bit m
+      and v for leaves with >= 4096 values).
+    block_size: values per quantization block (a multiple of 32). Static:
+      declare it in ``static_args`` when using :func:`optax.inject_hyperparams`.
+    mu_map: optional ``callable(bits) -> CodeMap`` overriding the m map.
+    nu_map: optional ``callable(bits) -> CodeMap`` overriding the v map.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import stquant_jax as sq
+    >>> params = {"w": jnp.ones((128, 64)), "b": jnp.zeros((64,))}
+    >>> tx = optax.chain(sq.scale_by_stquant(policy=sq.FixedBits(4, 4)), optax.scale(-1e-2))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> round(float(updates["w"][0, 0]), 4), state[0].mu["w"].bits
+    (-0.01, 4)
+  """
+  _check_hparam("b1", b1, 0.0, 1.0)
+  _check_hparam("b2", b2, 0.0, 1.0)
+  _check_hparam("eps", eps, 0.0, float("inf"))
+  _check_hparam("eps_root", eps_root, 0.0, float("inf"))
+  check_block_size(block_size)
+  if policy is None:
+    policy = FixedBits()
+  if not isinstance(policy, Policy):
+    raise TypeError(f"policy must be a stquant_jax.Policy (e.g. FixedBits()), "
+                    f"got {type(policy).__name__}")
+  for name, fn in (("mu_map", mu_map), ("nu_map", nu_map)):
+    if fn is not None and not callable(fn):
+      raise TypeError(f"{name} must be a callable bits -> CodeMap, got {type(fn).__name__}")
+
+  def maps(bits, signed):
+    fn = mu_map if signed else nu_map
+    if fn is None:
+      from stquant_jax._maps import default_map
+      return default_map(bits, signed)
+    cmap = fn(bits)
+    if not isinstance(cmap, CodeMap) or cmap.bits != bits or cmap.signed != signed:
+      raise ValueError(f"{'mu_map' if signed else 'nu_map'}({bits}) returned {cmap!r}; "
+                       f"expected a CodeMap with bits={bits}, signed={signed}")
+    return cmap
+
+  def init_fn(params):
+    def leaf(p, which):
+      if p is None:
+        return None
+      mu_bits, nu_bits = policy.leaf_bits(tuple(p.shape), p.dtype)
+      bits, signed = (mu_bits, True) if which == 0 else (nu_bits, False)
+      return _zeros_state(p, bits, signed, block_size, maps)
+    is_none = lambda x: x is None
+    mu = jax.tree.map(lambda p: leaf(p, 0), params, is_leaf=is_none)
+    nu = jax.tree.map(lambda p: leaf(p, 1), params, is_leaf=is_none)
+    return ScaleByStquantState(
+        count=jnp.zeros([], jnp.int32), mu=mu, nu=nu,
+        policy_state=policy.init_state(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count_inc = optax.safe_increment(state.count)
+    leaves, treedef = jax.tree.flatten(updates)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
+    bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc
+    out_u, out_mu, out_nu = [], [], []
+    for g, mu, nu in zip(leaves, mu_leaves, nu_leaves):
+      if not jnp.issubdtype(g.dtype, jnp.floating):
+        # Integer / float0 leaves: no moments, zero update.
+        out_u.append(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
+        out_mu.append(mu)
+        out_nu.append(nu)
+        continue
+      g32 = g.astype(jnp.float32)
+      m = b1 * _read(mu) + (1 - b1) * g32
+      v = b2 * _read(nu) + (1 - b2) * jnp.square(g32)
+      u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+      out_u.append(u.astype(g.dtype))
+      out_mu.append(_write(m, mu))
+      out_nu.append(_write(v, nu))
+    new_state = ScaleByStquantState(
+        count=count_inc,
+        mu=treedef.unflatten(out_mu),
+        nu=treedef.unflatten(out_nu),
+        policy_state=policy.update_state(state.policy_state, updates, count_inc))
+    return treedef.unflatten(out_u), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
