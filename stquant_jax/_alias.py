@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from stquant_jax._policy import Policy
 from stquant_jax._quantize import DEFAULT_BLOCK_SIZE
 from stquant_jax._transform import scale_by_stquant
+
+
+def _float_leaves(params):
+  """Default decay mask: every floating-point leaf (integer leaves never decay)."""
+  return jax.tree.map(lambda p: jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating), params)
 
 
 def adam(
@@ -60,7 +67,8 @@ def adamw(
     learning_rate: a fixed rate or an optax schedule.
     b1, b2, eps, eps_root: Adam's hyperparameters.
     weight_decay: decoupled weight decay.
-    mask: optional pytree (or callable) selecting the leaves that decay.
+    mask: optional pytree (or callable) selecting the leaves that decay;
+      default: every floating-point leaf.
     policy: bit allocation; default ``FixedBits()`` (8-bit m and v).
     block_size: values per quantization block (multiple of 32).
 
@@ -77,6 +85,8 @@ def adamw(
     >>> round(float(params["w"][0, 0]), 2)
     0.03
   """
+  if mask is None:
+    mask = _float_leaves
   return optax.chain(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size),
       optax.add_decayed_weights(weight_decay, mask),

@@ -37,6 +37,51 @@ def _layout(bits: int):
   return out
 
 
+def group_shape(bits: int) -> tuple[int, int]:
+  """(codes, words) of the smallest whole packing group for ``bits``.
+
+  ``(32 // bits, 1)`` when ``bits`` divides 32, else ``(32, bits)``.
+  """
+  return (32 // bits, 1) if 32 % bits == 0 else (GROUP, bits)
+
+
+def pack_groups(codes, bits: int):
+  """Packs the last axis of ``codes`` (one group, see :func:`group_shape`) into words.
+
+  ``[..., group_codes] -> [..., group_words]``. This is the fusion-friendly core
+  of :func:`pack`: no reshape, so XLA keeps it in one loop with its producers.
+  """
+  if 32 % bits == 0:
+    per_word = 32 // bits
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
+    # Bit fields are disjoint, so the sum is the bitwise OR.
+    return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint32, keepdims=True)
+  words = [None] * bits
+  for i, (w, s, spills) in enumerate(_layout(bits)):
+    c = codes[..., i]
+    lo = c << jnp.uint32(s) if s else c
+    words[w] = lo if words[w] is None else words[w] | lo
+    if spills:
+      hi = c >> jnp.uint32(32 - s)
+      words[w + 1] = hi if words[w + 1] is None else words[w + 1] | hi
+  return jnp.stack(words, axis=-1)
+
+
+def unpack_groups(words, bits: int):
+  """Inverse of :func:`pack_groups`: ``[..., group_words] -> [..., group_codes]``."""
+  mask = jnp.uint32((1 << bits) - 1)
+  if 32 % bits == 0:
+    shifts = jnp.arange(32 // bits, dtype=jnp.uint32) * jnp.uint32(bits)
+    return (words >> shifts) & mask  # words[..., 1] broadcasts against shifts
+  codes = []
+  for w, s, spills in _layout(bits):
+    c = words[..., w] >> jnp.uint32(s) if s else words[..., w]
+    if spills:
+      c = c | (words[..., w + 1] << jnp.uint32(32 - s))
+    codes.append(c & mask)
+  return jnp.stack(codes, axis=-1)
+
+
 def pack(codes, bits: int):
   """Packs codes ``[..., n]`` (``n % 32 == 0``, values < 2**bits) into words.
 
@@ -63,22 +108,9 @@ def pack(codes, bits: int):
   *lead, n = codes.shape
   if n % GROUP:
     raise ValueError(f"last axis ({n}) must be a multiple of {GROUP}")
-  if 32 % bits == 0:
-    per_word = 32 // bits
-    c = codes.reshape(*lead, n // per_word, per_word)
-    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
-    # Bit fields are disjoint, so the sum is the bitwise OR.
-    return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32)
-  g = codes.reshape(*lead, n // GROUP, GROUP)
-  words = [None] * bits
-  for i, (w, s, spills) in enumerate(_layout(bits)):
-    c = g[..., i]
-    lo = c << jnp.uint32(s) if s else c
-    words[w] = lo if words[w] is None else words[w] | lo
-    if spills:
-      hi = c >> jnp.uint32(32 - s)
-      words[w + 1] = hi if words[w + 1] is None else words[w + 1] | hi
-  return jnp.stack(words, axis=-1).reshape(*lead, n * bits // 32)
+  gc, gw = group_shape(bits)
+  words = pack_groups(codes.reshape(*lead, n // gc, gc), bits)
+  return words.reshape(*lead, n // gc * gw)
 
 
 def unpack(words, bits: int):
@@ -90,17 +122,6 @@ def unpack(words, bits: int):
   *lead, m = words.shape
   if m % bits:
     raise ValueError(f"last axis ({m}) must be a multiple of {bits=}")
-  mask = jnp.uint32((1 << bits) - 1)
-  if 32 % bits == 0:
-    per_word = 32 // bits
-    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
-    c = (words[..., None] >> shifts) & mask
-    return c.reshape(*lead, m * per_word)
-  g = words.reshape(*lead, m // bits, bits)
-  codes = []
-  for w, s, spills in _layout(bits):
-    c = g[..., w] >> jnp.uint32(s) if s else g[..., w]
-    if spills:
-      c = c | (g[..., w + 1] << jnp.uint32(32 - s))
-    codes.append(c & mask)
-  return jnp.stack(codes, axis=-1).reshape(*lead, m * 32 // bits)
+  gc, gw = group_shape(bits)
+  codes = unpack_groups(words.reshape(*lead, m // gw, gw), bits)
+  return codes.reshape(*lead, m // gw * gc)

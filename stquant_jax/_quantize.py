@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._maps import CodeMap, decode, default_map, encode
-from stquant_jax._packing import GROUP, _check_bits, pack, unpack
+from stquant_jax._packing import GROUP, _check_bits, group_shape, pack_groups, unpack_groups
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -74,6 +74,51 @@ def num_blocks(size: int, block_size: int) -> int:
   return -(-size // block_size)
 
 
+def finite_absmax(*xs):
+  """Largest finite ``|x|`` of each block (row) of every input, in one pass.
+
+  NaN and Inf are ignored. All inputs share their shape ``[N, ...]``; the
+  reduction is over every axis but the first. Several inputs go through one
+  variadic reduction, so XLA computes their maxima in a single fused loop
+  instead of materialising each input.
+
+  Returns:
+    A tuple of float32 ``[N]`` arrays, one per input.
+  """
+  def fin(x):
+    a = jnp.abs(x.astype(jnp.float32))
+    return jnp.where(a < jnp.inf, a, 0.0)  # NaN < inf is False
+  zeros = tuple(jnp.float32(0) for _ in xs)
+  return tuple(jax.lax.reduce(
+      tuple(fin(x) for x in xs), zeros,
+      lambda a, b: tuple(jnp.maximum(x, y) for x, y in zip(a, b)),
+      tuple(range(1, xs[0].ndim))))
+
+
+def group_view(x_NxB, bits: int):
+  """Reshapes blocks ``[N, B]`` to the packing-group view ``[N, B // gc, gc]``."""
+  gc, _ = group_shape(bits)
+  return x_NxB.reshape(x_NxB.shape[0], -1, gc)
+
+
+def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap):
+  """Encodes grouped blocks with given scales and packs them: -> codes ``[N, W]``.
+
+  Non-finite values are stored as zero.
+  """
+  inv_N = jnp.where(scale_N > 0, 1.0 / jnp.where(scale_N > 0, scale_N, 1.0), 0.0)
+  x = jnp.where(jnp.isfinite(x_NxGxC), x_NxGxC, 0.0)
+  words = pack_groups(encode(x * inv_N[:, None, None], cmap), cmap.bits)
+  return words.reshape(x.shape[0], -1)
+
+
+def decode_blocks(codes_NxW, scale_N, cmap: CodeMap):
+  """Unpacks and decodes codes into the grouped view ``[N, B // gc, gc]`` (float32)."""
+  _, gw = group_shape(cmap.bits)
+  words = codes_NxW.reshape(codes_NxW.shape[0], -1, gw)
+  return decode(unpack_groups(words, cmap.bits), cmap) * scale_N[:, None, None]
+
+
 def quantize_blocks(x_NxB, cmap: CodeMap):
   """Quantizes float32 blocks ``[N, B]`` -> (codes ``[N, B*bits/32]``, scales ``[N]``).
 
@@ -82,17 +127,14 @@ def quantize_blocks(x_NxB, cmap: CodeMap):
   own element.
   """
   x_NxB = x_NxB.astype(jnp.float32)
-  finite = jnp.isfinite(x_NxB)
-  x_NxB = jnp.where(finite, x_NxB, 0.0)
-  scale_N = jnp.max(jnp.abs(x_NxB), axis=-1)
-  inv_N = jnp.where(scale_N > 0, 1.0 / jnp.where(scale_N > 0, scale_N, 1.0), 0.0)
-  codes = encode(x_NxB * inv_N[:, None], cmap)
-  return pack(codes, cmap.bits), scale_N
+  (scale_N,) = finite_absmax(x_NxB)
+  return encode_blocks(group_view(x_NxB, cmap.bits), scale_N, cmap), scale_N
 
 
 def dequantize_blocks(codes, scale_N, cmap: CodeMap):
   """Inverse of :func:`quantize_blocks`: float32 ``[N, B]``."""
-  return decode(unpack(codes, cmap.bits), cmap) * scale_N[:, None]
+  x = decode_blocks(codes, scale_N, cmap)
+  return x.reshape(x.shape[0], -1)
 
 
 def _resolve_map(bits, signed, code_map):
@@ -172,13 +214,3 @@ def dequantize(q: QuantizedArray, dtype=None):
   flat = dequantize_blocks(q.codes, q.scales, q.code_map).reshape(-1)
   out = flat[: q.size].reshape(q.shape)
   return out.astype(q.dtype if dtype is None else dtype)
-
-
-def quantize_like(x, q: QuantizedArray) -> QuantizedArray:
-  """Quantizes ``x`` (same shape as ``q``) with ``q``'s layout; used inside updates."""
-  n = q.size
-  nb = q.scales.shape[0]
-  flat = jnp.ravel(x).astype(jnp.float32)
-  flat = jnp.pad(flat, (0, nb * q.block_size - n))
-  codes, scales = quantize_blocks(flat.reshape(nb, q.block_size), q.code_map)
-  return QuantizedArray(codes, scales, q.code_map, q.block_size, q.shape, q.dtype)

@@ -11,9 +11,10 @@ import optax
 
 from stquant_jax._maps import CodeMap
 from stquant_jax._policy import FixedBits, Policy
+from stquant_jax._packing import group_shape
 from stquant_jax._quantize import (
-    DEFAULT_BLOCK_SIZE, QuantizedArray, check_block_size, dequantize, num_blocks,
-    quantize_like)
+    DEFAULT_BLOCK_SIZE, QuantizedArray, check_block_size, decode_blocks,
+    encode_blocks, finite_absmax, num_blocks)
 
 
 class ScaleByStquantState(NamedTuple):
@@ -42,6 +43,21 @@ def _check_hparam(name, value, lo, hi, hi_open=True):
     raise ValueError(f"{name}={value} must be in [{lo}, {hi}{bracket}")
 
 
+def static_block_size(block_size):
+  """``block_size`` as a Python int; None when traced (inject_hyperparams' update).
+
+  The block size only shapes the state at ``init``; ``update`` reads the layout
+  from the state's static metadata, so a traced value there is harmless.
+  """
+  if isinstance(block_size, jax.core.Tracer):
+    return None
+  if isinstance(block_size, (jax.Array, np.ndarray)) and block_size.ndim == 0 \
+      and jnp.issubdtype(block_size.dtype, jnp.integer):
+    block_size = int(block_size)  # inject_hyperparams hands ints over as arrays
+  check_block_size(block_size)
+  return block_size
+
+
 def _placeholder():
   return jnp.zeros((0,), jnp.float32)
 
@@ -63,12 +79,60 @@ def _zeros_state(param, bits, signed, block_size, maps):
       code_map=cmap, block_size=block_size, shape=shape, dtype=jnp.dtype(jnp.float32))
 
 
-def _read(moment):
-  return dequantize(moment) if isinstance(moment, QuantizedArray) else moment
+def _is_q(x) -> bool:
+  return isinstance(x, QuantizedArray)
 
 
-def _write(new, moment):
-  return quantize_like(new, moment) if isinstance(moment, QuantizedArray) else new
+def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
+  """One leaf of the update: dequantize -> Adam in float32 -> requantize.
+
+  Returns ``(update, new_mu, new_nu)``; the update uses the fresh float32
+  moments. Quantized moments are handled in the packing-group view
+  ``[n_blocks, B // gc, gc]`` so that XLA fuses unpacking, decoding, the Adam
+  math, encoding and packing into a few loops: one variadic reduction for the
+  block maxima of m and v, then one loop per output. This is the jnp
+  reference for the fused Pallas kernel.
+  """
+  g32 = g.astype(jnp.float32)
+  quantized = [q for q in (mu, nu) if _is_q(q)]
+  if not quantized:
+    m = b1 * mu + (1 - b1) * g32
+    v = b2 * nu + (1 - b2) * jnp.square(g32)
+    u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+    return u.astype(g.dtype), m, v
+  ref = quantized[0]
+  nb, bs = ref.scales.shape[0], ref.block_size
+  gc, _ = group_shape(ref.bits)
+  view = (nb, bs // gc, gc)
+  n = g.size
+
+  def to_view(x):
+    flat = jnp.ravel(x).astype(jnp.float32)
+    return jnp.pad(flat, (0, nb * bs - n)).reshape(view)
+
+  def read(q):
+    if _is_q(q):
+      return decode_blocks(q.codes, q.scales, q.code_map).reshape(view)
+    return to_view(q)
+
+  g3 = to_view(g32)
+  m = b1 * read(mu) + (1 - b1) * g3
+  v = b2 * read(nu) + (1 - b2) * jnp.square(g3)
+  u3 = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+  u = u3.reshape(-1)[:n].reshape(g.shape).astype(g.dtype)
+  pairs = [(x, q) for x, q in ((m, mu), (v, nu)) if _is_q(q)]
+  scales = finite_absmax(*(x for x, _ in pairs))
+
+  def write(x, q, scale):
+    if not _is_q(q):
+      return x.reshape(-1)[:n].reshape(g.shape)
+    qc = group_shape(q.bits)[0]
+    codes = encode_blocks(x.reshape(nb, bs // qc, qc), scale, q.code_map)
+    return QuantizedArray(codes, scale, q.code_map, q.block_size, q.shape, q.dtype)
+
+  it = iter(scales)
+  new = [write(x, q, next(it) if _is_q(q) else None) for x, q in ((m, mu), (v, nu))]
+  return u, new[0], new[1]
 
 
 def scale_by_stquant(
@@ -134,7 +198,7 @@ def scale_by_stquant(
   _check_hparam("b2", b2, 0.0, 1.0)
   _check_hparam("eps", eps, 0.0, float("inf"))
   _check_hparam("eps_root", eps_root, 0.0, float("inf"))
-  check_block_size(block_size)
+  block_size = static_block_size(block_size)
   if policy is None:
     policy = FixedBits()
   if not isinstance(policy, Policy):
@@ -156,6 +220,10 @@ def scale_by_stquant(
     return cmap
 
   def init_fn(params):
+    if block_size is None:
+      raise TypeError("block_size is traced; it sets the state's shapes and must be "
+                      "static (with optax.inject_hyperparams pass static_args=('block_size',))")
+
     def leaf(p, which):
       if p is None:
         return None
@@ -175,8 +243,12 @@ def scale_by_stquant(
     leaves, treedef = jax.tree.flatten(updates)
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
-    bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
-    bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc
+    # float32 arrays whether given as Python floats or traced by
+    # inject_hyperparams, so both paths round identically.
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    b1_, b2_, eps_, eps_root_ = f32(b1), f32(b2), f32(eps), f32(eps_root)
+    bc1 = 1 - b1_ ** count_inc
+    bc2 = 1 - b2_ ** count_inc
     out_u, out_mu, out_nu = [], [], []
     for g, mu, nu in zip(leaves, mu_leaves, nu_leaves):
       if not jnp.issubdtype(g.dtype, jnp.floating):
@@ -185,13 +257,11 @@ def scale_by_stquant(
         out_mu.append(mu)
         out_nu.append(nu)
         continue
-      g32 = g.astype(jnp.float32)
-      m = b1 * _read(mu) + (1 - b1) * g32
-      v = b2 * _read(nu) + (1 - b2) * jnp.square(g32)
-      u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-      out_u.append(u.astype(g.dtype))
-      out_mu.append(_write(m, mu))
-      out_nu.append(_write(v, nu))
+      u, mu, nu = adam_leaf(g, mu, nu, b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_,
+                            bc1=bc1, bc2=bc2)
+      out_u.append(u)
+      out_mu.append(mu)
+      out_nu.append(nu)
     new_state = ScaleByStquantState(
         count=count_inc,
         mu=treedef.unflatten(out_mu),
