@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._quantize import QuantizedArray
@@ -38,18 +41,32 @@ def _stquant_states(opt_state):
 
 def _moment_values(tree) -> int:
   is_q = lambda x: isinstance(x, QuantizedArray)
+  bare = lambda x: isinstance(x, collections.abc.Mapping) and set(x.keys()) == {"codes", "scales"}
   total = 0
-  for x in jax.tree.leaves(tree, is_leaf=is_q):
+  for x in jax.tree.leaves(tree, is_leaf=lambda x: is_q(x) or bare(x)):
+    if bare(x):
+      raise ValueError("opt_state holds quantized moments without their metadata (as "
+                       "flax.nnx.Optimizer returns them); pass params= to average_bits")
     total += x.size if is_q(x) else int(np.prod(x.shape, dtype=np.int64))
   return total
 
 
-def average_bits(opt_state) -> float:
+def _float_values(params) -> int:
+  return sum(int(np.prod(p.shape, dtype=np.int64)) for p in jax.tree.leaves(params)
+             if jnp.issubdtype(p.dtype, jnp.floating))
+
+
+def average_bits(opt_state, params=None) -> float:
   """Stored bits per Adam moment value, metadata included.
 
   ``8 * bytes of the stquant state(s) / (number of m values + number of v
   values)``: scales, float32 moments of small leaves, the step counter and the
   policy's state are all in the numerator. A float32 Adam would score 32.
+
+  Args:
+    opt_state: any optimizer state containing :class:`ScaleByStquantState`.
+    params: optional params tree; needed only when the state has lost its
+      pytree types (``flax.nnx.Optimizer``'s ``opt_state``), to count values.
 
   Example:
     >>> import jax.numpy as jnp
@@ -63,5 +80,8 @@ def average_bits(opt_state) -> float:
     raise ValueError("average_bits found no stquant state in opt_state; "
                      "use state_nbytes for other optimizers")
   nbytes = sum(state_nbytes(s) for s in states)
-  values = sum(_moment_values(s.mu) + _moment_values(s.nu) for s in states)
+  if params is not None:
+    values = 2 * len(states) * _float_values(params)
+  else:
+    values = sum(_moment_values(s.mu) + _moment_values(s.nu) for s in states)
   return 8.0 * nbytes / max(values, 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import collections.abc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,30 @@ def _zeros_state(param, bits, signed, block_size, maps):
 
 def _is_q(x) -> bool:
   return isinstance(x, QuantizedArray)
+
+
+def _coerce(moment, shape, signed, block_size, maps):
+  """Rebuilds a QuantizedArray from a bare ``{codes, scales}`` mapping.
+
+  Wrappers may hand the state back with our pytree nodes replaced by plain
+  mappings (``flax.nnx.Optimizer`` returns ``nnx.State``), dropping the static
+  metadata. Everything is recoverable: the bit-width from the codes' shape
+  (``words per block * 32 / block_size``), the map from the transform's
+  configuration, the shape from the gradient.
+  """
+  if _is_q(moment) or not isinstance(moment, collections.abc.Mapping):
+    return moment
+  if set(moment.keys()) != {"codes", "scales"}:
+    raise TypeError(f"unrecognised moment state with keys {sorted(moment.keys())}")
+  if block_size is None:
+    raise TypeError("rebuilding quantized moments needs a static block_size (with "
+                    "optax.inject_hyperparams pass static_args=('block_size',))")
+  codes, scales = moment["codes"], moment["scales"]
+  bits, rem = divmod(codes.shape[-1] * 32, block_size)
+  if rem or codes.ndim != 2:
+    raise ValueError(f"codes of shape {codes.shape} do not fit block_size={block_size}")
+  return QuantizedArray(codes, scales, maps(bits, signed), block_size, tuple(shape),
+                        jnp.dtype(jnp.float32))
 
 
 def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
@@ -257,6 +283,8 @@ def scale_by_stquant(
         out_mu.append(mu)
         out_nu.append(nu)
         continue
+      mu = _coerce(mu, g.shape, True, block_size, maps)
+      nu = _coerce(nu, g.shape, False, block_size, maps)
       u, mu, nu = adam_leaf(g, mu, nu, b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_,
                             bc1=bc1, bc2=bc2)
       out_u.append(u)
