@@ -25,9 +25,16 @@ def _is_float(dtype) -> bool:
 class Policy:
   """Interface every bit-allocation policy implements.
 
-  Subclasses override :meth:`leaf_bits`; adaptive policies also override
-  :meth:`init_state` and :meth:`update_state`, which must be pure jnp (they run
-  inside the jitted update).
+  * :meth:`leaf_bits` (required) decides, at ``init``, each leaf's bit-widths
+    from its global shape and dtype.
+  * :meth:`init_state` / :meth:`update_state` (optional) keep the policy's own
+    state inside the optimizer state. ``update_state`` runs inside the jitted
+    update after the moments are refreshed; it must be pure jnp (no host
+    round-trips) and may collect statistics with collectives over an axis name.
+  * :meth:`proposed_bits` (optional) returns, from the policy state, the
+    bit-widths the policy wants now; :func:`stquant_jax.relayout` applies them
+    outside ``jit``. Bit-widths are static layout, so they never change inside
+    a compiled step.
   """
 
   def leaf_bits(self, shape: tuple[int, ...], dtype) -> tuple[int | None, int | None]:
@@ -38,9 +45,17 @@ class Policy:
     del params
     return ()
 
-  def update_state(self, state, grads, count) -> Any:
-    del grads, count
+  def update_state(self, state, updates, mu, nu, count) -> Any:
+    """New policy state. ``updates`` are the incoming gradients; ``mu``/``nu``
+    the refreshed moment trees (QuantizedArray, float32 array or placeholder
+    leaves, aligned with ``updates``); ``count`` the new step count."""
+    del updates, mu, nu, count
     return state
+
+  def proposed_bits(self, state) -> Any:
+    """Pytree mirroring params of ``(mu_bits, nu_bits)`` wanted now, or None."""
+    del state
+    return None
 
 
 def _check_optional_bits(name: str, value) -> None:

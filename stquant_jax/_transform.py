@@ -290,11 +290,12 @@ def scale_by_stquant(
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
+    new_mu = treedef.unflatten(out_mu)
+    new_nu = treedef.unflatten(out_nu)
     new_state = ScaleByStquantState(
-        count=count_inc,
-        mu=treedef.unflatten(out_mu),
-        nu=treedef.unflatten(out_nu),
-        policy_state=policy.update_state(state.policy_state, updates, count_inc))
+        count=count_inc, mu=new_mu, nu=new_nu,
+        policy_state=policy.update_state(state.policy_state, updates, new_mu, new_nu,
+                                         count_inc))
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
