@@ -79,7 +79,11 @@ def roundtrip(x: np.ndarray, cmap: CodeMap, block: int) -> np.ndarray:
 def candidates(bits: int, signed: bool):
   mag = bits - 1 if signed else bits
   out = [CodeMap("power", bits, signed, p) for p in ((1, 2, 4) if signed else (1, 2, 4, 8))]
-  out += [CodeMap("float", bits, signed, m) for m in range(0, mag)]
+  for m in range(0, mag):
+    try:
+      out.append(CodeMap("float", bits, signed, m))
+    except ValueError:  # range wider than float32 holds
+      pass
   return out
 
 

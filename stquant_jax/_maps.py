@@ -71,6 +71,14 @@ class CodeMap:
         raise ValueError(
             f"float map mantissa bits param={self.param} must be in 0..{mag_bits - 1}"
             f" for bits={self.bits}, signed={self.signed}")
+      n_levels = 2**mag_bits - 1 if self.signed else 2**mag_bits
+      # Every level (and half the smallest, for the signed zero test) must be a
+      # normal float32: the range spans (n_levels - 1) / 2**param octaves.
+      if (127 << self.param) - (n_levels - 1) < (2 << self.param):
+        raise ValueError(
+            f"float map with param={self.param} mantissa bits spans "
+            f"{(n_levels - 1) / 2**self.param:g} octaves at bits={self.bits}, more than "
+            f"float32 can hold; use more mantissa bits")
 
   @property
   def name(self) -> str:

@@ -98,7 +98,8 @@ def finite_absmax(*xs):
 def group_view(x_NxB, bits: int):
   """Reshapes blocks ``[N, B]`` to the packing-group view ``[N, B // gc, gc]``."""
   gc, _ = group_shape(bits)
-  return x_NxB.reshape(x_NxB.shape[0], -1, gc)
+  n, b = x_NxB.shape
+  return x_NxB.reshape(n, b // gc, gc)
 
 
 def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap):
@@ -109,13 +110,15 @@ def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap):
   inv_N = jnp.where(scale_N > 0, 1.0 / jnp.where(scale_N > 0, scale_N, 1.0), 0.0)
   x = jnp.where(jnp.isfinite(x_NxGxC), x_NxGxC, 0.0)
   words = pack_groups(encode(x * inv_N[:, None, None], cmap), cmap.bits)
-  return words.reshape(x.shape[0], -1)
+  n, groups, gw = words.shape
+  return words.reshape(n, groups * gw)
 
 
 def decode_blocks(codes_NxW, scale_N, cmap: CodeMap):
   """Unpacks and decodes codes into the grouped view ``[N, B // gc, gc]`` (float32)."""
   _, gw = group_shape(cmap.bits)
-  words = codes_NxW.reshape(codes_NxW.shape[0], -1, gw)
+  n, w = codes_NxW.shape
+  words = codes_NxW.reshape(n, w // gw, gw)
   return decode(unpack_groups(words, cmap.bits), cmap) * scale_N[:, None, None]
 
 
@@ -123,8 +126,11 @@ def quantize_blocks(x_NxB, cmap: CodeMap):
   """Quantizes float32 blocks ``[N, B]`` -> (codes ``[N, B*bits/32]``, scales ``[N]``).
 
   The scale of a block is the largest finite magnitude in it; non-finite values
-  are ignored for the scale and stored as zero, so a NaN or Inf touches only its
-  own element.
+  are ignored for the scale and encoded as zero (which the zero-free v maps
+  store as their smallest level), so a NaN or Inf touches only its own element.
+  Limits: float32 subnormals are flushed, so a block whose maximum is below
+  ~1.2e-38 gets scale 0 and decodes to zeros, and ``smallest level * scale``
+  can underflow to 0 for v values more than ~2**-126 below their block maximum.
   """
   x_NxB = x_NxB.astype(jnp.float32)
   (scale_N,) = finite_absmax(x_NxB)
@@ -134,7 +140,8 @@ def quantize_blocks(x_NxB, cmap: CodeMap):
 def dequantize_blocks(codes, scale_N, cmap: CodeMap):
   """Inverse of :func:`quantize_blocks`: float32 ``[N, B]``."""
   x = decode_blocks(codes, scale_N, cmap)
-  return x.reshape(x.shape[0], -1)
+  n, groups, gc = x.shape
+  return x.reshape(n, groups * gc)
 
 
 def _resolve_map(bits, signed, code_map):
