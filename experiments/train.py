@@ -1,9 +1,11 @@
 """Importable training loop for GPT-2 (stdlib text) and ViT (MNIST-5k).
 
 Example:
-  >>> log = train(TrainConfig(model="gpt2", preset="tiny", tokenizer="bytes",
-  ...                         steps=20, batch_size=4, seq_len=64))
-  >>> log["eval"][-1]["loss"]
+  >>> log = train(TrainConfig(model="gpt2", tokenizer="bytes", steps=20,
+  ...                         batch_size=4, seq_len=64, max_bytes=100_000,
+  ...                         progress=False))
+  >>> log["eval"][-1]["loss"] < log["train_loss"][0]
+  True
 
 CLI::
 
@@ -21,10 +23,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.nnx.training.optimizer import to_opt_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import data, models, optimizers
@@ -35,6 +37,7 @@ class TrainConfig:
   """Everything that defines a run; stored verbatim in the JSON log."""
   model: str = "gpt2"  # "gpt2" or "vit"
   preset: str = "tiny"
+  model_overrides: dict = dataclasses.field(default_factory=dict)
   optimizer: str = "adamw"  # see optimizers.OPTIMIZERS
   optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
   steps: int = 200
@@ -92,6 +95,9 @@ def make_data(cfg: TrainConfig, context_len: int | None):
             {"vocab_size": vocab, "context_len": max(context_len, seq_len)})
   if cfg.model == "vit":
     train_ds, val_ds = data.load_mnist5k(seed=cfg.seed)
+    if cfg.batch_size > len(val_ds.y_N):
+      raise ValueError(f"{cfg.batch_size=} exceeds the {len(val_ds.y_N)} "
+                       "validation images")
     return (data.image_batches(train_ds, cfg.batch_size, cfg.seed),
             data.image_eval_batches(val_ds, cfg.batch_size)[:cfg.eval_batches],
             {})
@@ -111,10 +117,53 @@ def data_sharding(batch_size: int):
   return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
-def raw_opt_state(optimizer: nnx.Optimizer):
-  """The optax state with nnx ``Variable`` wrappers removed."""
-  return jax.tree.map(lambda v: v.get_value(), optimizer.opt_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+def settle_opt_state(optimizer: nnx.Optimizer) -> None:
+  """Gives ``opt_state`` the structure ``Optimizer.update`` leaves behind.
+
+  ``update`` stores ``nnx.state(new_opt_state)``, which turns custom pytree
+  nodes (e.g. ``stquant_jax.QuantizedArray``) into ``nnx.State`` dicts; doing
+  it once up front avoids a second trace and compile of the train step.
+  """
+  nnx.update(optimizer.opt_state, nnx.state(nnx.as_pure(optimizer.opt_state)))
+
+
+def abstract_opt_state(tx: optax.GradientTransformation, model: nnx.Module):
+  """``tx.init(params)`` as ``jax.ShapeDtypeStruct`` leaves, for accounting.
+
+  The state's structure and dtypes never change between steps, so its size at
+  init is its size throughout; ``nnx.Optimizer`` would hide its pytree types.
+  """
+  return jax.eval_shape(tx.init, nnx.state(model, nnx.Param))
+
+
+def typed_opt_state(optimizer: nnx.Optimizer, template):
+  """``optimizer.opt_state``'s arrays in ``template``'s pytree types."""
+  leaves = jax.tree.leaves(optimizer.opt_state)
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def relayout(optimizer: nnx.Optimizer, template, policy):
+  """Applies an adaptive stquant policy's proposed bit-widths (outside jit).
+
+  Returns:
+    ``(template, changed)``: the abstract state of the (new) layout, and
+    whether it changed (then the train step retraces once).
+  """
+  import stquant_jax
+  typed = typed_opt_state(optimizer, template)
+  new = stquant_jax.relayout(typed, policy=policy)
+  if new is typed:
+    return template, False
+  optimizer.opt_state = nnx.data(to_opt_state(new))
+  settle_opt_state(optimizer)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), new), True
+
+
+def _memory(opt_state, cfg: TrainConfig) -> dict[str, Any]:
+  quantized = cfg.optimizer.startswith("stquant")
+  return {"opt_state_bytes": optimizers.state_bytes(opt_state),
+          "average_bits": (optimizers.average_bits(opt_state) if quantized
+                           else None)}
 
 
 def make_steps(loss_fn):
@@ -143,12 +192,18 @@ def evaluate(eval_step, model, batches) -> dict[str, float]:
 def train(cfg: TrainConfig) -> dict[str, Any]:
   """Trains one model; returns (and optionally writes) the JSON-able log."""
   t_start = time.perf_counter()
-  model_cls, presets = models.MODELS[cfg.model]
-  context_len = getattr(presets[cfg.preset], "context_len", None)
+  model_cfg = dataclasses.replace(models.MODELS[cfg.model][1][cfg.preset],
+                                  **cfg.model_overrides)
+  context_len = getattr(model_cfg, "context_len", None)
   train_it, eval_batches, overrides = make_data(cfg, context_len)
-  model = models.make_model(cfg.model, cfg.preset, cfg.seed,
-                            dtype=cfg.compute_dtype, **overrides)
-  optimizer = nnx.Optimizer(model, make_tx(cfg), wrt=nnx.Param)
+  model = models.make_model(
+      cfg.model, cfg.preset, cfg.seed,
+      **{"dtype": cfg.compute_dtype, **overrides, **cfg.model_overrides})
+  tx = make_tx(cfg)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  settle_opt_state(optimizer)
+  policy = optimizers.make_policy(cfg.optimizer, **cfg.optimizer_kwargs)
+  every = getattr(policy, "every", None)  # Adaptive policies re-decide bits.
   batch_sh, replicated = data_sharding(cfg.batch_size)
   if replicated is not None:  # Data parallel: replicate state, shard batch.
     for obj in (model, optimizer):
@@ -159,19 +214,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     put = jax.device_put
   train_step, eval_step = make_steps(models.LOSSES[cfg.model])
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  opt_state = raw_opt_state(optimizer)
+  template = abstract_opt_state(tx, model)
+  memory = _memory(template, cfg)
   log = {
       "config": dataclasses.asdict(cfg),
       "model_config": dataclasses.asdict(model.cfg),
       "param_count": int(n_params),
-      "opt_state_bytes": optimizers.state_bytes(opt_state),
-      "opt_state_average_bits": (optimizers.average_bits(opt_state)
-                                 if cfg.optimizer.startswith("stquant")
-                                 else None),
+      "opt_state_bytes": memory["opt_state_bytes"],
+      "opt_state_average_bits": memory["average_bits"],
       "devices": [str(d) for d in jax.devices()],
       "data_parallel": 1 if batch_sh is None else batch_sh.mesh.size,
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
-      "train_loss": [], "step_time_s": [], "eval": [],
+      "train_loss": [], "step_time_s": [], "eval": [], "relayouts": [],
   }
   bar = _progress(cfg)
   for step in range(1, cfg.steps + 1):
@@ -183,6 +237,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if step % cfg.eval_interval == 0 or step == cfg.steps:
       log["eval"].append({"step": step,
                           **evaluate(eval_step, model, eval_batches)})
+    if every and step % every == 0:
+      template, changed = relayout(optimizer, template, policy)
+      if changed:
+        if replicated is not None:
+          nnx.update(optimizer, jax.device_put(nnx.state(optimizer), replicated))
+        log["relayouts"].append({"step": step, **_memory(
+            typed_opt_state(optimizer, template), cfg)})
     bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}",
                     val=f"{log['eval'][-1]['loss']:.3f}" if log["eval"] else "-",
                     refresh=False)
@@ -191,6 +252,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   times = log["step_time_s"][1:] or log["step_time_s"]
   log["median_step_time_s"] = float(np.median(times)) if times else None
   log["total_time_s"] = time.perf_counter() - t_start
+  log["final_memory"] = _memory(template, cfg)
   if cfg.log_path:
     path = pathlib.Path(cfg.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,9 +271,9 @@ def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   for f in dataclasses.fields(TrainConfig):
     flag = "--" + f.name.replace("_", "-")
-    if f.name == "optimizer_kwargs":
+    if f.name in ("optimizer_kwargs", "model_overrides"):
       parser.add_argument(flag, type=json.loads, default={},
-                          help="JSON dict of stquant policy overrides")
+                          help="JSON dict, e.g. '{\"num_layers\": 2}'")
     elif f.name == "progress":
       parser.add_argument("--no-progress", dest="progress",
                           action="store_false")

