@@ -27,6 +27,7 @@ def adam(
     *,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """Adam with block-wise quantized moments (see :func:`scale_by_stquant`).
 
@@ -41,7 +42,8 @@ def adam(
     0.999
   """
   return optax.chain(
-      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size),
+      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
+                       backend=backend),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -57,6 +59,7 @@ def adamw(
     eps_root: float = 0.0,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """AdamW with block-wise quantized moments: a drop-in for :func:`optax.adamw`.
 
@@ -71,6 +74,8 @@ def adamw(
       default: every floating-point leaf.
     policy: bit allocation; default ``FixedBits()`` (8-bit m and v).
     block_size: values per quantization block (multiple of 32).
+    backend: ``"auto"`` (Pallas kernels on GPU, jnp elsewhere), ``"jnp"`` or
+      ``"pallas"`` (forced; interpret mode on CPU).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -88,7 +93,8 @@ def adamw(
   if mask is None:
     mask = _float_leaves
   return optax.chain(
-      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size),
+      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
+                       backend=backend),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

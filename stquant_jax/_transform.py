@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import collections.abc
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,19 @@ def static_block_size(block_size):
     block_size = int(block_size)  # inject_hyperparams hands ints over as arrays
   check_block_size(block_size)
   return block_size
+
+
+BACKENDS = ("auto", "jnp", "pallas")
+
+
+def _leaf_update_fn(backend: str, mu, nu):
+  """The per-leaf update for this backend: jnp reference or the Pallas kernel."""
+  platform = jax.default_backend()
+  use_pallas = backend == "pallas" or (backend == "auto" and platform == "gpu")
+  if not (use_pallas and _is_q(mu) and _is_q(nu)):
+    return adam_leaf
+  from pallas_kernels import adam_update_leaf  # pylint: disable=import-outside-toplevel
+  return functools.partial(adam_update_leaf, interpret=platform != "gpu")
 
 
 def _placeholder():
@@ -171,6 +185,7 @@ def scale_by_stquant(
     block_size: int = DEFAULT_BLOCK_SIZE,
     mu_map=None,
     nu_map=None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's rule, keeping m and v as quantized low-bit codes.
 
@@ -205,6 +220,9 @@ def scale_by_stquant(
       declare it in ``static_args`` when using :func:`optax.inject_hyperparams`.
     mu_map: optional ``callable(bits) -> CodeMap`` overriding the m map.
     nu_map: optional ``callable(bits) -> CodeMap`` overriding the v map.
+    backend: ``"auto"`` (the fused Pallas kernel on GPU, the jnp path
+      elsewhere), ``"jnp"``, or ``"pallas"`` (forced; interpret mode on CPU,
+      for tests). Leaves whose m and v are not both quantized always use jnp.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -225,6 +243,8 @@ def scale_by_stquant(
   _check_hparam("eps", eps, 0.0, float("inf"))
   _check_hparam("eps_root", eps_root, 0.0, float("inf"))
   block_size = static_block_size(block_size)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
   if policy is None:
     policy = FixedBits()
   if not isinstance(policy, Policy):
@@ -285,7 +305,8 @@ def scale_by_stquant(
         continue
       mu = _coerce(mu, g.shape, True, block_size, maps)
       nu = _coerce(nu, g.shape, False, block_size, maps)
-      u, mu, nu = adam_leaf(g, mu, nu, b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_,
+      leaf_fn = _leaf_update_fn(backend, mu, nu)
+      u, mu, nu = leaf_fn(g, mu, nu, b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_,
                             bc1=bc1, bc2=bc2)
       out_u.append(u)
       out_mu.append(mu)
