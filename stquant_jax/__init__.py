@@ -15,10 +15,20 @@ from stquant_jax._maps import CodeMap, default_map
 from stquant_jax._policy import FixedBits, Policy
 from stquant_jax._quantize import QuantizedArray, dequantize, quantize
 from stquant_jax._transform import ScaleByStquantState, scale_by_stquant
+from stquant_jax._stquant_policy import STQuantPolicy, STQuantPolicyState
+from stquant_jax._relayout import relayout
+from stquant_jax._telemetry import BitHistory, bit_widths
+from stquant_jax._factor_selection import select_factors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitHistory",
+    "STQuantPolicy",
+    "STQuantPolicyState",
+    "bit_widths",
+    "relayout",
+    "select_factors",
     "CodeMap",
     "FixedBits",
     "Policy",

@@ -1,0 +1,188 @@
+"""``relayout``: apply the policy's proposed bit-widths to an optimizer state, outside ``jit``.
+
+Bit-widths are static layout (:class:`QuantizedArray` metadata), so a jitted
+step can never change them. The policy writes the bits it wants into its state
+under ``jit``; :func:`relayout` reads them (one small device-to-host copy per
+stquant state) and re-packs only the moments whose bits differ: dequantize at
+the old width, quantize at the new one (float32 <-> quantized transitions
+included). The user's jitted step then retraces once per distinct layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stquant_jax._allocation import FLOAT32, NO_MOMENT
+from stquant_jax._maps import CodeMap, default_map
+from stquant_jax._quantize import DEFAULT_BLOCK_SIZE, QuantizedArray, dequantize, quantize
+from stquant_jax._transform import ScaleByStquantState
+
+_is_q = lambda x: isinstance(x, QuantizedArray)
+_is_state = lambda x: isinstance(x, ScaleByStquantState)
+
+_quantize = jax.jit(quantize, static_argnames=("bits", "signed", "block_size", "code_map"))
+_dequantize = jax.jit(functools.partial(dequantize, dtype=jnp.float32))
+
+
+def find_states(opt_state) -> list[ScaleByStquantState]:
+  """Every :class:`ScaleByStquantState` inside ``opt_state`` (chain, inject_hyperparams,
+  MultiSteps, masked... states), in tree order."""
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
+
+
+def _moment_bits(x) -> int:
+  if _is_q(x):
+    return x.bits
+  if hasattr(x, "shape") and np.prod(x.shape) > 0:
+    return FLOAT32
+  return NO_MOMENT
+
+
+def current_bits(state: ScaleByStquantState) -> np.ndarray:
+  """int32 ``[L, 2]``: bits of (m, v) per leaf from the static layout (no device access)."""
+  mu = jax.tree.leaves(state.mu, is_leaf=_is_q)
+  nu = jax.tree.leaves(state.nu, is_leaf=_is_q)
+  return np.array([[_moment_bits(m), _moment_bits(v)] for m, v in zip(mu, nu)],
+                  np.int32).reshape(len(mu), 2)
+
+
+def _proposed(state: ScaleByStquantState, policy):
+  """int32 ``[L, 2]`` proposed bits, or None when the state carries no proposal."""
+  ps = state.policy_state
+  if policy is not None:
+    prop = policy.proposed_bits(ps)
+    if prop is None:
+      return None
+    flat = jax.tree.leaves(prop, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and not
+                           isinstance(x[0], tuple))
+    return np.array([[FLOAT32 if b is None else b for b in pair] for pair in flat],
+                    np.int32).reshape(-1, 2)
+  prop = getattr(ps, "proposed", None)
+  if prop is None and hasattr(ps, "keys") and "proposed" in ps:
+    prop = ps["proposed"]
+  if prop is None:
+    return None
+  return np.asarray(jax.device_get(prop), np.int32)
+
+
+def _map(fn, bits, signed):
+  if fn is None:
+    return default_map(bits, signed)
+  cmap = fn(bits)
+  if not isinstance(cmap, CodeMap) or cmap.bits != bits or cmap.signed != signed:
+    raise ValueError(f"map callable returned {cmap!r} for bits={bits}; expected a CodeMap "
+                     f"with bits={bits}, signed={signed}")
+  return cmap
+
+
+def _place_like(new, old):
+  """Best effort: keep a NamedSharding of the old array (jit over sharded states)."""
+  sharding = getattr(old, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+    try:
+      return jax.device_put(new, sharding)
+    except ValueError:
+      return new
+  return new
+
+
+def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn):
+  """One moment re-packed at ``new_bits`` (32: float32)."""
+  if _is_q(x):
+    values = _dequantize(x)
+    bs = x.block_size
+  else:
+    values = jnp.asarray(x, jnp.float32)
+    bs = block_size
+  if new_bits == FLOAT32:
+    return values
+  cmap = _map(map_fn, new_bits, signed)
+  q = _quantize(values, bits=new_bits, signed=signed, block_size=bs, code_map=cmap)
+  if _is_q(x):
+    q = QuantizedArray(_place_like(q.codes, x.codes), _place_like(q.scales, x.scales),
+                       q.code_map, q.block_size, q.shape, q.dtype)
+  return q
+
+
+def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
+  cur = current_bits(state)
+  mu, tdef_m = jax.tree.flatten(state.mu, is_leaf=_is_q)
+  nu, tdef_v = jax.tree.flatten(state.nu, is_leaf=_is_q)
+  if block_size is None:
+    qs = [x for x in mu + nu if _is_q(x)]
+    block_size = qs[0].block_size if qs else getattr(policy, "block_size", DEFAULT_BLOCK_SIZE)
+  new_mu, new_nu = list(mu), list(nu)
+  for i in range(len(mu)):
+    for k, (src, dst, signed, fn) in enumerate(((mu, new_mu, True, mu_map),
+                                                 (nu, new_nu, False, nu_map))):
+      want, have = int(proposed[i, k]), int(cur[i, k])
+      if want == have or NO_MOMENT in (want, have):
+        continue
+      dst[i] = _convert(src[i], want, signed, block_size, fn)
+  ps = state.policy_state
+  if hasattr(ps, "_fields") and "actual" in ps._fields:
+    new_cur = np.where((proposed != NO_MOMENT) & (cur != NO_MOMENT), proposed, cur)
+    ps = ps._replace(actual=jnp.asarray(new_cur.astype(np.int32)))
+  return state._replace(mu=tdef_m.unflatten(new_mu), nu=tdef_v.unflatten(new_nu),
+                        policy_state=ps)
+
+
+def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=None):
+  """Re-packs the moments whose proposed bit-width differs from their layout.
+
+  Finds every :class:`ScaleByStquantState` in ``opt_state`` (a chain,
+  ``inject_hyperparams`` or ``MultiSteps`` state, ...), reads the bits its
+  policy proposed, and for each moment that changes: dequantizes at the old
+  width and quantizes at the new one (or to/from float32). When nothing
+  changes, returns ``opt_state`` itself (cost: one tiny device-to-host copy).
+
+  Call it outside ``jit`` (e.g. every ``policy.every`` steps); the jitted step
+  retraces once for each new layout.
+
+  Args:
+    opt_state: any optimizer state containing stquant states.
+    policy: only needed for policies other than :class:`STQuantPolicy`, whose
+      state carries the proposal; ``policy.proposed_bits(policy_state)`` is used.
+    mu_map, nu_map: the ``callable(bits) -> CodeMap`` overrides given to
+      :func:`scale_by_stquant`, if any (default: :func:`default_map`).
+    block_size: block size for float32 -> quantized moments; default: the
+      state's own.
+
+  Returns:
+    The new optimizer state (the same object when nothing changed).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> tx = sq.adamw(1e-3, policy=sq.STQuantPolicy())
+    >>> state = tx.init({"w": jnp.zeros((128, 64))})
+    >>> sq.relayout(state) is state   # nothing proposed yet
+    True
+  """
+  states = find_states(opt_state)
+  plans = {}
+  for st in states:
+    prop = _proposed(st, policy)
+    if prop is None:
+      continue
+    cur = current_bits(st)
+    if prop.shape != cur.shape:
+      raise ValueError(f"proposed bits have shape {prop.shape}, the state has {cur.shape} "
+                       "moments; was the policy state built for other params?")
+    differs = (prop != cur) & (prop != NO_MOMENT) & (cur != NO_MOMENT)
+    if differs.any():
+      plans[id(st)] = prop
+  if not plans:
+    return opt_state
+
+  def fix(x):
+    if _is_state(x) and id(x) in plans:
+      return _relayout_state(x, plans[id(x)], mu_map=mu_map, nu_map=nu_map,
+                             block_size=block_size, policy=policy)
+    return x
+
+  return jax.tree.map(fix, opt_state, is_leaf=_is_state)

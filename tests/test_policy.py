@@ -1,0 +1,381 @@
+"""STQuantPolicy: construction checks, decisions, budget, relayout, wrappers, telemetry."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import stquant_jax as sq
+from stquant_jax._allocation import FLOAT32, allocate
+from stquant_jax._scores import NUM_SUMS, SUMS
+
+
+def _params():
+  k = jax.random.split(jax.random.key(0), 4)
+  return {"big": jax.random.normal(k[0], (64, 256)) * 0.1,     # 16384 values
+          "mid": jax.random.normal(k[1], (32, 256)) * 0.1,     # 8192
+          "out": jax.random.normal(k[2], (64, 128)) * 0.1,     # 8192
+          "bias": jnp.zeros((128,)),                           # small: float32
+          "step": jnp.zeros((), jnp.int32)}                    # integer: no moments
+
+
+_SCALE = {"big": 0.01, "mid": 1.0, "out": 0.1}
+
+
+def _grads(params, i):
+  """Leaves with gradient scales 100x apart, one with outliers; changes with i."""
+  out = {}
+  for j, (k, p) in enumerate(sorted(params.items())):
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+      out[k] = jnp.zeros(p.shape, p.dtype)
+      continue
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(i), j), p.shape)
+    if k == "out":
+      x = x * jnp.where(jax.random.uniform(jax.random.key(j), p.shape) < 0.01, 20.0, 1.0)
+    out[k] = _SCALE.get(k, 1.0) * (x + 0.5) + 0.01 * p
+  return out
+
+
+def _policy(**kw):
+  kw = {"every": 2, "min_interval": 0, "anneal_steps": 0, **kw}
+  return sq.STQuantPolicy(**kw)
+
+
+_STEPS = {}
+
+
+def _step_fn(tx):
+  """One jitted step per transform, cached, so tests sharing a policy share compilations."""
+  key = id(tx)
+  if key not in _STEPS:
+    @jax.jit
+    def step(params, state, i):
+      u, state = tx.update(_grads(params, i), state, params)
+      return optax.apply_updates(params, u), state
+    _STEPS[key] = (tx, step)
+  return _STEPS[key][1]
+
+
+_TX = {}
+
+
+def _adamw(policy):
+  """sq.adamw(1e-2, policy=policy), one object per policy (policies are hashable)."""
+  if policy not in _TX:
+    _TX[policy] = sq.adamw(1e-2, policy=policy)
+  return _TX[policy]
+
+
+def _loss(params):
+  return sum(jnp.sum(jnp.square(p - 0.5)) for k, p in params.items() if k != "step")
+
+
+# --- construction ------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    ({"every": -1}, ValueError, "every=-1"),
+    ({"every": 0}, ValueError, "every=0"),
+    ({"every": 2.5}, TypeError, "every"),
+    ({"n_thresholds": (1.5, 1.0)}, ValueError, "out of order"),
+    ({"r_thresholds": (0.0, 1.0)}, ValueError, "r_thresholds"),
+    ({"min_bits": 6, "max_bits": 4}, ValueError, "min_bits=6 > max_bits=4"),
+    ({"min_bits": 1}, ValueError, "min_bits=1"),
+    ({"critical": (4, 4), "redundant": (8, 8)}, ValueError, "out of order"),
+    ({"critical": (9, 8)}, ValueError, "outside min_bits..max_bits"),
+    ({"redundant": (2, 2), "min_bits": 3}, ValueError, "outside"),
+    ({"critical": 8}, TypeError, "pair"),
+    ({"target_bits": 2.1}, ValueError, "raise target_bits"),
+    ({"target_bits": -1.0}, ValueError, "target_bits"),
+    ({"ema": 1.0}, ValueError, "ema=1.0"),
+    ({"anneal_steps": -5}, ValueError, "anneal_steps=-5"),
+    ({"instability": 0.0}, ValueError, "instability"),
+    ({"min_interval": -1}, ValueError, "min_interval=-1"),
+    ({"max_changes": -1}, ValueError, "max_changes=-1"),
+    ({"mu_factors": ("crest", "snr")}, ValueError, "must be one of"),
+    ({"nu_factors": ("snr",)}, TypeError, "pair"),
+    ({"probe_bits": 9}, ValueError, "probe_bits=9"),
+    ({"block_size": 100}, ValueError, "multiple of 32"),
+    ({"axis_name": 3}, TypeError, "axis_name"),
+])
+def test_bad_configuration_fails_at_construction(kwargs, exc, words):
+  with pytest.raises(exc, match=words):
+    sq.STQuantPolicy(**kwargs)
+
+
+def test_unreachable_budget_fails_at_init_with_the_floor():
+  """Many small float32 leaves: 4 bits on average is impossible; init says what is reachable."""
+  params = {f"b{i}": jnp.zeros((1000,)) for i in range(20)} | {"w": jnp.zeros((128, 128))}
+  pol = sq.STQuantPolicy(target_bits=4.0)
+  floor = pol.min_average_bits(params)
+  assert floor > 4.0
+  with pytest.raises(ValueError, match=f"raise target_bits to >= {floor:.3f}"):
+    sq.adamw(1e-3, policy=pol).init(params)
+  sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=floor + 0.01)).init(params)  # fits
+
+
+def test_block_size_mismatch_is_reported():
+  tx = sq.scale_by_stquant(policy=_policy(), block_size=256)
+  params = _params()
+  with pytest.raises(ValueError, match="same block_size"):
+    jax.eval_shape(tx.update, _grads(params, 0), tx.init(params))  # fails while tracing
+
+
+# --- decisions ---------------------------------------------------------------
+
+def _train(tx, params, steps, relayout_every=None, start=0):
+  state = tx.init(params)
+  step = _step_fn(tx)
+  for i in range(start, start + steps):
+    params, state = step(params, state, i)
+    if relayout_every and (i + 1) % relayout_every == 0:
+      state = sq.relayout(state)
+  return params, state
+
+
+def test_decisions_separate_leaves_and_moments_and_are_deterministic():
+  params = _params()
+  tx = _adamw(_policy())
+  _, s1 = _train(tx, params, 4)
+  _, s2 = _train(tx, params, 4)
+  p1, p2 = s1[0].policy_state, s2[0].policy_state
+  chex.assert_trees_all_equal(p1, p2)
+  prop = np.asarray(p1.proposed)
+  names = sorted(params)  # leaf order of the dict
+  rows = {n: prop[i].tolist() for i, n in enumerate(names)}
+  assert rows["bias"] == [FLOAT32, FLOAT32] and rows["step"] == [0, 0]
+  adaptive = [rows[n] for n in ("big", "mid", "out")]
+  assert len({tuple(r) for r in adaptive}) >= 2, rows       # leaves differ
+  assert int(p1.decisions) == 2
+  # the small-gradient leaf gets no more bits than the large-gradient one, for m and v
+  assert rows["big"][0] <= rows["mid"][0] and rows["big"][1] <= rows["mid"][1]
+  # actual still the initial layout until relayout
+  assert np.asarray(p1.actual)[names.index("big")].tolist() == [8, 8]
+
+
+def _decide(pol, st, n_m, r_m, count=10):
+  """Runs the zone decision on hand-made statistics: 3 leaves, factor values given (m only)."""
+  L = 3
+  sums = np.zeros((L, NUM_SUMS), np.float32)
+  idx = {k: i for i, k in enumerate(SUMS)}
+  sums[:, idx["n"]] = sums[:, idx["blocks"]] = sums[:, idx["vpos"]] = 1.0
+  sums[:, idx["m2"]] = np.square(n_m)          # moment_rms of m = n_m
+  sums[:, idx["perr_m"]] = np.square(r_m) * sums[:, idx["m2"]]  # probe_err of m = r_m
+  sums[:, idx["v"]] = 1.0
+  sums[:, idx["crest_v"]] = 1.0
+  return pol._decide(st, jnp.asarray(sums), jnp.int32(count), np.ones(L, bool), [4096] * L,
+                     [128] * L, 0, 0)
+
+
+def test_hysteresis_band_keeps_zone_inside_and_moves_outside():
+  pol = _policy(ema=0.0, n_thresholds=(0.8, 1.25), r_thresholds=(0.8, 1.25))
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  # Leaf 0 starts critical (both high). N_rel = 1.1 (inside the band): stays high.
+  st = _decide(pol, st, n_m=[1.1, 1.0, 1 / 1.1], r_m=[1.0, 1.0, 1.0])
+  z = np.asarray(st.zone)[:, 0]
+  assert z[0] == 0  # critical: N stayed high (1.1 >= exit 0.8), R stayed high
+  # Leaf 2 N_rel = 1/1.1 >= 0.8: also stays high.
+  assert z[2] == 0
+  # Now leaf 2 drops well below the exit threshold: N low -> structure zone.
+  st = _decide(pol, st, n_m=[2.0, 1.0, 0.5], r_m=[1.0, 1.0, 1.0])
+  z = np.asarray(st.zone)[:, 0]
+  assert z[2] == 2, z
+  # Back to N_rel = 1.1 (inside the band): it stays low; only above 1.25 does it re-enter.
+  n = np.array([1.0, 1.0, 1.1]); n = n / np.exp(np.mean(np.log(n)))
+  st = _decide(pol, st, n_m=n, r_m=[1.0, 1.0, 1.0])
+  assert np.asarray(st.zone)[2, 0] == 2
+  st = _decide(pol, st, n_m=[0.8, 0.8, 1.6], r_m=[1.0, 1.0, 1.0])
+  assert np.asarray(st.zone)[2, 0] == 0
+
+
+def test_transitions_are_bounded():
+  """Statistics that swap every decision: changes respect min_interval and max_changes."""
+  pol = _policy(ema=0.0, min_interval=20, max_changes=2)
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  history = []
+  for t in range(1, 101):
+    n = [4.0, 1.0, 0.25] if t % 2 else [0.25, 1.0, 4.0]
+    st = _decide(pol, st, n_m=n, r_m=[1.0, 1.0, 1.0], count=t)
+    history.append(np.asarray(st.proposed)[:, 0].copy())
+  h = np.array(history)
+  changes = (np.diff(h, axis=0) != 0).sum(axis=0)
+  assert changes.max() <= 2 and changes.max() >= 1
+  assert (np.asarray(st.changes) <= 2).all()
+  for j in range(3):
+    when = np.nonzero(np.diff(h[:, j]))[0]
+    assert (np.diff(when) >= 20).all(), when
+
+
+def test_annealing_gives_more_bits_early():
+  pol = _policy(ema=0.0, anneal_steps=100, anneal_bits=2)
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  early = _decide(pol, st, n_m=[2.0, 1.0, 0.5], r_m=[1.0, 1.0, 1.0], count=1)
+  late = _decide(pol, early, n_m=[2.0, 1.0, 0.5], r_m=[1.0, 1.0, 1.0], count=2000)
+  assert float(early.anneal) > 0.9 and float(late.anneal) < 0.1
+  e, l = np.asarray(early.proposed), np.asarray(late.proposed)
+  assert (e >= l).all() and (e > l).any()
+
+
+# --- budget ------------------------------------------------------------------
+
+def test_allocation_meets_budget_respects_caps_and_priorities():
+  rng = np.random.default_rng(0)
+  M = 40
+  pri = rng.normal(size=M).astype(np.float32) * 3
+  cap = rng.integers(4, 9, size=M).astype(np.int32)
+  size = np.full(M, 8192.0)
+  nb = size / 128
+  err2 = np.tile((2.0 ** -np.arange(2, 9))[None] ** 2, (M, 1))
+  kw = dict(err2=err2, per_bit=nb * 16, fixed=4 * nb, fp32_bytes=4 * size, min_bits=2, max_bits=8)
+  cost = lambda b: float(np.sum(nb * (16 * b + 4)))
+  for budget in (cost(np.full(M, 2)), cost(np.full(M, 3.5)), cost(np.full(M, 6))):
+    out = np.asarray(allocate(jnp.asarray(pri), jnp.asarray(cap), jnp.ones(M, bool),
+                              jnp.asarray(cap), budget_bytes=jnp.float32(budget), **kw))
+    assert cost(out) <= budget + 1e-3
+    assert (out <= cap).all() and (out >= 2).all()
+    # higher priority never gets fewer bits among moments with room under their caps
+    free = out < cap
+    order = np.argsort(pri[free])
+    assert (np.diff(out[free][order]) >= 0).all()
+  out = np.asarray(allocate(jnp.asarray(pri), jnp.asarray(cap), jnp.ones(M, bool), jnp.asarray(cap),
+                            budget_bytes=jnp.float32(cost(cap) + 1), **kw))
+  np.testing.assert_array_equal(out, cap)
+
+
+def test_budget_is_met_after_relayout_and_training_continues():
+  params = _params()
+  free = _adamw(_policy())
+  _, st_free = _train(free, params, 2, relayout_every=2)
+  assert sq.average_bits(st_free) > 5.0  # the budget below is binding
+  tx = _adamw(_policy(target_bits=5.0))
+  p, state = _train(tx, params, 2, relayout_every=2)
+  assert sq.average_bits(state) <= 5.0, sq.bit_widths(state)
+  step = _step_fn(tx)
+  for i in range(2, 6):
+    p, state = step(p, state, i)
+  assert np.isfinite(float(_loss(p)))
+  assert sq.average_bits(sq.relayout(state)) <= 5.0
+
+
+# --- relayout ----------------------------------------------------------------
+
+def _max_error(q: sq.QuantizedArray):
+  """Largest |dequantize(quantize(x)) - x| the map allows, per block: half the widest level
+  gap for m (nearest level); for v, whose maps round in the root domain, a whole gap (or
+  the smallest level, below which values are clamped up)."""
+  lv = np.sort(q.code_map.levels())
+  gap = np.max(np.diff(lv))
+  bound = gap / 2 if q.signed else max(gap, lv[0])
+  return np.asarray(q.scales) * bound * (1 + 1e-5) + 1e-12
+
+
+def test_relayout_repacks_within_the_new_error_bound_and_training_continues():
+  params = _params()
+  tx = _adamw(_policy())
+  p, state = _train(tx, params, 2)
+  before = state[0]
+  after_state = sq.relayout(state)
+  after = after_state[0]
+  changed = 0
+  for k in ("big", "mid", "out"):
+    for old, new in ((before.mu[k], after.mu[k]), (before.nu[k], after.nu[k])):
+      if old.bits == new.bits:
+        assert new is old
+        continue
+      changed += 1
+      x_old = np.asarray(sq.dequantize(old)).reshape(-1)
+      x_new = np.asarray(sq.dequantize(new)).reshape(-1)
+      n = x_old.size
+      pad = new.scales.shape[0] * new.block_size - n
+      err = np.abs(np.pad(x_new - x_old, (0, pad))).reshape(-1, new.block_size).max(axis=1)
+      assert (err <= _max_error(new)).all(), (k, new.bits)
+  assert changed >= 2
+  np.testing.assert_array_equal(np.asarray(after.policy_state.actual),
+                                np.asarray(after.policy_state.proposed))
+  assert sq.relayout(after_state) is after_state  # nothing left to change: same object
+  step = _step_fn(tx)
+  l0 = float(_loss(p))
+  for i in range(2, 8):
+    p, after_state = step(p, after_state, i)
+  assert np.isfinite(float(_loss(p)))
+  assert np.asarray(after_state[0].policy_state.actual).tolist() == \
+      np.asarray(after.policy_state.proposed).tolist()  # the step ran with the new layout
+  assert l0 > 0
+
+
+def test_relayout_float32_transitions():
+  """Critical zone in float32: moments go float32 -> quantized and back."""
+  params = _params()
+  pol = _policy(critical=(None, None), magnitude=(None, 8), structure=(8, 8), redundant=(4, 4))
+  tx = sq.adamw(1e-2, policy=pol)
+  state = tx.init(params)
+  assert state[0].mu["big"].dtype == jnp.float32 and state[0].mu["big"].shape == (64, 256)
+  step = _step_fn(tx)
+  p = params
+  for i in range(2):
+    p, state = step(p, state, i)
+  m_before = np.asarray(state[0].mu["big"])
+  state = sq.relayout(state)
+  q = state[0].mu["big"]
+  assert isinstance(q, sq.QuantizedArray)
+  err = np.abs(np.asarray(sq.dequantize(q)) - m_before).reshape(-1, 128).max(axis=1)
+  assert (err <= _max_error(q)).all()
+  bw = sq.bit_widths(state)
+  assert bw["mu_bits"]["big"] == q.bits and 32 in bw["mu_bits"].values()  # "mid" stays float32
+  for i in range(2, 6):
+    p, state = step(p, state, i)
+  assert np.isfinite(float(_loss(p)))
+
+
+def test_relayout_finds_state_in_wrappers():
+  params = {k: v for k, v in _params().items() if k != "step"}  # clip_by_global_norm: floats
+  pol = _policy()
+  wrapped = [
+      optax.inject_hyperparams(sq.adamw, static_args=("block_size", "policy"))(
+          learning_rate=1e-2, policy=pol),
+      optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), sq.adamw(1e-2, policy=pol)),
+                       every_k_schedule=2),
+  ]
+  for tx in wrapped:
+    steps = 4 if isinstance(tx, optax.MultiSteps) else 2
+    step = _step_fn(tx)
+    state = tx.init(params)
+    p = params
+    for i in range(steps):
+      p, state = step(p, state, i)
+    new = sq.relayout(state)
+    assert new is not state, type(tx)
+    bw = sq.bit_widths(new)
+    assert bw["mu_bits"] == bw["mu_proposed"] and bw["nu_bits"] == bw["nu_proposed"]
+    for i in range(steps, steps + 2):
+      p, new = step(p, new, i)
+    assert np.isfinite(float(_loss(p)))
+
+
+# --- telemetry ---------------------------------------------------------------
+
+def test_bit_history_records_evolution_and_step_retraces_once_per_layout():
+  params = _params()
+  tx = _adamw(_policy(ema=0.25))  # its own step function: its cache counts layouts
+  state = tx.init(params)
+  step = _step_fn(tx)
+  h = sq.BitHistory()
+  h.record(0, state, loss=float(_loss(params)))
+  p = params
+  for i in range(4):
+    p, state = step(p, state, i)
+    if (i + 1) % 2 == 0:
+      state = sq.relayout(state)
+      h.record(i + 1, state, loss=float(_loss(p)))
+  steps, bits = h.series("big", "mu")
+  assert steps == [0, 2, 4] and bits[0] == 8 and bits[-1] < 8
+  assert set(h.records[-1]) >= {"mu_bits", "nu_bits", "mu_proposed", "mu_zone", "anneal",
+                                 "average_bits", "loss", "step"}
+  assert "step" not in h.records[-1]["mu_bits"]  # integer leaf: no moments
+  assert h.records[-1]["mu_bits"]["bias"] == 32
+  assert '"big"' in h.to_json()
+  layouts = {json.dumps([r["mu_bits"], r["nu_bits"]], sort_keys=True) for r in h.records[:-1]}
+  assert _STEPS[id(tx)][1]._cache_size() == len(layouts)  # one compilation per layout

@@ -1,0 +1,128 @@
+"""STQuantPolicy decisions on 8 forced CPU devices: pmap, shard_map and jit over sharded arrays.
+
+Each device gets different gradients (no gradient all-reduce), so the moments
+differ per device; the policy's statistics are psum-reduced over the axis, so
+every replica must propose the same bits, equal to the single-device decision
+on the concatenated leaves (whose sums are the devices' sums added up).
+Runs in a subprocess: the device count must be set before jax is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_SCRIPT = textwrap.dedent(r"""
+  import json
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  import stquant_jax as sq
+
+  D = jax.device_count()
+  assert D == 8, D
+  # Per-device leaf shapes (whole blocks, so block boundaries line up when concatenated).
+  SHAPES = {"a": (16, 256), "b": (32, 128), "c": (8, 512), "d": (64, 64)}
+  SCALES = {"a": 1.0, "b": 0.02, "c": 0.3, "d": 0.001}
+
+  def device_grads(step):
+    out = []
+    for i in range(D):
+      g = {}
+      for j, (k, s) in enumerate(SHAPES.items()):
+        key = jax.random.fold_in(jax.random.key(100 * step + j), i)
+        x = jax.random.normal(key, s)
+        if k == "c":  # outliers: a structure-heavy leaf
+          x = x * jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), s) < 0.01, 30.0, 1.0)
+        g[k] = SCALES[k] * (x + 0.3 * (i + 1))
+      out.append(g)
+    return out
+
+  def policy(axis_name):
+    return sq.STQuantPolicy(every=1, min_interval=0, min_size=1024, axis_name=axis_name,
+                            anneal_steps=0, n_thresholds=(0.9, 1.1), r_thresholds=(0.9, 1.1))
+
+  STEPS = 2
+  grads = [device_grads(s) for s in range(STEPS)]  # [step][device] trees
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  concat = lambda trees: jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *trees)
+  local_params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+  global_params = {k: jnp.zeros((D * s[0],) + s[1:]) for k, s in SHAPES.items()}
+  out = {}
+
+  # Single device, concatenated leaves.
+  tx = sq.scale_by_stquant(policy=policy(None))
+  st = tx.init(global_params)
+  for s in range(STEPS):
+    _, st = jax.jit(tx.update)(concat(grads[s]), st)
+  out["single"] = np.asarray(st.policy_state.proposed).tolist()
+  out["single_zone"] = np.asarray(st.policy_state.zone).tolist()
+
+  # pmap over 8 devices.
+  tx = sq.scale_by_stquant(policy=policy("d"))
+  def run(g_steps):
+    st = tx.init(local_params)
+    for s in range(STEPS):
+      _, st = tx.update(jax.tree.map(lambda x: x[s], g_steps), st)
+    return st.policy_state.proposed
+  g_steps = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *[stack(grads[s]) for s in range(STEPS)])
+  out["pmap"] = np.asarray(jax.pmap(run, axis_name="d")(g_steps)).tolist()
+
+  # shard_map over a 1-D mesh.
+  mesh = jax.make_mesh((D,), ("d",))
+  g_sharded = jax.device_put(g_steps, NamedSharding(mesh, P("d")))
+  sm = jax.jit(jax.shard_map(lambda g: run(jax.tree.map(lambda x: x[0], g))[None], mesh=mesh,
+                             in_specs=(P("d"),), out_specs=P("d")))
+  out["shard_map"] = np.asarray(sm(g_sharded)).tolist()
+
+  # Plain jit over arrays sharded along the first axis (statistics are global already).
+  tx = sq.scale_by_stquant(policy=policy(None))
+  st = tx.init(global_params)
+  upd = jax.jit(tx.update)
+  for s in range(STEPS):
+    g = jax.device_put(concat(grads[s]), NamedSharding(mesh, P("d")))
+    _, st = upd(g, st)
+  out["jit_sharded"] = np.asarray(st.policy_state.proposed).tolist()
+  out["jit_sharded_devices"] = len(g["a"].sharding.device_set)
+  print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+  return json.loads(line[len("RESULT"):])
+
+
+def test_single_device_decision_is_not_trivial(results):
+  """The leaves land in different zones and bits, so the equalities below mean something."""
+  bits = {b for row in results["single"] for b in row}
+  zones = {z for row in results["single_zone"] for z in row}
+  assert len(bits) >= 2 and len(zones) >= 2, results["single"]
+
+
+def test_pmap_replicas_agree_with_each_other_and_single_device(results):
+  reps = results["pmap"]
+  assert len(reps) == 8
+  assert all(r == reps[0] for r in reps)
+  assert reps[0] == results["single"]
+
+
+def test_shard_map_replicas_agree_with_each_other_and_single_device(results):
+  reps = results["shard_map"]
+  assert len(reps) == 8
+  assert all(r == reps[0] for r in reps)
+  assert reps[0] == results["single"]
+
+
+def test_jit_over_sharded_arrays_matches_single_device(results):
+  assert results["jit_sharded_devices"] == 8
+  assert results["jit_sharded"] == results["single"]
