@@ -5,41 +5,45 @@ Public API:
 * :func:`quantize`, :func:`dequantize`, :class:`QuantizedArray`,
   :class:`CodeMap`, :func:`default_map`: the quantization engine.
 * :func:`scale_by_stquant`, :func:`adam`, :func:`adamw`: optax transforms.
-* :class:`Policy`, :class:`FixedBits`: bit allocation.
+* :class:`Policy`, :class:`FixedBits`, :class:`STQuantPolicy`: bit allocation
+  (fixed, or adaptive per layer, state and training phase).
+* :func:`relayout`: applies an adaptive policy's proposed bit-widths (outside jit).
+* :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
+* :func:`select_factors`: greedy (1 - 1/e) selection of the policy's statistics.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting.
 """
 
 from stquant_jax._accounting import average_bits, state_nbytes
 from stquant_jax._alias import adam, adamw
+from stquant_jax._factor_selection import select_factors
 from stquant_jax._maps import CodeMap, default_map
 from stquant_jax._policy import FixedBits, Policy
 from stquant_jax._quantize import QuantizedArray, dequantize, quantize
-from stquant_jax._transform import ScaleByStquantState, scale_by_stquant
-from stquant_jax._stquant_policy import STQuantPolicy, STQuantPolicyState
 from stquant_jax._relayout import relayout
+from stquant_jax._stquant_policy import STQuantPolicy, STQuantPolicyState
 from stquant_jax._telemetry import BitHistory, bit_widths
-from stquant_jax._factor_selection import select_factors
+from stquant_jax._transform import ScaleByStquantState, scale_by_stquant
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitHistory",
-    "STQuantPolicy",
-    "STQuantPolicyState",
-    "bit_widths",
-    "relayout",
-    "select_factors",
     "CodeMap",
     "FixedBits",
     "Policy",
     "QuantizedArray",
+    "STQuantPolicy",
+    "STQuantPolicyState",
     "ScaleByStquantState",
     "adam",
     "adamw",
     "average_bits",
+    "bit_widths",
     "default_map",
     "dequantize",
     "quantize",
+    "relayout",
     "scale_by_stquant",
+    "select_factors",
     "state_nbytes",
 ]
