@@ -68,10 +68,12 @@ def _leaf_update_fn(backend: str, mu, nu):
   """The per-leaf update for this backend: jnp reference or the Pallas kernel."""
   platform = jax.default_backend()
   use_pallas = backend == "pallas" or (backend == "auto" and platform == "gpu")
-  if not (use_pallas and _is_q(mu) and _is_q(nu)):
+  if not use_pallas:
     return adam_leaf
-  from pallas_kernels import adam_update_leaf  # pylint: disable=import-outside-toplevel
-  return functools.partial(adam_update_leaf, interpret=platform != "gpu")
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  if not pallas_kernels.supports(mu, nu):  # e.g. float32 moments, block size not 2**k
+    return adam_leaf
+  return functools.partial(pallas_kernels.adam_update_leaf, interpret=platform != "gpu")
 
 
 def _placeholder():

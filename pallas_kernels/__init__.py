@@ -1,0 +1,40 @@
+"""Pallas (Triton backend) GPU kernels for stquant-jax.
+
+* :func:`quantize_blocks_pallas` / :func:`dequantize_blocks_pallas`: block-wise
+  (de)quantization of the library's ``[n_blocks, block_size]`` layout,
+  bit-exact twins of ``stquant_jax._quantize.quantize_blocks`` /
+  ``dequantize_blocks``.
+* :func:`adam_update_leaf`: the fused Adam step on one leaf's quantized m and
+  v (read codes, dequantize, Adam in float32, requantize in place, write the
+  update), optionally with AdamW's weight decay and learning rate fused.
+* ``*_reference``: the plain-jnp twins the tests compare against.
+* :class:`Tiling`: launch configuration.
+* :func:`lower_for_cuda`: lower a function for CUDA on a CPU-only machine.
+
+Every kernel takes ``interpret=True`` to run on CPU (tests); on a GPU it lowers
+through the Triton backend. Block sizes must be powers of two >= 32.
+"""
+
+from pallas_kernels._lowering import TRITON_CALL, lower_for_cuda
+from pallas_kernels._tiling import DEFAULT_TILING, Tiling
+from pallas_kernels.adam_update import (
+    adam_hparams, adam_update_blocks_pallas, adam_update_leaf, adam_update_reference,
+    supports)
+from pallas_kernels.dequantize import dequantize_blocks_pallas, dequantize_blocks_reference
+from pallas_kernels.quantize import quantize_blocks_pallas, quantize_blocks_reference
+
+__all__ = [
+    "DEFAULT_TILING",
+    "TRITON_CALL",
+    "Tiling",
+    "adam_hparams",
+    "adam_update_blocks_pallas",
+    "adam_update_leaf",
+    "adam_update_reference",
+    "dequantize_blocks_pallas",
+    "dequantize_blocks_reference",
+    "lower_for_cuda",
+    "quantize_blocks_pallas",
+    "quantize_blocks_reference",
+    "supports",
+]
