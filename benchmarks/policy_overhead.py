@@ -4,10 +4,14 @@ One run, one machine, ratios taken in the same process (the machine is shared
 and noisy): the jitted ``update + apply`` step of ``stquant_jax.adamw`` with
 ``FixedBits(8, 8)`` is the baseline; ``STQuantPolicy(every=K)`` is timed on the
 same params and gradients over whole K-step periods (so the decision step is
-included once per period), plus the decision step alone. ``relayout`` is timed
-when nothing changes (the common case) and when every adaptive moment changes.
+included once per period), plus the decision step alone, and also as the
+median of single, individually synchronised steps (less sensitive to other
+processes' bursts). ``copies_*`` counts the copy ops on arrays of >= 1024
+values in each compiled step: the statistics must not add copies of the
+packed moments. ``relayout`` is timed when nothing changes (the common case)
+and when every adaptive moment changes.
 
-Usage: ``python -m benchmarks.policy_overhead [--params 4e6] [--every 100] [--periods 3] [--json out.json]``
+Usage: ``python -m benchmarks.policy_overhead [--params 4e6] [--every 100] [--periods 5] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 
 import jax
@@ -33,6 +38,23 @@ def _stepper(tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def _large_copies(step, params, state, grads) -> int:
+  hlo = step.lower(params, state, grads).compile().as_text()
+  dims = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", hlo)
+  return sum(1 for d in dims if int(np.prod([int(x) for x in d.split(",") if x])) >= 1024)
+
+
+def _single_steps(step, params, state, grads, n):
+  out = []
+  for _ in range(n):
+    jax.block_until_ready((params, state))
+    t0 = time.perf_counter()
+    params, state = step(params, state, grads)
+    jax.block_until_ready((params, state))
+    out.append(time.perf_counter() - t0)
+  return out, params, state
+
+
 def _time_steps(step, params, state, grads, n):
   jax.block_until_ready((params, state))
   t0 = time.perf_counter()
@@ -46,7 +68,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--params", type=float, default=4e6)
   ap.add_argument("--every", type=int, default=100)
-  ap.add_argument("--periods", type=int, default=3)
+  ap.add_argument("--periods", type=int, default=5)
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   k = args.every
@@ -56,24 +78,30 @@ def main(argv=None):
   policy = sq.STQuantPolicy(every=k, min_interval=0)
   variants = {"fixed": sq.adamw(1e-3, policy=sq.FixedBits(8, 8)),
               "adaptive": sq.adamw(1e-3, policy=policy)}
-  run = {}
+  run, copies = {}, {}
   for name, tx in variants.items():
     step = _stepper(tx)
     params = jax.tree.map(jnp.copy, base_params)
     state = tx.init(params)
+    copies[name] = _large_copies(step, params, state, grads)
     # warm up: compile, and bring the count to a multiple of K (the decision runs at count % K == 0)
     _, params, state = _time_steps(step, params, state, grads, k)
     run[name] = (step, params, state)
   # Interleave the two so drifting machine load hits both alike; take the median period.
   times = {"fixed": [], "adaptive": []}
+  steps = {"fixed": [], "adaptive": []}
   for _ in range(args.periods):
     for name in ("fixed", "adaptive"):
       step, params, state = run[name]
       t, params, state = _time_steps(step, params, state, grads, k)
-      run[name] = (step, params, state)
       times[name].append(t / k)
+      ts, params, state = _single_steps(step, params, state, grads, k)
+      steps[name].extend(ts)
+      run[name] = (step, params, state)
   fixed_ms = 1e3 * float(np.median(times["fixed"]))
   adapt_ms = 1e3 * float(np.median(times["adaptive"]))
+  fixed_step_ms = 1e3 * float(np.median(steps["fixed"]))
+  adapt_step_ms = 1e3 * float(np.median(steps["adaptive"]))
   # The decision step alone vs an ordinary adaptive step: time single steps around a boundary.
   step, params, state = run["adaptive"]
   singles = {"decision": [], "ordinary": []}
@@ -108,6 +136,9 @@ def main(argv=None):
       "params": n, "every": k, "periods": args.periods,
       "fixed_ms_per_step": fixed_ms, "adaptive_ms_per_step": adapt_ms,
       "overhead_ratio": adapt_ms / fixed_ms - 1,
+      "fixed_median_step_ms": fixed_step_ms, "adaptive_median_step_ms": adapt_step_ms,
+      "overhead_ratio_median_step": adapt_step_ms / fixed_step_ms - 1,
+      "copies_fixed": copies["fixed"], "copies_adaptive": copies["adaptive"],
       "decision_step_ms": 1e3 * float(np.median(singles["decision"])),
       "ordinary_step_ms": 1e3 * float(np.median(singles["ordinary"])),
       "relayout_noop_ms": 1e3 * t_noop,
@@ -119,6 +150,9 @@ def main(argv=None):
   print(f"params {n:,}  K={k}")
   print(f"{'FixedBits(8,8) step':36s} {fixed_ms:9.2f} ms")
   print(f"{'STQuantPolicy step (mean over K)':36s} {adapt_ms:9.2f} ms  overhead {100 * out['overhead_ratio']:+.2f}%")
+  print(f"{'median single step: fixed, adaptive':36s} {fixed_step_ms:9.2f} ms {adapt_step_ms:9.2f} ms  "
+        f"overhead {100 * out['overhead_ratio_median_step']:+.2f}%")
+  print(f"{'large copies in the step: fixed, adaptive':36s} {copies['fixed']:9d} {copies['adaptive']:12d}")
   print(f"{'  decision step alone':36s} {out['decision_step_ms']:9.2f} ms  (ordinary {out['ordinary_step_ms']:.2f} ms)")
   print(f"{'relayout, nothing changed':36s} {out['relayout_noop_ms']:9.3f} ms")
   print(f"{'relayout, %d moments changed' % changed:36s} {out['relayout_all_changed_first_ms']:9.1f} ms first (compiles), "

@@ -24,8 +24,11 @@ Structure family (how hard this moment is to quantize):
     default map: ``||x - Q(x)|| / ||x||`` for m, RMS of ``(Q(v) - v) / v`` for v.
 
 Everything here is pure jnp, works on the packed state directly (dequantizing
-block by block) and costs O(size) time and O(1) output per leaf. The policy
-computes it only every K steps, and XLA drops the candidates it does not use.
+block by block) and costs O(size) time and O(1) output per leaf, or
+O(size / stride) on a strided subsample of the blocks. The policy takes a
+rotating 1/K of each leaf's blocks every step and accumulates the sums over
+the K steps between decisions (every block once per period); only the
+candidates the chosen factors read are traced.
 """
 
 from __future__ import annotations
@@ -59,20 +62,56 @@ NUM_SUMS = len(SUMS)
 _TINY = 1e-30
 
 
-def _blocks(x, q_ref: QuantizedArray | None, block_size: int):
-  """``x`` (a moment leaf or the gradient) as float32 blocks ``[nb, bs]`` plus a validity mask."""
+def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None):
+  """``x`` (a moment leaf or the gradient) as float32 blocks ``[nb, bs]`` plus a validity mask.
+
+  ``rows`` (optional int32 ``[r]``, from :func:`sample_rows`) keeps only those
+  blocks (``[r, bs]``); entries ``>= nb`` are invalid rows (mask all False).
+  The subsample is gathered directly from the packed codes / the flat array,
+  so it costs O(r * bs), not O(size).
+  """
   if isinstance(x, QuantizedArray):
-    d = decode_blocks(x.codes, x.scales, x.code_map)
+    nb = x.scales.shape[0]
+    codes, scales = x.codes, x.scales
+    if rows is not None:
+      safe = jnp.minimum(rows, nb - 1)
+      codes, scales = jnp.take(codes, safe, axis=0), jnp.take(scales, safe, axis=0)
+    d = decode_blocks(codes, scales, x.code_map)
     d = d.reshape(d.shape[0], -1)
-    n = x.size
+    n, bs = x.size, x.block_size
   else:
     flat = jnp.ravel(x).astype(jnp.float32)
     n = flat.size
     bs = q_ref.block_size if q_ref is not None else block_size
     nb = -(-n // bs)
-    d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
-  idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
+    if rows is None:
+      d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
+    else:
+      idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+      d = jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+  if rows is None:
+    idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
+  else:
+    idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
   return d, idx < n
+
+
+def num_leaf_blocks(x, q_ref: QuantizedArray | None, block_size: int) -> int:
+  """Number of blocks of one leaf (static)."""
+  if isinstance(x, QuantizedArray):
+    return x.scales.shape[0]
+  bs = q_ref.block_size if q_ref is not None else block_size
+  return -(-x.size // bs)
+
+
+def sample_rows(num_blocks: int, stride: int, slot):
+  """Blocks ``slot, slot + stride, slot + 2 * stride, ...`` of a leaf (int32 ``[ceil(nb / stride)]``).
+
+  Over ``stride`` consecutive slots (0..stride-1, in any order) every block is
+  taken exactly once. Entries ``>= num_blocks`` mark missing rows (masked out).
+  """
+  r = -(-num_blocks // stride)
+  return jnp.asarray(slot, jnp.int32) + stride * jnp.arange(r, dtype=jnp.int32)
 
 
 def _block_crest(a, valid):
@@ -120,7 +159,8 @@ def needed_sums(mu_factors, nu_factors) -> frozenset:
   return frozenset(keys)
 
 
-def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None):
+def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None,
+              stride: int = 1, slot=0):
   """Additive statistics of one leaf: float32 ``[NUM_SUMS]`` (layout :data:`SUMS`).
 
   Args:
@@ -131,18 +171,25 @@ def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None):
     needed: optional set of :data:`SUMS` names to compute (others are 0); the
       policy passes only what its factors read, which keeps the traced
       program (and its compile time) small.
+    stride, slot: subsample: with ``stride > 1`` only the blocks ``b`` with
+      ``b % stride == slot`` (``slot`` may be traced) enter the sums, which
+      costs O(size / stride). Summing the results over ``stride`` consecutive
+      slots gives the sums of every block once.
   """
   needed = frozenset(SUMS) if needed is None else frozenset(needed) | {"n", "blocks"}
   ref = mu if isinstance(mu, QuantizedArray) else (nu if isinstance(nu, QuantizedArray) else None)
-  m, valid = _blocks(mu, ref, block_size)
-  v, _ = _blocks(nu, ref, block_size)
+  rows = None
+  if stride > 1:
+    rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
+  m, valid = _blocks(mu, ref, block_size, rows)
+  v, _ = _blocks(nu, ref, block_size, rows)
   f = lambda x: jnp.where(valid, x, 0.0)
   v = jnp.maximum(v, 0.0)
   pos = valid & (v > 0)
   inv_v = lambda: jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
 
   def gsq():
-    gb, _ = _blocks(g, ref, block_size)
+    gb, _ = _blocks(g, ref, block_size, rows)
     return jnp.sum(f(gb * gb))
 
   def perr_m():

@@ -1,9 +1,14 @@
 """``STQuantPolicy``: adaptive bit-widths per leaf, per moment and over training.
 
-Every ``every`` (K) steps, inside the jitted update:
+Every step, inside the jitted update, the score engine
+(:mod:`stquant_jax._scores`) sums statistics over a rotating 1/K of each
+adaptive leaf's blocks (those with ``block % K == count % K``, K = ``every``)
+into ``acc`` in the policy state: O(size / K) work per step, no control flow
+around the moments. Every K steps, from ``acc`` (which then covers each block
+once):
 
-1. **Score engine** (:mod:`stquant_jax._scores`): additive statistics of each
-   adaptive leaf, reduced with ``psum`` over ``axis_name`` (when set), give a
+1. **Score engine**: the accumulated additive statistics of each adaptive
+   leaf, reduced with ``psum`` over ``axis_name`` (when set), give a
    magnitude factor N and a structure factor R for m and for v separately.
    Their log2 values are kept as EMAs in the policy state (O(1) per leaf).
 2. **Zones**: each factor is compared, relative to the geometric mean over the
@@ -41,7 +46,7 @@ from stquant_jax._packing import MAX_BITS, MIN_BITS, GROUP
 from stquant_jax._policy import Policy, _is_float
 from stquant_jax._quantize import QuantizedArray
 from stquant_jax._scores import (
-    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, check_factor, factor_values,
+    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, check_factor, factor_values,
     leaf_sums, needed_sums, reduce_sums)
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
@@ -61,6 +66,8 @@ class STQuantPolicyState(NamedTuple):
   changes: jax.Array      # int32 [L, 2]: number of changes of `proposed`
   decisions: jax.Array    # int32 []: decisions taken so far
   anneal: jax.Array       # float32 []: annealing factor tau of the last decision
+  acc: jax.Array          # float32 [L, S]: statistics accumulated since the last decision
+                          # (the S sums the factors read, in SUMS order; local to the device)
 
 
 def _field(state, name):
@@ -105,7 +112,8 @@ class STQuantPolicy(Policy):
   pairs; ``None`` keeps that moment in float32.
 
   Args:
-    every: K, steps between decisions; statistics are computed only then.
+    every: K, steps between decisions; each step samples 1/K of every adaptive
+      leaf's blocks for the statistics, so a decision sees each block once.
     critical, magnitude, structure, redundant: ``(mu_bits, nu_bits)`` of each zone,
       non-increasing from critical to redundant.
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
@@ -279,8 +287,13 @@ class STQuantPolicy(Policy):
       return None, None
     return self.initial_bits()
 
+  def sum_keys(self) -> tuple[str, ...]:
+    """Names (in :data:`SUMS` order) of the statistics the policy accumulates."""
+    need = needed_sums(self.mu_factors, self.nu_factors) | {"n", "blocks"}
+    return tuple(k for k in SUMS if k in need)
+
   def _state_nbytes(self, num_leaves: int) -> int:
-    return num_leaves * 2 * 4 * 7 + 4 + 4
+    return num_leaves * 2 * 4 * 7 + num_leaves * 4 * len(self.sum_keys()) + 4 + 4
 
   def init_state(self, params) -> STQuantPolicyState:
     leaves = jax.tree.leaves(params)
@@ -303,7 +316,8 @@ class STQuantPolicy(Policy):
         zone=jnp.zeros((n, 2), jnp.int32), proposed=jnp.asarray(bits),
         actual=jnp.asarray(bits), last_change=jnp.full((n, 2), _NEVER, jnp.int32),
         changes=jnp.zeros((n, 2), jnp.int32), decisions=jnp.zeros([], jnp.int32),
-        anneal=jnp.ones([], jnp.float32))
+        anneal=jnp.ones([], jnp.float32),
+        acc=jnp.zeros((n, len(self.sum_keys())), jnp.float32))
 
   def min_average_bits(self, params) -> float:
     """The fewest average bits (as :func:`stquant_jax.average_bits`) reachable for ``params``."""
@@ -366,16 +380,27 @@ class STQuantPolicy(Policy):
         fixed_bytes += (moment_nbytes(size, cm, self.block_size)
                         + moment_nbytes(size, cv, self.block_size))
 
-    def decide(st):
-      need = needed_sums(self.mu_factors, self.nu_factors)
-      rows = [leaf_sums(g, m, v, block_size=self.block_size, probe_bits=self.probe_bits,
-                        needed=need)
-              if ad else jnp.zeros((NUM_SUMS,), jnp.float32)
-              for g, m, v, ad in zip(leaves, mu_l, nu_l, adaptive)]
-      sums = reduce_sums(jnp.stack(rows), self.axis_name)
-      return self._decide(st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
+    # Statistics: every step, a rotating 1/K of each adaptive leaf's blocks (the blocks
+    # b with b % K == count % K), accumulated in the state; over the K steps up to a
+    # decision every block enters once. O(size / K) per step, no control flow around
+    # the moments, so the step's program keeps the moments' buffers as FixedBits does.
+    keys = self.sum_keys()
+    cols = np.array([SUMS.index(k) for k in keys])
+    stride = self.every
+    slot = count % stride
+    rows = [leaf_sums(g, m, v, block_size=self.block_size, probe_bits=self.probe_bits,
+                      needed=frozenset(keys), stride=stride, slot=slot)[cols]
+            if ad else jnp.zeros((len(keys),), jnp.float32)
+            for g, m, v, ad in zip(leaves, mu_l, nu_l, adaptive)]
+    old = old._replace(acc=old.acc + jnp.stack(rows))
 
-    new = jax.lax.cond(count % self.every == 0, decide, lambda st: st, old)
+    def decide(st):  # small operands only: the policy state and count
+      full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)
+      sums = reduce_sums(full, self.axis_name)
+      new = self._decide(st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
+      return new._replace(acc=jnp.zeros_like(st.acc))
+
+    new = jax.lax.cond(slot == 0, decide, lambda st: st, old)
     return new._replace(actual=actual)
 
   def _decide(self, st, sums, count, adaptive, sizes, blocks, fixed_bytes, values):
@@ -439,7 +464,7 @@ class STQuantPolicy(Policy):
         zone=zone, proposed=proposed.astype(jnp.int32), actual=st.actual,
         last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
         changes=(st.changes + changed).astype(jnp.int32),
-        decisions=st.decisions + 1, anneal=tau.astype(jnp.float32))
+        decisions=st.decisions + 1, anneal=tau.astype(jnp.float32), acc=st.acc)
 
   def proposed_bits(self, state):
     """Per leaf (in ``jax.tree.leaves(params)`` order), the ``(mu_bits, nu_bits)``

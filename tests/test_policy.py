@@ -379,3 +379,42 @@ def test_bit_history_records_evolution_and_step_retraces_once_per_layout():
   assert '"big"' in h.to_json()
   layouts = {json.dumps([r["mu_bits"], r["nu_bits"]], sort_keys=True) for r in h.records[:-1]}
   assert _STEPS[id(tx)][1]._cache_size() == len(layouts)  # one compilation per layout
+
+
+# --- per-step cost -----------------------------------------------------------
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_rotating_subsample_sums_cover_every_block_once(quantized):
+  """Summed over the K slots of a period, the strided 1/K samples give the full sums
+  (all statistics, incl. a partial last block and K not dividing the block count)."""
+  from stquant_jax._scores import leaf_sums
+  shape = (37, 100)  # 3700 values: 29 blocks of 128, the last one partial
+  k = jax.random.split(jax.random.key(3), 3)
+  g = jax.random.normal(k[0], shape)
+  m = jax.random.normal(k[1], shape) * 0.1
+  v = jnp.square(jax.random.normal(k[2], shape)) * 0.01
+  if quantized:
+    m, v = sq.quantize(m, 8, signed=True), sq.quantize(v, 8, signed=False)
+  full = np.asarray(leaf_sums(g, m, v, block_size=128))
+  for stride in (4, 29, 40):
+    parts = [leaf_sums(g, m, v, block_size=128, stride=stride, slot=jnp.int32(s))
+             for s in range(stride)]
+    np.testing.assert_allclose(np.sum(np.asarray(parts), axis=0), full, rtol=2e-5, atol=1e-6)
+
+
+def _big_copies(tx, params):
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(0, 1))
+  hlo = step.lower(params, tx.init(params), _grads(params, 0)).compile().as_text()
+  import re
+  sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
+           for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", hlo)]
+  return sum(1 for s in sizes if s >= 1024)
+
+
+def test_step_copies_no_more_large_buffers_than_fixed_bits():
+  """The statistics must not make the step copy the packed moments (the old lax.cond
+  over the moments did, on every step)."""
+  params = _params()
+  fixed = _big_copies(sq.adamw(1e-2, policy=sq.FixedBits(8, 8)), params)
+  adaptive = _big_copies(sq.adamw(1e-2, policy=_policy(every=4)), params)
+  assert adaptive <= fixed, (adaptive, fixed)
