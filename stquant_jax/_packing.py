@@ -1,22 +1,26 @@
 """Dense bit-packing of b-bit codes (2 <= b <= 8) into uint32 words.
 
-Layout: the codes form one little-endian bit stream. Code ``i`` occupies bits
-``[i * b, (i + 1) * b)`` of the stream, and bit ``k`` of the stream is bit
-``k % 32`` of word ``k // 32``. A group of 32 codes therefore fills exactly
-``b`` words, whatever ``b`` is, so a block of ``block_size`` codes (a multiple of
-32) packs into ``block_size * b // 32`` words with no padding and no rounding up
+Layout (along the last axis, i.e. per quantization block): the codes are split
+into *bit planes* whose widths are the powers of two in ``b`` (8 = 8;
+7 = 4 + 2 + 1; 6 = 4 + 2; 5 = 4 + 1; 4 = 4; 3 = 2 + 1; 2 = 2). Plane ``(w, o)``
+holds bits ``o .. o + w - 1`` of every code, packed ``32 / w`` codes per word,
+code ``i`` at bit ``(i % (32 / w)) * w`` of word ``i // (32 / w)``; the planes'
+words follow each other, widest plane first. ``n`` codes (``n % 32 == 0``)
+therefore take exactly ``n * b / 32`` words, with no padding and no rounding up
 to a byte: 3-, 5-, 6- and 7-bit codes cost exactly 3, 5, 6 and 7 bits.
 
-For ``b`` in {2, 4, 8} no code straddles two words and packing is a reshape and
-a shift. For the other widths the 32-code group is unrolled statically; every
-shift amount is a Python constant, so XLA (and Triton) see plain shifts and ORs.
+Every plane is a power-of-two width, so packing is a reshape, a shift and a sum
+(disjoint bit fields, so the sum is the OR) whatever ``b`` is: no code straddles
+two words. That keeps odd widths as fast as even ones under XLA, compiles
+quickly, and maps onto contiguous, power-of-two-sized loads and stores in the
+Pallas kernels. For ``b`` in {2, 4, 8} there is a single plane.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-GROUP = 32  # codes per group; a group packs into exactly `bits` words.
+GROUP = 32  # n must be a multiple of this; 32 codes always pack into `bits` words.
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -27,59 +31,28 @@ def _check_bits(bits: int) -> None:
     raise ValueError(f"{bits=} must be in {MIN_BITS}..{MAX_BITS}")
 
 
-def _layout(bits: int):
-  """Static (word, shift, spills) for each of the 32 codes of a group."""
-  out = []
-  for i in range(GROUP):
-    start = i * bits
-    word, shift = divmod(start, 32)
-    out.append((word, shift, shift + bits > 32))
-  return out
+def planes(bits: int) -> tuple[tuple[int, int], ...]:
+  """``(width, bit_offset)`` of each bit plane, widest first: 6 -> ((4, 0), (2, 4))."""
+  out, offset = [], 0
+  for width in (8, 4, 2, 1):
+    if bits & width:
+      out.append((width, offset))
+      offset += width
+  return tuple(out)
 
 
 def group_shape(bits: int) -> tuple[int, int]:
-  """(codes, words) of the smallest whole packing group for ``bits``.
+  """``(codes, words)`` of one word of the widest plane: the packing view's last axis.
 
-  ``(32 // bits, 1)`` when ``bits`` divides 32, else ``(32, bits)``.
+  Blocks are viewed as ``[N, B // codes, codes]`` for the fused update; the
+  widest plane packs along that last axis with no reshape.
   """
-  return (32 // bits, 1) if 32 % bits == 0 else (GROUP, bits)
+  width = planes(bits)[0][0]
+  return 32 // width, 1
 
 
-def pack_groups(codes, bits: int):
-  """Packs the last axis of ``codes`` (one group, see :func:`group_shape`) into words.
-
-  ``[..., group_codes] -> [..., group_words]``. This is the fusion-friendly core
-  of :func:`pack`: no reshape, so XLA keeps it in one loop with its producers.
-  """
-  if 32 % bits == 0:
-    per_word = 32 // bits
-    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
-    # Bit fields are disjoint, so the sum is the bitwise OR.
-    return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint32, keepdims=True)
-  words = [None] * bits
-  for i, (w, s, spills) in enumerate(_layout(bits)):
-    c = codes[..., i]
-    lo = c << jnp.uint32(s) if s else c
-    words[w] = lo if words[w] is None else words[w] | lo
-    if spills:
-      hi = c >> jnp.uint32(32 - s)
-      words[w + 1] = hi if words[w + 1] is None else words[w + 1] | hi
-  return jnp.stack(words, axis=-1)
-
-
-def unpack_groups(words, bits: int):
-  """Inverse of :func:`pack_groups`: ``[..., group_words] -> [..., group_codes]``."""
-  mask = jnp.uint32((1 << bits) - 1)
-  if 32 % bits == 0:
-    shifts = jnp.arange(32 // bits, dtype=jnp.uint32) * jnp.uint32(bits)
-    return (words >> shifts) & mask  # words[..., 1] broadcasts against shifts
-  codes = []
-  for w, s, spills in _layout(bits):
-    c = words[..., w] >> jnp.uint32(s) if s else words[..., w]
-    if spills:
-      c = c | (words[..., w + 1] << jnp.uint32(32 - s))
-    codes.append(c & mask)
-  return jnp.stack(codes, axis=-1)
+def _shifts(width: int):
+  return jnp.arange(32 // width, dtype=jnp.uint32) * jnp.uint32(width)
 
 
 def pack(codes, bits: int):
@@ -87,7 +60,7 @@ def pack(codes, bits: int):
 
   Args:
     codes: unsigned integer array whose last axis is a multiple of 32. Values
-      must already be in ``[0, 2**bits)``; higher bits are not masked.
+      must already be in ``[0, 2**bits)``.
     bits: code width, 2..8.
 
   Returns:
@@ -108,9 +81,15 @@ def pack(codes, bits: int):
   *lead, n = codes.shape
   if n % GROUP:
     raise ValueError(f"last axis ({n}) must be a multiple of {GROUP}")
-  gc, gw = group_shape(bits)
-  words = pack_groups(codes.reshape(*lead, n // gc, gc), bits)
-  return words.reshape(*lead, n // gc * gw)
+  out = []
+  for width, offset in planes(bits):
+    sub = codes >> jnp.uint32(offset) if offset else codes
+    if width < bits:
+      sub = sub & jnp.uint32((1 << width) - 1)
+    per_word = 32 // width
+    out.append(jnp.sum(sub.reshape(*lead, n // per_word, per_word) << _shifts(width),
+                       axis=-1, dtype=jnp.uint32))
+  return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
 
 
 def unpack(words, bits: int):
@@ -122,6 +101,59 @@ def unpack(words, bits: int):
   *lead, m = words.shape
   if m % bits:
     raise ValueError(f"last axis ({m}) must be a multiple of {bits=}")
-  gc, gw = group_shape(bits)
-  codes = unpack_groups(words.reshape(*lead, m // gw, gw), bits)
-  return codes.reshape(*lead, m // gw * gc)
+  n = m * 32 // bits
+  codes, start = None, 0
+  for width, offset in planes(bits):
+    k = n * width // 32
+    w = words[..., start:start + k]
+    start += k
+    sub = ((w[..., None] >> _shifts(width)) & jnp.uint32((1 << width) - 1)).reshape(*lead, n)
+    sub = sub << jnp.uint32(offset) if offset else sub
+    codes = sub if codes is None else codes | sub
+  return codes
+
+
+def pack_view(codes_NxGxC, bits: int):
+  """Packs blocks in the packing view ``[N, G, C]`` (``C = group_shape(bits)[0]``) -> ``[N, W]``.
+
+  Same words as :func:`pack` on ``[N, G * C]``, computed without element-level
+  reshapes so XLA fuses it with its producers: each plane first packs the ``C``
+  codes of a view row into one partial word, then ``32 / (C * width)``
+  consecutive partials combine into a word.
+  """
+  n, g, c = codes_NxGxC.shape
+  out = []
+  for width, offset in planes(bits):
+    sub = codes_NxGxC >> jnp.uint32(offset) if offset else codes_NxGxC
+    if width < bits:
+      sub = sub & jnp.uint32((1 << width) - 1)
+    part = jnp.sum(sub << (jnp.arange(c, dtype=jnp.uint32) * jnp.uint32(width)),
+                   axis=-1, dtype=jnp.uint32)                       # [N, G]
+    r = 32 // (c * width)
+    if r > 1:
+      part = jnp.sum(part.reshape(n, g // r, r)
+                     << (jnp.arange(r, dtype=jnp.uint32) * jnp.uint32(c * width)),
+                     axis=-1, dtype=jnp.uint32)
+    out.append(part)
+  return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
+
+
+def unpack_view(words_NxW, bits: int):
+  """Inverse of :func:`pack_view`: ``[N, W]`` -> codes ``[N, G, C]``."""
+  n, m = words_NxW.shape
+  c, _ = group_shape(bits)
+  g = m * 32 // bits // c
+  codes, start = None, 0
+  for width, offset in planes(bits):
+    r = 32 // (c * width)
+    k = g // r
+    w = words_NxW[:, start:start + k] if len(planes(bits)) > 1 else words_NxW
+    start += k
+    if r > 1:
+      w = ((w[..., None] >> (jnp.arange(r, dtype=jnp.uint32) * jnp.uint32(c * width)))
+           & jnp.uint32((1 << (c * width)) - 1)).reshape(n, g)
+    sub = ((w[..., None] >> (jnp.arange(c, dtype=jnp.uint32) * jnp.uint32(width)))
+           & jnp.uint32((1 << width) - 1))                           # [N, G, C]
+    sub = sub << jnp.uint32(offset) if offset else sub
+    codes = sub if codes is None else codes | sub
+  return codes

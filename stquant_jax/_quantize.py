@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._maps import CodeMap, decode, default_map, encode
-from stquant_jax._packing import GROUP, _check_bits, group_shape, pack_groups, unpack_groups
+from stquant_jax._packing import GROUP, _check_bits, group_shape, pack_view, unpack_view
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -109,17 +109,12 @@ def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap):
   """
   inv_N = jnp.where(scale_N > 0, 1.0 / jnp.where(scale_N > 0, scale_N, 1.0), 0.0)
   x = jnp.where(jnp.isfinite(x_NxGxC), x_NxGxC, 0.0)
-  words = pack_groups(encode(x * inv_N[:, None, None], cmap), cmap.bits)
-  n, groups, gw = words.shape
-  return words.reshape(n, groups * gw)
+  return pack_view(encode(x * inv_N[:, None, None], cmap), cmap.bits)
 
 
 def decode_blocks(codes_NxW, scale_N, cmap: CodeMap):
   """Unpacks and decodes codes into the grouped view ``[N, B // gc, gc]`` (float32)."""
-  _, gw = group_shape(cmap.bits)
-  n, w = codes_NxW.shape
-  words = codes_NxW.reshape(n, w // gw, gw)
-  return decode(unpack_groups(words, cmap.bits), cmap) * scale_N[:, None, None]
+  return decode(unpack_view(codes_NxW, cmap.bits), cmap) * scale_N[:, None, None]
 
 
 def quantize_blocks(x_NxB, cmap: CodeMap):

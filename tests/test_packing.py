@@ -1,9 +1,10 @@
 """Properties of the dense bit packer (``stquant_jax._packing``).
 
-Checked against a slow, obviously-correct pure-Python bit-stream packer that
-follows the module docstring literally: code ``i`` occupies stream bits
-``[i * b, (i + 1) * b)``, and stream bit ``k`` is bit ``k % 32`` of word
-``k // 32``.
+Checked against a slow, obviously-correct pure-Python packer that follows the
+module docstring literally: the codes are split into bit planes whose widths
+are the powers of two in ``b`` (widest first); plane ``(w, o)`` holds bits
+``o .. o + w - 1`` of every code, code ``i`` at bit ``(i % (32 / w)) * w`` of
+the plane's word ``i // (32 / w)``; the planes' words follow each other.
 """
 
 import functools
@@ -20,24 +21,35 @@ from hypothesis import strategies as st
 from stquant_jax._packing import pack, unpack
 
 ALL_BITS = tuple(range(2, 9))
-# Eager ops compile once per shape (the odd widths unroll ~100 small ops), so
-# the random tests use one shape: a leading batch dim and three 32-code groups.
+# Eager ops compile once per shape, so the random tests use one shape: a leading batch dim and three 32-code groups.
 # The hand-computed layout tests below cover a flat 32-code array.
 SHAPES = ((2, 96),)
 
 
+def reference_planes(bits):
+  out, offset = [], 0
+  for width in (8, 4, 2, 1):
+    if bits & width:
+      out.append((width, offset))
+      offset += width
+  return out
+
+
 def reference_pack(codes, bits):
-  """Pure-Python little-endian bit-stream packer, one bit at a time."""
+  """Pure-Python bit-plane packer, one bit at a time."""
   codes = np.asarray(codes, dtype=np.int64)
   *lead, n = codes.shape
   flat = codes.reshape(-1, n)
   out = np.zeros((flat.shape[0], n * bits // 32), dtype=np.uint32)
   for r, row in enumerate(flat):
-    words = [0] * (n * bits // 32)
-    for i, c in enumerate(row.tolist()):
-      for t in range(bits):
-        k = i * bits + t
-        words[k // 32] |= ((c >> t) & 1) << (k % 32)
+    words = []
+    for width, offset in reference_planes(bits):
+      plane = [0] * (n * width // 32)
+      for i, c in enumerate(row.tolist()):
+        for t in range(width):
+          k = i * width + t  # bit k of this plane's stream
+          plane[k // 32] |= ((c >> (offset + t)) & 1) << (k % 32)
+      words += plane
     out[r] = words
   return out.reshape(*lead, n * bits // 32)
 
@@ -66,15 +78,15 @@ def test_unpack_inverts_pack_for_every_width(cb):
 
 @settings(max_examples=30, deadline=None)
 @given(codes_and_bits())
-def test_pack_matches_little_endian_bit_stream(cb):
-  """pack() produces exactly the documented little-endian bit stream (vs. a bit-by-bit packer)."""
+def test_pack_matches_the_reference_bit_planes(cb):
+  """pack() produces exactly the documented bit-plane layout (vs. a bit-by-bit packer)."""
   codes, bits = cb
   np.testing.assert_array_equal(np.asarray(pack(jnp.asarray(codes), bits)),
                                 reference_pack(codes, bits))
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
-def test_unpack_reads_the_reference_bit_stream(bits):
+def test_unpack_reads_the_reference_bit_planes(bits):
   """unpack() decodes words written by the reference packer (layout agrees on the read side too)."""
   rng = np.random.default_rng(bits)
   codes = rng.integers(0, 2**bits, size=(2, 96), dtype=np.uint32)
@@ -94,15 +106,15 @@ def test_packed_size_is_exactly_n_times_bits_over_32(bits, n):
   assert back.shape == (5, n)
 
 
-def test_hand_computed_layout_for_straddling_3_bit_code():
-  """3-bit code 10 sits in stream bits 30..32: bits 30, 31 of word 0 and bit 0 of word 1."""
+def test_hand_computed_layout_for_3_bit_codes():
+  """3 bits = a 2-bit plane (2 words: low bits) then a 1-bit plane (1 word: bit 2)."""
   codes = np.zeros(32, np.uint32)
-  codes[0] = 0b101   # bits 0..2 of word 0
-  codes[10] = 0b111  # bits 30, 31 of word 0 and bit 0 of word 1
-  codes[31] = 0b100  # stream bits 93..95 -> bits 29..31 of word 2; only bit 31 set
+  codes[0] = 0b101   # low bits 01 -> bits 0..1 of word 0; high bit -> bit 0 of word 2
+  codes[17] = 0b110  # low bits 10 -> bits 2..3 of word 1; high bit -> bit 17 of word 2
+  codes[31] = 0b011  # low bits 11 -> bits 30..31 of word 1; high bit 0
   words = np.asarray(pack(jnp.asarray(codes), 3))
   np.testing.assert_array_equal(
-      words, np.array([0b101 | (0b11 << 30), 0b1, 1 << 31], dtype=np.uint32))
+      words, np.array([0b01, (0b10 << 2) | (0b11 << 30), 1 | (1 << 17)], dtype=np.uint32))
 
 
 def test_hand_computed_layout_for_4_bit_codes():
