@@ -15,11 +15,13 @@ CLI::
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -72,8 +74,25 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+_TX_FIELDS = ("optimizer", "optimizer_kwargs", "steps", "learning_rate",
+              "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b2",
+              "grad_clip")
+
+
 def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Gradient clipping (optional) chained with the named optimizer."""
+  """Gradient clipping (optional) chained with the named optimizer.
+
+  The same transformation object is returned for configs that differ only in
+  fields it does not depend on (e.g. the seed), so jitted steps compiled for
+  one seed are reused by the next.
+  """
+  key = json.dumps({f: getattr(cfg, f) for f in _TX_FIELDS}, sort_keys=True)
+  return _make_tx_cached(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_tx_cached(key: str) -> optax.GradientTransformation:
+  cfg = TrainConfig(**json.loads(key))
   tx = optimizers.make_optimizer(
       cfg.optimizer, lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
       weight_decay=cfg.weight_decay, mask=_decay_mask, **cfg.optimizer_kwargs)
@@ -94,7 +113,7 @@ def make_data(cfg: TrainConfig, context_len: int | None):
                                    cfg.eval_batches),
             {"vocab_size": vocab, "context_len": max(context_len, seq_len)})
   if cfg.model == "vit":
-    train_ds, val_ds = data.load_mnist5k(seed=cfg.seed)
+    train_ds, val_ds = data.load_mnist5k()  # Same split for every seed.
     if cfg.batch_size > len(val_ds.y_N):
       raise ValueError(f"{cfg.batch_size=} exceeds the {len(val_ds.y_N)} "
                        "validation images")
@@ -102,6 +121,25 @@ def make_data(cfg: TrainConfig, context_len: int | None):
             data.image_eval_batches(val_ds, cfg.batch_size)[:cfg.eval_batches],
             {})
   raise ValueError(f"{cfg.model=} must be 'gpt2' or 'vit'")
+
+
+def model_config(cfg: TrainConfig):
+  """The model config a run builds: preset, data vocabulary/context, overrides."""
+  base = dataclasses.replace(models.MODELS[cfg.model][1][cfg.preset],
+                             **cfg.model_overrides)
+  extra = {"dtype": cfg.compute_dtype}
+  if cfg.model == "gpt2":
+    extra["vocab_size"] = data.VOCAB_SIZES[cfg.tokenizer]
+    extra["context_len"] = max(base.context_len, cfg.seq_len or 0)
+  return dataclasses.replace(base, **{**extra, **cfg.model_overrides})
+
+
+def abstract_params(cfg: TrainConfig):
+  """The run's parameters as ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
+  cls = models.MODELS[cfg.model][0]
+  mcfg = model_config(cfg)
+  return nnx.state(nnx.eval_shape(lambda: cls(mcfg, rngs=nnx.Rngs(0))),
+                   nnx.Param)
 
 
 def data_sharding(batch_size: int):
@@ -166,8 +204,30 @@ def _memory(opt_state, cfg: TrainConfig) -> dict[str, Any]:
                            else None)}
 
 
+def bit_record(optimizer: nnx.Optimizer, template, step: int,
+               cfg: TrainConfig) -> dict[str, Any]:
+  """``stquant_jax.bit_widths`` of the current layout (and the policy's
+  proposals and zones, when it keeps them), with the step and memory.
+
+  Leaf names drop nnx's trailing ``/value``.
+  """
+  import stquant_jax
+  typed = typed_opt_state(optimizer, template)
+  record = {"step": step, **_memory(typed, cfg)}
+  for key, value in stquant_jax.bit_widths(typed).items():
+    if isinstance(value, dict):
+      value = {k.removesuffix("/value"): v for k, v in value.items()}
+    record[key] = value
+  return record
+
+
+@functools.cache
 def make_steps(loss_fn):
-  """Jitted ``train_step(model, optimizer, batch)`` and ``eval_step``."""
+  """Jitted ``train_step(model, optimizer, batch)`` and ``eval_step``.
+
+  Cached per loss function: runs with the same model config and optimizer
+  (same :func:`make_tx` object) reuse the compiled steps.
+  """
 
   @nnx.jit
   def train_step(model, optimizer, batch):
@@ -189,8 +249,21 @@ def evaluate(eval_step, model, batches) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-  """Trains one model; returns (and optionally writes) the JSON-able log."""
+def train(cfg: TrainConfig,
+          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+  """Trains one model; returns (and optionally writes) the JSON-able log.
+
+  Args:
+    cfg: The run's configuration.
+    on_step: Optional ``on_step(step, log)`` called after every step (e.g. to
+      drive an outer progress bar).
+
+  Returns:
+    The log: config, per-step train loss and step time, evaluations,
+    optimizer-state bytes and average bits, relayout events and, for stquant
+    optimizers, ``bit_history`` (per-leaf bit-widths at step 0, at each
+    policy decision and at the end).
+  """
   t_start = time.perf_counter()
   model_cfg = dataclasses.replace(models.MODELS[cfg.model][1][cfg.preset],
                                   **cfg.model_overrides)
@@ -226,7 +299,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       "data_parallel": 1 if batch_sh is None else batch_sh.mesh.size,
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
       "train_loss": [], "step_time_s": [], "eval": [], "relayouts": [],
+      "bit_history": [],  # stquant only: layout (and proposals) over steps.
   }
+  quantized = cfg.optimizer.startswith("stquant")
+  if quantized:
+    log["bit_history"].append(bit_record(optimizer, template, 0, cfg))
+  compile_steps = {1}  # Steps that (re)traced the train step.
   bar = _progress(cfg)
   for step in range(1, cfg.steps + 1):
     batch = put(next(train_it))
@@ -238,21 +316,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       log["eval"].append({"step": step,
                           **evaluate(eval_step, model, eval_batches)})
     if every and step % every == 0:
+      t0 = time.perf_counter()
       template, changed = relayout(optimizer, template, policy)
       if changed:
         if replicated is not None:
           nnx.update(optimizer, jax.device_put(nnx.state(optimizer), replicated))
-        log["relayouts"].append({"step": step, **_memory(
-            typed_opt_state(optimizer, template), cfg)})
+        log["relayouts"].append({
+            "step": step, "relayout_time_s": time.perf_counter() - t0,
+            **_memory(typed_opt_state(optimizer, template), cfg)})
+        if step < cfg.steps:
+          compile_steps.add(step + 1)
+      log["bit_history"].append(bit_record(optimizer, template, step, cfg))
     bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}",
                     val=f"{log['eval'][-1]['loss']:.3f}" if log["eval"] else "-",
                     refresh=False)
     bar.update()
+    if on_step is not None:
+      on_step(step, log)
   bar.close()
-  times = log["step_time_s"][1:] or log["step_time_s"]
+  times = [t for i, t in enumerate(log["step_time_s"], 1)
+           if i not in compile_steps] or log["step_time_s"]
+  log["compile_steps"] = sorted(compile_steps)
   log["median_step_time_s"] = float(np.median(times)) if times else None
   log["total_time_s"] = time.perf_counter() - t_start
   log["final_memory"] = _memory(template, cfg)
+  if quantized and (not log["bit_history"]
+                    or log["bit_history"][-1]["step"] != cfg.steps):
+    log["bit_history"].append(bit_record(optimizer, template, cfg.steps, cfg))
   if cfg.log_path:
     path = pathlib.Path(cfg.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import data, models, optimizers, train
+from experiments import compare, data, models, optimizers, report, train
 
 _TEXT_BYTES = 60_000  # Per split: small enough to tokenize instantly.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _has(pkg: str) -> bool:
@@ -194,25 +196,6 @@ def _tiny_config(model: str, optimizer: str, tmp_path) -> train.TrainConfig:
   return train.TrainConfig(**common, batch_size=32, learning_rate=2e-3)
 
 
-@pytest.mark.parametrize("model", [
-    "gpt2", pytest.param("vit", marks=needs_mnist)])
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16"])
-def test_train_reduces_loss_and_logs(model, optimizer, tmp_path):
-  cfg = _tiny_config(model, optimizer, tmp_path)
-  log = train.train(cfg)
-  losses = log["train_loss"]
-  assert len(losses) == cfg.steps and all(map(math.isfinite, losses))
-  assert np.mean(losses[-3:]) < losses[0]
-  assert [e["step"] for e in log["eval"]] == [5, 10, 15]
-  on_disk = json.loads((tmp_path / "log.json").read_text())
-  assert on_disk["config"]["optimizer"] == optimizer
-  assert on_disk["opt_state_bytes"] > 0 and len(on_disk["step_time_s"]) == 15
-  n = log["param_count"]
-  per_param = 8 if optimizer == "adamw" else 6
-  if not _stquant_ready():
-    assert log["opt_state_bytes"] == per_param * n + 4
-
-
 def test_cli_data_parallel_two_host_devices(tmp_path):
   log_path = tmp_path / "cli.json"
   cmd = [sys.executable, "-m", "experiments.train", "--model", "gpt2",
@@ -222,8 +205,7 @@ def test_cli_data_parallel_two_host_devices(tmp_path):
          "--eval-batches", "1", "--no-progress", "--log-path", str(log_path)]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(cmd, env=env, cwd=repo, capture_output=True,
+  result = subprocess.run(cmd, env=env, cwd=_REPO, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   log = json.loads(log_path.read_text())
@@ -248,20 +230,16 @@ def test_quantized_state_bytes_ordering():
 
 
 @needs_stquant
-def test_train_stquant4_and_typed_state_roundtrip(tmp_path):
-  import stquant_jax
-  log = train.train(_tiny_config("gpt2", "stquant4", tmp_path))
-  assert all(map(math.isfinite, log["train_loss"]))
-  assert np.mean(log["train_loss"][-3:]) < log["train_loss"][0]
-  assert log["opt_state_bytes"] < 2 * log["param_count"]
-  assert 4 < log["opt_state_average_bits"] < 6
-  assert log["relayouts"] == [] and log["final_memory"]["opt_state_bytes"] == (
-      log["opt_state_bytes"])
+def test_stquant4_memory_and_typed_state_roundtrip():
+  import stquant_jax  # Training with stquant4 is in the smoke tests below.
   model = models.make_model("gpt2", "tiny", vocab_size=256, num_layers=1)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tx = optimizers.make_optimizer("stquant4", 1e-3)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   train.settle_opt_state(optimizer)
   template = train.abstract_opt_state(tx, model)
+  assert optimizers.state_bytes(template) < 2 * n
+  assert 4 < optimizers.average_bits(template) < 6
   typed = train.typed_opt_state(optimizer, template)
   assert any(isinstance(x, stquant_jax.QuantizedArray) for x in jax.tree.leaves(
       typed, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
@@ -280,3 +258,139 @@ def test_train_adaptive_relayout(optimizer, tmp_path):
   assert all(map(math.isfinite, log["train_loss"]))
   for event in log["relayouts"]:
     assert event["step"] == 5 and 0 < event["average_bits"] < 32
+
+
+# ---------------------------------------------------------------- smoke: every pair
+
+_SMOKE_LOGS: dict[tuple[str, str, int], dict] = {}
+
+
+def _smoke_config(model: str, optimizer: str, seed: int, log_dir):
+  """12 steps of a one-layer model (width 32 / 64). The adaptive policies decide
+  once, at the last step: the decision, relayout and bit history all run, but
+  the train step is not recompiled for the new layout (tens of seconds; the
+  slow test below covers training on after a relayout)."""
+  common = dict(model=model, preset="tiny", optimizer=optimizer, seed=seed,
+                model_overrides={"num_layers": 1, "num_heads": 2,
+                                 "d_model": 32 if model == "gpt2" else 64},
+                steps=12, warmup_steps=2, eval_interval=6, eval_batches=1,
+                learning_rate=3e-3, progress=False,
+                log_path=str(log_dir / f"{model}__{optimizer}__s{seed}.json"))
+  if model == "gpt2":
+    cfg = train.TrainConfig(**common, tokenizer="bytes", seq_len=16,
+                            batch_size=8, max_bytes=_TEXT_BYTES)
+  else:
+    cfg = train.TrainConfig(**common, batch_size=32)
+  if optimizer in ("stquant_adaptive", "stquant_budget"):
+    kw = {"every": cfg.steps, "min_interval": 0, "anneal_steps": 2}
+    if optimizer == "stquant_budget":
+      kw["target_bits"] = compare.budget_bits(cfg)
+    cfg = dataclasses.replace(cfg, optimizer_kwargs=kw)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("smoke_runs")
+
+
+def _smoke_log(model, optimizer, seed, log_dir):
+  key = (model, optimizer, seed)
+  if key not in _SMOKE_LOGS:  # Shared with the report test (same process).
+    _SMOKE_LOGS[key] = train.train(_smoke_config(model, optimizer, seed, log_dir))
+  return _SMOKE_LOGS[key]
+
+
+def _pair_marks(model, optimizer):
+  marks = [needs_mnist] if model == "vit" else []
+  if optimizer.startswith("stquant"):
+    marks.append(needs_stquant)
+  return marks
+
+
+_PAIRS = [pytest.param(m, o, marks=_pair_marks(m, o), id=f"{m}-{o}")
+          for m in ("gpt2", "vit") for o in optimizers.OPTIMIZERS]
+
+
+@pytest.mark.parametrize("model,optimizer", _PAIRS)
+def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
+  log = _smoke_log(model, optimizer, 0, smoke_dir)
+  cfg = log["config"]
+  losses = log["train_loss"]
+  assert len(losses) == cfg["steps"] and all(map(math.isfinite, losses))
+  assert np.mean(losses[-3:]) < losses[0]
+  assert [e["step"] for e in log["eval"]] == [6, 12]
+  assert all(math.isfinite(e["loss"]) for e in log["eval"])
+  assert log["median_step_time_s"] > 0
+  on_disk = json.loads(pathlib.Path(cfg["log_path"]).read_text())
+  assert on_disk["config"] == cfg and on_disk["train_loss"] == log["train_loss"]
+  n = log["param_count"]
+  nbytes = log["final_memory"]["opt_state_bytes"]
+  if optimizer in ("adamw", "adamw_bf16"):
+    per_param = 8 if optimizer == "adamw" else 6
+    assert nbytes == log["opt_state_bytes"] and log["bit_history"] == []
+    assert per_param * n <= nbytes <= per_param * n + 16  # + step counters
+    return
+  bits = log["final_memory"]["average_bits"]
+  assert 2 < bits < 32 and nbytes < 8 * n
+  history = log["bit_history"]
+  assert history[0]["step"] == 0 and history[-1]["step"] == cfg["steps"]
+  quantized = [k for k, b in history[0]["mu_bits"].items() if b <= 8]
+  assert quantized and not any(k.endswith("/value") for k in quantized)
+  if optimizer in ("stquant8", "stquant4"):
+    want = 8 if optimizer == "stquant8" else 4
+    assert {history[0]["mu_bits"][k] for k in quantized} == {want}
+    assert log["relayouts"] == []
+  else:  # The policy decided at the last step; its telemetry is logged.
+    assert [h["step"] for h in history] == [0, cfg["steps"]]
+    assert history[0]["decisions"] == 0 and history[1]["decisions"] == 1
+    assert set(history[1]["mu_zone"]) == set(history[1]["mu_bits"])
+    for event in log["relayouts"]:
+      assert event["step"] == cfg["steps"] and 2 < event["average_bits"] < 32
+    if optimizer == "stquant_budget":
+      assert bits <= cfg["optimizer_kwargs"]["target_bits"] + 1e-6
+
+
+# ---------------------------------------------------------------- report
+
+
+@needs_stquant
+def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
+  out = tmp_path / "results"
+  (out / "runs").mkdir(parents=True)
+  names = ("adamw", "stquant4", "stquant_adaptive")
+  for seed in (0, 1):
+    for name in names:
+      log = _smoke_log("gpt2", name, seed, smoke_dir)
+      (out / "runs" / f"gpt2__{name}__s{seed}.json").write_text(json.dumps(log))
+  report.main([str(out)])  # python -m experiments.report <out>
+  stdout = capsys.readouterr().out
+  for png in ("val_loss_gpt2.png", "bits_gpt2.png", "memory.png",
+              "tradeoff.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+  table = (out / "results.md").read_text()
+  rows = [l for l in table.splitlines() if l.startswith("| gpt2 |")]
+  assert len(rows) == len(names) and "(n=2)" in rows[0]
+  assert "reference" in rows[0] and "stquant 4-bit" in rows[1]
+  summary = json.loads((out / "summary.json").read_text())
+  gpt2 = summary["models"]["gpt2"]["optimizers"]
+  assert gpt2["adamw"]["average_bits"] == pytest.approx(32, abs=0.1)
+  assert gpt2["stquant4"]["opt_state_mb"] < gpt2["adamw"]["opt_state_mb"]
+  assert gpt2["stquant4"]["seeds"] == [0, 1]
+  assert "stquant 4-bit" in stdout and "results.md" in stdout
+  # Same logs, same table: nothing in it comes from anywhere else.
+  assert report.markdown_table(report.render(out)) == table
+
+
+def test_compare_quick_suite_covers_the_demo_optimizers(tmp_path):
+  quick = compare.SUITES["quick"]
+  assert {"adamw", "stquant8", "stquant4", "stquant_adaptive"} <= set(
+      quick.optimizers)
+  assert len(compare.SUITES["full"].seeds) >= 3
+  assert set(compare.SUITES["full"].optimizers) == set(optimizers.OPTIMIZERS)
+  configs = compare.run_configs(quick, tmp_path)
+  assert [c.seed for c in configs] == [0] * len(configs)
+  assert len({c.log_path for c in configs}) == len(configs)
+  adaptive = [c for c in configs if c.optimizer == "stquant_adaptive"]
+  assert adaptive and all(c.optimizer_kwargs["every"] < c.steps
+                          for c in adaptive)
