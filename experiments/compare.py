@@ -1,0 +1,225 @@
+"""Every optimizer side by side: GPT-2 on stdlib text and ViT on MNIST-5k.
+
+Trains each model with each optimizer (``optax.adamw`` in float32 and with a
+bfloat16 first moment; ``stquant_jax.adamw`` with fixed 8-bit and 4-bit
+moments, the adaptive ``STQuantPolicy``, and the adaptive policy held to a
+memory budget) for several seeds, writes every run's JSON log, then renders
+the table and the plots with :mod:`experiments.report`.
+
+Usage::
+
+  python -m experiments.compare --quick   # the demo: a few minutes on a CPU
+  python -m experiments.compare           # 6 optimizers x 2 models x 3 seeds
+  python -m experiments.report results/   # re-render table and plots only
+
+Runs are ordered seed by seed, and within a seed model by model, so the
+optimizers of one seed run back to back (step times compare under the same
+machine load). Runs with the same model and optimizer reuse compiled steps.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+
+from experiments import optimizers, report, train
+
+# Per model: the TrainConfig fields of the comparison, sized for a 2-core CPU:
+# byte-level GPT-2 and a 7x7-patch ViT, 2 layers each. Depth is what costs
+# most here: every new bit layout of the adaptive policies recompiles the
+# train step, and XLA's compile time grows faster than linearly with the
+# number of quantized leaves when their bit-widths differ.
+MODEL_RUNS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(model="gpt2", preset="tiny", tokenizer="bytes",
+                 model_overrides={"d_model": 128, "num_layers": 2,
+                                  "num_heads": 4, "context_len": 64},
+                 seq_len=64, batch_size=16, learning_rate=3e-3,
+                 eval_batches=8),
+    "vit": dict(model="vit", preset="tiny",
+                model_overrides={"d_model": 96, "num_layers": 2,
+                                 "num_heads": 4},
+                batch_size=64, learning_rate=2e-3, eval_batches=7),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """What one ``compare`` invocation runs."""
+  name: str
+  optimizers: tuple[str, ...]
+  seeds: tuple[int, ...]
+  steps: dict[str, int]  # model -> training steps
+  evals: int = 10  # evaluations per run (evenly spaced)
+  out: str = "results"
+
+
+SUITES = {
+    "full": Suite("full", optimizers.OPTIMIZERS, (0, 1, 2),
+                  {"gpt2": 200, "vit": 400}),
+    "quick": Suite("quick", ("adamw", "stquant8", "stquant4",
+                             "stquant_adaptive"), (0,),
+                   {"gpt2": 100, "vit": 200}, evals=5, out="results/quick"),
+}
+
+
+def adaptive_kwargs(steps: int) -> dict[str, int]:
+  """``STQuantPolicy`` timing scaled to a short run.
+
+  The library defaults (decide every 100 steps, at most one change per moment
+  per 300 steps, anneal over 1000 steps) suit runs of thousands of steps.
+  Here a run is a few hundred steps, and every new bit layout recompiles the
+  train step: on this CPU a mixed layout takes 15-60 s to compile, 3-5x a
+  uniform one. So the policy decides twice: at mid-run (the new layout trains
+  the second half) and at the last step (logged, not trained with); the
+  annealing boost fades over the first quarter.
+  """
+  every = max(steps // 2, 1)
+  return {"every": every, "min_interval": every,
+          "anneal_steps": max(steps // 4, 1)}
+
+
+def budget_bits(cfg: train.TrainConfig, match: str = "stquant4") -> float:
+  """Average bits (metadata included) of ``match`` on this run's model.
+
+  The budgeted policy gets the memory of fixed 4-bit moments, so the two
+  compare at equal optimizer-state size.
+  """
+  params = train.abstract_params(cfg)
+  state = jax.eval_shape(optimizers.make_optimizer(match, 1e-3).init, params)
+  return round(optimizers.average_bits(state), 4)
+
+
+def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
+  """The suite's runs, seed-major, each with its log path under ``out/runs``."""
+  configs = []
+  budgets = {}
+  for seed in suite.seeds:
+    for model, fields in MODEL_RUNS.items():
+      steps = suite.steps[model]
+      for name in suite.optimizers:
+        cfg = train.TrainConfig(
+            **fields, optimizer=name, steps=steps, seed=seed,
+            eval_interval=max(steps // suite.evals, 1), progress=False,
+            log_path=str(out / "runs" / f"{model}__{name}__s{seed}.json"))
+        if name.startswith("stquant_"):  # the adaptive policies
+          kw = adaptive_kwargs(steps)
+          if name == "stquant_budget":
+            if model not in budgets:
+              budgets[model] = budget_bits(cfg)
+            kw["target_bits"] = budgets[model]
+          cfg = dataclasses.replace(cfg, optimizer_kwargs=kw)
+        configs.append(cfg)
+  return configs
+
+
+def _same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
+  try:
+    return json.loads(path.read_text())["config"] == json.loads(
+        json.dumps(dataclasses.asdict(cfg)))
+  except (OSError, ValueError, KeyError):
+    return False
+
+
+def enable_compilation_cache() -> None:
+  """Persistent XLA cache under ``~/.cache/stquant_jax/jax`` (reruns start
+  faster); ``STQUANT_NO_JAX_CACHE=1`` turns it off."""
+  if os.environ.get("STQUANT_NO_JAX_CACHE"):
+    return
+  from experiments import data
+  jax.config.update("jax_compilation_cache_dir", str(data.cache_dir() / "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
+              progress: bool = True) -> list[dict[str, Any]]:
+  """Trains every run of ``suite``; returns the logs (also written to disk)."""
+  from tqdm.auto import tqdm
+  configs = run_configs(suite, out)
+  total = sum(c.steps for c in configs)
+  logs = []
+  bar = tqdm(total=total, disable=not progress, unit="step", mininterval=0.5,
+             desc=f"{suite.name}: {len(configs)} runs", dynamic_ncols=True)
+  for i, cfg in enumerate(configs, 1):
+    path = pathlib.Path(cfg.log_path)
+    if resume and path.exists() and _same_config(path, cfg):
+      logs.append(json.loads(path.read_text()))
+      bar.update(cfg.steps)
+      continue
+    bar.set_description(f"[{i}/{len(configs)}] {cfg.model} {cfg.optimizer} "
+                        f"seed {cfg.seed}")
+
+    def on_step(step, log, bar=bar):
+      ev = log["eval"][-1]["loss"] if log["eval"] else float("nan")
+      bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}", val=f"{ev:.3f}",
+                      refresh=False)
+      bar.update()
+
+    logs.append(train.train(cfg, on_step=on_step))
+  bar.close()
+  return logs
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="1 seed, 4 optimizers, half the steps (a few minutes)")
+  parser.add_argument("--out", default=None,
+                      help="output folder (default: results/ or results/quick/)")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="number of seeds (default: 3, or 1 with --quick)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per run, both models")
+  parser.add_argument("--optimizers", default=None,
+                      help=f"comma-separated subset of {','.join(optimizers.OPTIMIZERS)}")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep finished runs whose log has the same config")
+  parser.add_argument("--no-progress", dest="progress", action="store_false")
+  args = parser.parse_args(argv)
+
+  suite = SUITES["quick" if args.quick else "full"]
+  changes = {}
+  if args.out:
+    changes["out"] = args.out
+  if args.seeds:
+    changes["seeds"] = tuple(range(args.seeds))
+  if args.steps:
+    changes["steps"] = {m: args.steps for m in suite.steps}
+  if args.optimizers:
+    names = tuple(args.optimizers.split(","))
+    unknown = set(names) - set(optimizers.OPTIMIZERS)
+    if unknown:
+      parser.error(f"unknown optimizers {sorted(unknown)}; choose from "
+                   f"{optimizers.OPTIMIZERS}")
+    if "adamw" not in names:
+      names = ("adamw", *names)  # The reference every delta is taken against.
+    changes["optimizers"] = names
+  suite = dataclasses.replace(suite, **changes)
+  out = pathlib.Path(suite.out)
+
+  enable_compilation_cache()
+  t0 = time.perf_counter()
+  logs = run_suite(suite, out, resume=args.resume, progress=args.progress)
+  wall = time.perf_counter() - t0
+  summary = report.render(out, logs, meta={
+      "suite": dataclasses.asdict(suite), "wall_time_s": wall,
+      "argv": sys.argv[1:] if argv is None else list(argv)})
+  print()
+  print(report.short_table(summary))
+  print(f"\nTrained {len(logs)} runs in {wall / 60:.1f} min.")
+  print(f"Table:   {out / 'results.md'}")
+  print(f"Plots:   {', '.join(str(out / p) for p in summary['plots'])}")
+  print(f"Logs:    {out / 'runs'}/*.json, summary {out / 'summary.json'}")
+  print(f"Re-render without training: python -m experiments.report {out}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()
