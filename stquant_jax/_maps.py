@@ -201,3 +201,14 @@ def default_map(bits: int, signed: bool) -> CodeMap:
   _check_bits(bits)
   kind, param = _DEFAULTS[(bits, bool(signed))]
   return CodeMap(kind, bits, bool(signed), param)
+
+
+def resolve_map(fn, bits: int, signed: bool, name: str = "map") -> CodeMap:
+  """``fn(bits)`` checked to be a matching :class:`CodeMap`; :func:`default_map` if ``fn`` is None."""
+  if fn is None:
+    return default_map(bits, signed)
+  cmap = fn(bits)
+  if not isinstance(cmap, CodeMap) or cmap.bits != bits or cmap.signed != signed:
+    raise ValueError(f"{name}({bits}) returned {cmap!r}; expected a CodeMap with "
+                     f"bits={bits}, signed={signed}")
+  return cmap

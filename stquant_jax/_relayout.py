@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._allocation import FLOAT32, NO_MOMENT
-from stquant_jax._maps import CodeMap, default_map
+from stquant_jax._maps import resolve_map
 from stquant_jax._quantize import DEFAULT_BLOCK_SIZE, QuantizedArray, dequantize, quantize
 from stquant_jax._transform import ScaleByStquantState
 
@@ -69,16 +69,6 @@ def _proposed(state: ScaleByStquantState, policy):
   return np.asarray(jax.device_get(prop), np.int32)
 
 
-def _map(fn, bits, signed):
-  if fn is None:
-    return default_map(bits, signed)
-  cmap = fn(bits)
-  if not isinstance(cmap, CodeMap) or cmap.bits != bits or cmap.signed != signed:
-    raise ValueError(f"map callable returned {cmap!r} for bits={bits}; expected a CodeMap "
-                     f"with bits={bits}, signed={signed}")
-  return cmap
-
-
 def _place_like(new, old):
   """Best effort: keep a NamedSharding of the old array (jit over sharded states)."""
   sharding = getattr(old, "sharding", None)
@@ -100,7 +90,7 @@ def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn):
     bs = block_size
   if new_bits == FLOAT32:
     return values
-  cmap = _map(map_fn, new_bits, signed)
+  cmap = resolve_map(map_fn, new_bits, signed)
   q = _quantize(values, bits=new_bits, signed=signed, block_size=bs, code_map=cmap)
   if _is_q(x):
     q = QuantizedArray(_place_like(q.codes, x.codes), _place_like(q.scales, x.scales),

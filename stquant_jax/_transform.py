@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stquant_jax._maps import CodeMap
+from stquant_jax._maps import resolve_map
 from stquant_jax._policy import FixedBits, Policy
 from stquant_jax._packing import group_shape
 from stquant_jax._quantize import (
@@ -257,15 +257,8 @@ def scale_by_stquant(
       raise TypeError(f"{name} must be a callable bits -> CodeMap, got {type(fn).__name__}")
 
   def maps(bits, signed):
-    fn = mu_map if signed else nu_map
-    if fn is None:
-      from stquant_jax._maps import default_map
-      return default_map(bits, signed)
-    cmap = fn(bits)
-    if not isinstance(cmap, CodeMap) or cmap.bits != bits or cmap.signed != signed:
-      raise ValueError(f"{'mu_map' if signed else 'nu_map'}({bits}) returned {cmap!r}; "
-                       f"expected a CodeMap with bits={bits}, signed={signed}")
-    return cmap
+    return resolve_map(mu_map if signed else nu_map, bits, signed,
+                       "mu_map" if signed else "nu_map")
 
   def init_fn(params):
     if block_size is None:
