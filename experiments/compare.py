@@ -30,11 +30,11 @@ import jax
 
 from experiments import optimizers, report, train
 
-# Per model: the TrainConfig fields of the comparison, sized for a 2-core CPU:
-# byte-level GPT-2 and a 7x7-patch ViT, 2 layers each. Depth is what costs
-# most here: every new bit layout of the adaptive policies recompiles the
-# train step, and XLA's compile time grows faster than linearly with the
-# number of quantized leaves when their bit-widths differ.
+# Per model: the TrainConfig fields of the comparison, sized for a 2-core CPU
+# (about 15 min for the full suite): byte-level GPT-2 and a 7x7-patch ViT,
+# 2 layers each. Depth costs twice here: step time, and the compile time of
+# every new bit layout of the adaptive policies (it grows with the number of
+# quantized leaves).
 MODEL_RUNS: dict[str, dict[str, Any]] = {
     "gpt2": dict(model="gpt2", preset="tiny", tokenizer="bytes",
                  model_overrides={"d_model": 128, "num_layers": 2,
@@ -74,14 +74,13 @@ def adaptive_kwargs(steps: int) -> dict[str, int]:
   The library defaults (decide every 100 steps, at most one change per moment
   per 300 steps, anneal over 1000 steps) suit runs of thousands of steps.
   Here a run is a few hundred steps, and every new bit layout recompiles the
-  train step: on this CPU a mixed layout takes 15-60 s to compile, 3-5x a
-  uniform one. So the policy decides twice: at mid-run (the new layout trains
-  the second half) and at the last step (logged, not trained with); the
-  annealing boost fades over the first quarter.
+  train step (on this 2-core CPU, 5-25 s for a mixed layout), so the policy
+  decides 4 times (the last one at the final step is logged, not trained
+  with), a moment changes at most once per two decisions, and the annealing
+  boost fades over the first quarter.
   """
-  every = max(steps // 2, 1)
-  return {"every": every, "min_interval": every,
-          "anneal_steps": max(steps // 4, 1)}
+  every = max(steps // 4, 1)
+  return {"every": every, "min_interval": 2 * every, "anneal_steps": every}
 
 
 def budget_bits(cfg: train.TrainConfig, match: str = "stquant4") -> float:

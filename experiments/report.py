@@ -59,7 +59,7 @@ def label(name: str, stats: dict | None = None) -> str:
   """Display name; the budget policy shows its target bits."""
   text = LABELS.get(name, name)
   target = (stats or {}).get("target_bits")
-  return f"{text} ({target:.2f} b)" if target else text
+  return f"{text} (≤ {target:.2f} bits)" if target else text
 
 
 def load_logs(out) -> list[dict[str, Any]]:
@@ -87,6 +87,18 @@ def _average_bits(log, memory) -> float:
   if memory.get("average_bits") is not None:
     return memory["average_bits"]
   return 8.0 * memory["opt_state_bytes"] / (2 * log["param_count"])
+
+
+def _trained_mean(log, key: str, final: float) -> float:
+  """``key`` of the logged layouts weighted by the steps each trained for: a
+  layout logged at step s (after that step's relayout) trains s+1 .. next."""
+  hist = log.get("bit_history") or []
+  if len(hist) < 2:
+    return final
+  steps = hist[-1]["step"] - hist[0]["step"]
+  weighted = sum(a[key] * (b["step"] - a["step"])
+                 for a, b in zip(hist, hist[1:]))
+  return weighted / steps if steps else final
 
 
 def summarize(logs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,13 +142,20 @@ def summarize(logs: list[dict[str, Any]]) -> dict[str, Any]:
               a is not None for a in acc) else None,
           "val_accuracy_std": _mean_std(acc)[1] if any(
               a is not None for a in acc) else None,
-          "average_bits": float(np.mean([_average_bits(runs[s], m)
-                                         for s, m in zip(seeds, mem)])),
+          "average_bits": float(np.mean([
+              _trained_mean(runs[s], "average_bits", _average_bits(runs[s], m))
+              for s, m in zip(seeds, mem)])),
+          "final_average_bits": float(np.mean([_average_bits(runs[s], m)
+                                               for s, m in zip(seeds, mem)])),
           "initial_average_bits": float(np.mean([_average_bits(runs[s], {
               "opt_state_bytes": runs[s]["opt_state_bytes"],
               "average_bits": runs[s]["opt_state_average_bits"]})
                                                  for s in seeds])),
-          "opt_state_mb": float(np.mean([m["opt_state_bytes"] for m in mem])) / 1e6,
+          "opt_state_mb": float(np.mean([
+              _trained_mean(runs[s], "opt_state_bytes", m["opt_state_bytes"])
+              for s, m in zip(seeds, mem)])) / 1e6,
+          "final_opt_state_mb": float(np.mean(
+              [m["opt_state_bytes"] for m in mem])) / 1e6,
           "peak_opt_state_mb": float(np.mean(peak)) / 1e6,
           "median_step_time_s": float(np.mean(
               [runs[s]["median_step_time_s"] for s in seeds])),
@@ -198,8 +217,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
              f"{100 * r['val_accuracy_std']:.1f} %"
              if r["val_accuracy_mean"] is not None else "—")
       bits = f"{r['average_bits']:.2f}"
-      if abs(r["initial_average_bits"] - r["average_bits"]) > 0.005:
-        bits += f" (start {r['initial_average_bits']:.2f})"
+      if abs(r["initial_average_bits"] - r["final_average_bits"]) > 0.005:
+        bits += (f" ({r['initial_average_bits']:.2f} → "
+                 f"{r['final_average_bits']:.2f})")
       mb = f"{r['opt_state_mb']:.3f}"
       if r["peak_opt_state_mb"] > r["opt_state_mb"] * 1.0005:
         mb += f" (peak {r['peak_opt_state_mb']:.3f})"
@@ -246,10 +266,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
       "AdamW run), mean ± std over seeds. Avg bits = stored bits per moment "
       "value, scales, float32 moments of small leaves and policy state "
       "included (`stquant_jax.average_bits`; for optax states all state bytes "
-      "over 2 values per parameter); for adaptive policies the final layout "
-      "(and its start). Opt-state MB = 10^6 bytes of the whole optimizer "
-      "state (`stquant_jax.state_nbytes`), final layout (peak over the run "
-      "when higher). Step time = median of the steps that did not compile, "
+      "over 2 values per parameter); for adaptive policies the mean over "
+      "training steps of the layouts trained with (start → last decided "
+      "layout in brackets). Opt-state MB = 10^6 bytes of the whole optimizer "
+      "state (`stquant_jax.state_nbytes`), for adaptive policies the same "
+      "mean over training steps (peak in brackets). Step time = median of the steps that did not compile, "
       "as a ratio to optax.adamw of the same seed, on a shared CPU: treat "
       "differences below ~20% as noise.",
       ""]
@@ -361,10 +382,10 @@ def plot_memory(summary, path: pathlib.Path) -> None:
       ax.text(max(r["opt_state_mb"], r["peak_opt_state_mb"]), i, text,
               va="center", fontsize=8)
     ax.set_yticks(range(len(names)), [label(n, r) for n, r in zip(names, rows)])
-    ax.set_xlim(0, max(mb) * 1.55)
+    ax.set_xlim(0, max(mb) * 1.6)
     ax.set(title=f"{MODEL_TITLES.get(model, model)}\n"
                  f"{m['param_count'] / 1e6:.2f}M parameters: optimizer state",
-           xlabel="optimizer-state size (MB, final layout; | = peak)")
+           xlabel="optimizer-state MB (adaptive: mean over steps; | = peak)")
     ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -426,11 +447,12 @@ def plot_bits(by, model: str, path: pathlib.Path) -> bool:
       ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
       ax.set_yticks(range(len(leaves)), [_short(k) for k in leaves]
                     if col == 0 else [""] * len(leaves), fontsize=7)
-      avg = f"avg {hist[0]['average_bits']:.2f} → {hist[-1]['average_bits']:.2f} bits"
-      ax.set_title(f"{label(name, {'target_bits': log['config']['optimizer_kwargs'].get('target_bits')})}"
-                   f", seed {log['config']['seed']}: "
-                   f"{'m (first moment)' if mom == 'mu' else 'v (second moment)'}"
-                   f"\n{avg}", fontsize=9)
+      target = log["config"]["optimizer_kwargs"].get("target_bits")
+      moment = "m (first moment)" if mom == "mu" else "v (second moment)"
+      ax.set_title(f"{label(name, {'target_bits': target})}, seed "
+                   f"{log['config']['seed']}\n{moment}; avg bits (m, v, "
+                   f"metadata) {hist[0]['average_bits']:.2f} → "
+                   f"{hist[-1]['average_bits']:.2f}", fontsize=8.5)
       ax.set_xlabel("training step (policy decisions)", fontsize=8)
   fig.suptitle(f"{MODEL_TITLES.get(model, model)}: bits per layer over training\n"
                "(leaves under min_size stay float32, not shown; a layout decided "
