@@ -39,6 +39,7 @@ from pallas_kernels.dequantize import load_and_decode
 from pallas_kernels.quantize import encode_and_store
 from stquant_jax._maps import CodeMap
 from stquant_jax._quantize import QuantizedArray, dequantize_blocks, quantize_blocks
+from stquant_jax._transform import finite_moments
 
 _B1, _C1, _B2, _C2, _EPS, _EPS_ROOT, _BC1, _BC2, _WD, _NEG_LR = range(10)
 _N_HPARAMS = 16  # padded to a power of two
@@ -66,8 +67,10 @@ def _adam_kernel(hp_ref, g_ref, mc_ref, ms_ref, vc_ref, vs_ref, *refs,
     p = p_ref[...].astype(jnp.float32).reshape(rows, block)
     u = rnd(hp(_NEG_LR) * rnd(rnd(u) + rnd(hp(_WD) * p)))
   u_ref[...] = u.astype(dt).reshape(rows * block)
-  encode_and_store(jnp.where(valid, m, 0.0), mc_out, ms_out, mu_map, ieee=ieee)
-  encode_and_store(jnp.where(valid, v, 0.0), vc_out, vs_out, nu_map, ieee=ieee)
+  # Where m or v is not finite both are stored as 0 (stquant_jax's finite_moments).
+  keep = valid & jnp.isfinite(m) & jnp.isfinite(v)
+  encode_and_store(jnp.where(keep, m, 0.0), mc_out, ms_out, mu_map, ieee=ieee)
+  encode_and_store(jnp.where(keep, v, 0.0), vc_out, vs_out, nu_map, ieee=ieee)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -256,4 +259,5 @@ def adam_update_reference(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2,
   u = ((m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)).astype(g.dtype)
   if param is not None:
     u = (-1 * learning_rate) * (u + weight_decay * param)
+  m, v = finite_moments(m, v)
   return u, _write(m, mu), _write(v, nu)

@@ -18,6 +18,23 @@ def _float_leaves(params):
   return jax.tree.map(lambda p: jnp.issubdtype(jnp.asarray(p).dtype, jnp.floating), params)
 
 
+def _floating_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` applied to floating-point updates; other leaves pass through as they are.
+
+  ``scale_by_stquant`` gives integer leaves exact zero updates of their own
+  dtype; multiplying those by a float learning rate would make them float32,
+  and ``optax.apply_updates`` would then round integer params above 2**24
+  (``p + 0.0`` in float32). The state is ``inner``'s own.
+  """
+  def update_fn(updates, state, params=None):
+    new, state = inner.update(updates, state, params)
+    def keep(n, u):
+      dtype = getattr(u, "dtype", None)
+      return n if dtype is None or jnp.issubdtype(dtype, jnp.floating) else u
+    return jax.tree.map(keep, new, updates, is_leaf=lambda x: x is None), state
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def adam(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -44,7 +61,7 @@ def adam(
   return optax.chain(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
                        backend=backend),
-      optax.scale_by_learning_rate(learning_rate),
+      _floating_only(optax.scale_by_learning_rate(learning_rate)),
   )
 
 
@@ -64,7 +81,10 @@ def adamw(
   """AdamW with block-wise quantized moments: a drop-in for :func:`optax.adamw`.
 
   ``chain(scale_by_stquant(...), add_decayed_weights(weight_decay, mask),
-  scale_by_learning_rate(learning_rate))``, exactly as optax builds ``adamw``.
+  scale_by_learning_rate(learning_rate))``, exactly as optax builds ``adamw``,
+  except that integer leaves keep their exact zero update of their own dtype
+  (optax's learning-rate scaling would make it float32, and
+  ``optax.apply_updates`` would then round integer params above 2**24).
 
   Args:
     learning_rate: a fixed rate or an optax schedule.
@@ -96,5 +116,5 @@ def adamw(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
                        backend=backend),
       optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _floating_only(optax.scale_by_learning_rate(learning_rate)),
   )

@@ -125,11 +125,130 @@ def _coerce(moment, shape, signed, block_size, maps):
                         jnp.dtype(jnp.float32))
 
 
+def finite_moments(m, v):
+  """Zeroes both moments of every element where m or v is not finite.
+
+  A NaN/Inf gradient makes both moments non-finite; a finite gradient above
+  ~1.8e19 overflows ``g**2`` so only v is infinite. Keeping such an m while v
+  is stored as (nearly) zero would turn the next steps' ``m / sqrt(v)`` into an
+  absurd update, so the element restarts from zero moments instead, and block
+  scales never see the bad values. The same rule holds for float32 moments,
+  the quantized ones and the Pallas kernel.
+  """
+  ok = jnp.isfinite(m) & jnp.isfinite(v)
+  return jnp.where(ok, m, 0.0), jnp.where(ok, v, 0.0)
+
+
+def _structure_matches(treedef, tree) -> bool:
+  try:
+    treedef.flatten_up_to(tree)
+    return True
+  except (ValueError, TypeError):
+    return False
+
+
+def _param_leaves(treedef, params, n):
+  """Params aligned with the update leaves, or Nones when absent or unaligned."""
+  if params is None:
+    return [None] * n
+  try:
+    return treedef.flatten_up_to(params)
+  except (ValueError, TypeError):
+    return [None] * n
+
+
+def _is_moment_mapping(x) -> bool:
+  return isinstance(x, collections.abc.Mapping) and set(x.keys()) == {"codes", "scales"}
+
+
+def _is_empty(x) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _paths(tree, is_leaf):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {jax.tree_util.keystr(path): x for path, x in flat}
+
+
+def _listing(paths, limit=8):
+  paths = sorted(paths)
+  more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
+  return ", ".join(paths[:limit]) + more
+
+
+def _describe(x) -> str:
+  if x is None:
+    return "None"
+  if isinstance(x, optax.MaskedNode):
+    return "a masked leaf"
+  if _is_q(x):
+    return f"a quantized moment of shape {tuple(x.shape)}"
+  return f"an array of shape {tuple(jnp.shape(x))}"
+
+
+def _structure_error(updates, moments) -> ValueError:
+  """A readable error for an updates tree that does not match the state's."""
+  got = _paths(updates, _is_empty)
+  want = _paths(moments, lambda x: _is_empty(x) or _is_q(x) or _is_moment_mapping(x))
+  lines = []
+  if missing := set(want) - set(got):
+    lines.append(f"in the optimizer state but not in the updates: {_listing(missing)}")
+  if extra := set(got) - set(want):
+    lines.append(f"in the updates but not in the optimizer state: {_listing(extra)}")
+  for k in sorted(set(got) & set(want)):
+    a, b = got[k], want[k]
+    if (_is_empty(a) or _is_empty(b)) and _describe(a) != _describe(b):
+      lines.append(f"{k}: the updates have {_describe(a)}, the state has {_describe(b)}")
+  if not lines:
+    lines.append(f"updates {jax.tree.structure(updates)} vs state "
+                 f"{jax.tree.structure(moments, is_leaf=_is_q)}")
+  return ValueError("scale_by_stquant: the updates tree does not match the optimizer "
+                    "state built by init (was the state initialised from other "
+                    "params?): " + "; ".join(lines))
+
+
+def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
+  """Why a gradient leaf does not fit its stored moments (static checks), or None."""
+  shape = tuple(g.shape)
+  floating = jnp.issubdtype(g.dtype, jnp.floating)
+  size = int(np.prod(shape, dtype=np.int64))
+  for name, q in (("mu", mu), ("nu", nu)):
+    if _is_q(q) or _is_moment_mapping(q):
+      if not floating:
+        return (f"{path}: gradient dtype {g.dtype}, but the state holds moments of a "
+                f"floating leaf")
+      if _is_q(q):
+        if tuple(q.shape) != shape:
+          return f"{path}: gradient shape {shape}, state {name} shape {tuple(q.shape)}"
+        nb, bs = num_blocks(size, q.block_size), q.block_size
+      elif block_size is None:
+        continue  # _coerce explains
+      else:
+        nb, bs = num_blocks(size, block_size), block_size
+      codes, scales = (q.codes, q.scales) if _is_q(q) else (q["codes"], q["scales"])
+      if jnp.shape(scales) != (nb,) or jnp.shape(codes)[:1] != (nb,):
+        return (f"{path}: gradient shape {shape} needs {nb} blocks of {bs}; state "
+                f"{name} has codes {tuple(jnp.shape(codes))} and scales "
+                f"{tuple(jnp.shape(scales))}")
+    else:
+      qshape = tuple(jnp.shape(q))
+      if floating and qshape != shape:
+        if qshape == (0,):
+          return (f"{path}: gradient dtype {g.dtype} shape {shape}, but the state holds "
+                  f"no moments there (the param was not floating at init)")
+        return f"{path}: gradient shape {shape}, state {name} shape {qshape}"
+      if not floating and qshape != (0,):
+        return (f"{path}: gradient dtype {g.dtype}, but the state holds float32 moments "
+                f"of shape {qshape} (the param was floating at init)")
+  return None
+
+
 def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
   """One leaf of the update: dequantize -> Adam in float32 -> requantize.
 
   Returns ``(update, new_mu, new_nu)``; the update uses the fresh float32
-  moments. Quantized moments are handled in the packing-group view
+  moments. Elements whose new m or v is not finite store zero for both
+  (:func:`finite_moments`). Quantized moments are handled in the packing-group view
   ``[n_blocks, B // gc, gc]`` so that XLA fuses unpacking, decoding, the Adam
   math, encoding and packing into a few loops: one variadic reduction for the
   block maxima of m and v, then one loop per output. This is the jnp
@@ -141,7 +260,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
     m = b1 * mu + (1 - b1) * g32
     v = b2 * nu + (1 - b2) * jnp.square(g32)
     u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-    return u.astype(g.dtype), m, v
+    return (u.astype(g.dtype),) + finite_moments(m, v)
   ref = quantized[0]
   nb, bs = ref.scales.shape[0], ref.block_size
   gc, _ = group_shape(ref.bits)
@@ -162,6 +281,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
   v = b2 * read(nu) + (1 - b2) * jnp.square(g3)
   u3 = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
   u = u3.reshape(-1)[:n].reshape(g.shape).astype(g.dtype)
+  m, v = finite_moments(m, v)
   pairs = [(x, q) for x, q in ((m, mu), (v, nu)) if _is_q(q)]
   scales = finite_absmax(*(x for x, _ in pairs))
 
@@ -205,11 +325,22 @@ def scale_by_stquant(
   maps, block size and shapes are static metadata of the state, so the update
   compiles once.
 
-  Non-finite gradients: a NaN/Inf gradient element yields a NaN/Inf update for
-  that element only (visible in the parameters); its stored moments are written
-  as zero, and block scales ignore non-finite values, so no other element's
-  state changes. Wrap in :func:`optax.apply_if_finite` to skip such steps and
-  keep the previous state intact.
+  Hostile input (``docs/reliability.md`` lists every case and its test):
+
+  * Where an element's new m or v is not finite (a NaN/Inf gradient, or
+    ``|g| > ~1.8e19`` so that ``g**2`` overflows float32), this step's update is
+    float32 Adam's (NaN for NaN/Inf, visible in the parameters; 0 for an
+    overflowing ``g**2``), and both of its stored moments restart from zero;
+    block scales ignore it, so no other element's state changes. This holds for
+    quantized and float32 moments alike. Wrap in :func:`optax.apply_if_finite`
+    to skip NaN/Inf steps and keep the previous state intact.
+  * A finite outlier sets its block's scales: the other elements of that block
+    get damped (never amplified) updates until the outlier's moments decay.
+  * Integer leaves get zero updates of their own dtype and no moments; float0
+    gradients become zeros of the param's dtype when ``params`` are passed.
+  * An updates tree whose structure, leaf shapes or dtype kinds (floating vs
+    not) differ from the state built by ``init`` raises a ``ValueError`` naming
+    the offending leaves (static checks, free under ``jit``).
 
   Args:
     b1: decay rate of the first moment.
@@ -279,11 +410,22 @@ def scale_by_stquant(
         policy_state=policy.init_state(params))
 
   def update_fn(updates, state, params=None):
-    del params
     count_inc = optax.safe_increment(state.count)
-    leaves, treedef = jax.tree.flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    leaves = [g for _, g in flat]
+    try:
+      mu_leaves = treedef.flatten_up_to(state.mu)
+      nu_leaves = treedef.flatten_up_to(state.nu)
+    except (ValueError, TypeError) as e:
+      bad = state.nu if _structure_matches(treedef, state.mu) else state.mu
+      raise _structure_error(updates, bad) from e
+    problems = [p for p in map(_leaf_mismatch, paths, leaves, mu_leaves, nu_leaves,
+                               [block_size] * len(leaves)) if p]
+    if problems:
+      raise ValueError("scale_by_stquant: the updates do not match the optimizer state "
+                       "built by init: " + "; ".join(problems[:8])
+                       + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
     # float32 arrays whether given as Python floats or traced by
     # inject_hyperparams, so both paths round identically.
     f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -291,10 +433,19 @@ def scale_by_stquant(
     bc1 = 1 - b1_ ** count_inc
     bc2 = 1 - b2_ ** count_inc
     out_u, out_mu, out_nu = [], [], []
-    for g, mu, nu in zip(leaves, mu_leaves, nu_leaves):
+    param_leaves = None
+    for i, (g, mu, nu) in enumerate(zip(leaves, mu_leaves, nu_leaves)):
       if not jnp.issubdtype(g.dtype, jnp.floating):
-        # Integer / float0 leaves: no moments, zero update.
-        out_u.append(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g))
+        # Integer / float0 leaves: no moments, zero update. A float0 gradient
+        # (jax.grad(..., allow_int=True)) becomes zeros of the param's dtype
+        # when params are given, so optax.apply_updates can add it.
+        if g.dtype == jax.dtypes.float0:
+          if param_leaves is None:
+            param_leaves = _param_leaves(treedef, params, len(leaves))
+          p = param_leaves[i]
+          out_u.append(g if p is None else jnp.zeros(g.shape, jnp.asarray(p).dtype))
+        else:
+          out_u.append(jnp.zeros_like(g))
         out_mu.append(mu)
         out_nu.append(nu)
         continue
