@@ -11,15 +11,21 @@ Public API:
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
 * :func:`select_factors`: greedy (1 - 1/e) selection of the policy's statistics.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting.
+* :func:`state_shardings`: shardings of the optimizer state for sharded
+  params (FSDP), each quantized moment sharded like its parameter.
+* :func:`save_state`, :func:`restore_state`, :func:`checkpoint_args`: orbax
+  checkpoints of the full optimizer state, bit layout included.
 """
 
 from stquant_jax._accounting import average_bits, state_nbytes
 from stquant_jax._alias import adam, adamw
+from stquant_jax._checkpoint import checkpoint_args, restore_state, save_state
 from stquant_jax._factor_selection import select_factors
 from stquant_jax._maps import CodeMap, default_map
 from stquant_jax._policy import FixedBits, Policy
 from stquant_jax._quantize import QuantizedArray, dequantize, quantize
 from stquant_jax._relayout import relayout
+from stquant_jax._sharding import state_shardings
 from stquant_jax._stquant_policy import STQuantPolicy, STQuantPolicyState
 from stquant_jax._telemetry import BitHistory, bit_widths
 from stquant_jax._transform import ScaleByStquantState, scale_by_stquant
@@ -39,11 +45,15 @@ __all__ = [
     "adamw",
     "average_bits",
     "bit_widths",
+    "checkpoint_args",
     "default_map",
     "dequantize",
     "quantize",
     "relayout",
+    "restore_state",
+    "save_state",
     "scale_by_stquant",
     "select_factors",
     "state_nbytes",
+    "state_shardings",
 ]

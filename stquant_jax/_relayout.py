@@ -11,6 +11,7 @@ included). The user's jitted step then retraces once per distinct layout.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,11 @@ import numpy as np
 from stquant_jax._allocation import FLOAT32, NO_MOMENT
 from stquant_jax._maps import resolve_map
 from stquant_jax._quantize import DEFAULT_BLOCK_SIZE, QuantizedArray, dequantize, quantize
+from stquant_jax._sharding import float_sharding_from_blocks, host_value, quantized_shardings
 from stquant_jax._transform import ScaleByStquantState
 
 _is_q = lambda x: isinstance(x, QuantizedArray)
 _is_state = lambda x: isinstance(x, ScaleByStquantState)
-
-_quantize = jax.jit(quantize, static_argnames=("bits", "signed", "block_size", "code_map"))
-_dequantize = jax.jit(functools.partial(dequantize, dtype=jnp.float32))
 
 
 def find_states(opt_state) -> list[ScaleByStquantState]:
@@ -66,36 +65,79 @@ def _proposed(state: ScaleByStquantState, policy):
     prop = ps["proposed"]
   if prop is None:
     return None
-  return np.asarray(jax.device_get(prop), np.int32)
+  return np.asarray(host_value(prop), np.int32)
 
 
-def _place_like(new, old):
-  """Best effort: keep a NamedSharding of the old array (jit over sharded states)."""
-  sharding = getattr(old, "sharding", None)
-  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
-    try:
-      return jax.device_put(new, sharding)
-    except ValueError:
-      return new
-  return new
+@functools.lru_cache(maxsize=None)
+def _repack_fn(bits: int, signed: bool, block_size: int, code_map, out_shardings):
+  """Jitted: a moment (QuantizedArray or float32 array) -> float32 values, or the
+  ``(codes, scales)`` of their ``bits``-bit quantization, placed on ``out_shardings``."""
+
+  def repack(x):
+    values = dequantize(x, jnp.float32) if _is_q(x) else jnp.asarray(x, jnp.float32)
+    if bits == FLOAT32:
+      return values
+    q = quantize(values, bits, signed=signed, block_size=block_size, code_map=code_map)
+    return q.codes, q.scales
+
+  return jax.jit(repack, out_shardings=out_shardings)
+
+
+def _out_shardings(x, new_bits: int, block_size: int):
+  """Where the re-packed moment goes: the block axis stays sharded as before.
+
+  A quantized -> quantized change keeps the old codes' block-axis sharding
+  (the word axis' length changes with the bits, so it is never sharded) and
+  the scales' sharding; float32 -> quantized derives it from the float32
+  moment's (the parameter's) sharding, as :func:`stquant_jax.state_shardings`
+  does; quantized -> float32 puts the block axis' mesh axes on the leading
+  axis. None (left to ``jit``) for arrays without a ``NamedSharding``
+  (single device).
+  """
+  if _is_q(x):
+    cs = getattr(x.codes, "sharding", None)
+    if not isinstance(cs, jax.sharding.NamedSharding):
+      return None
+    if new_bits == FLOAT32:
+      return float_sharding_from_blocks(cs, x.shape)
+    spec = tuple(cs.spec)
+    block = spec[0] if spec else None
+    codes = jax.sharding.NamedSharding(cs.mesh, jax.sharding.PartitionSpec(block, None),
+                                       memory_kind=cs.memory_kind)
+    ss = getattr(x.scales, "sharding", None)
+    scales = ss if isinstance(ss, jax.sharding.NamedSharding) else jax.sharding.NamedSharding(
+        cs.mesh, jax.sharding.PartitionSpec(block), memory_kind=cs.memory_kind)
+    return codes, scales
+  fs = getattr(x, "sharding", None)
+  if not isinstance(fs, jax.sharding.NamedSharding) or new_bits == FLOAT32:
+    return None
+  nb = -(-math.prod(x.shape) // block_size)
+  return quantized_shardings(fs, tuple(x.shape), nb)
 
 
 def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn):
-  """One moment re-packed at ``new_bits`` (32: float32)."""
-  if _is_q(x):
-    values = _dequantize(x)
-    bs = x.block_size
-  else:
-    values = jnp.asarray(x, jnp.float32)
-    bs = block_size
+  """One moment re-packed at ``new_bits`` (32: float32), in one jitted call.
+
+  Runs on global arrays as they are (no host copies), so it also works when
+  the moments span several processes; the output keeps the input's sharding.
+  """
+  bs = x.block_size if _is_q(x) else block_size
+  cmap = None if new_bits == FLOAT32 else resolve_map(map_fn, new_bits, signed)
+  fn = _repack_fn(new_bits, signed, bs, cmap, _out_shardings(x, new_bits, bs))
+  out = fn(x)
   if new_bits == FLOAT32:
-    return values
-  cmap = resolve_map(map_fn, new_bits, signed)
-  q = _quantize(values, bits=new_bits, signed=signed, block_size=bs, code_map=cmap)
-  if _is_q(x):
-    q = QuantizedArray(_place_like(q.codes, x.codes), _place_like(q.scales, x.scales),
-                       q.code_map, q.block_size, q.shape, q.dtype)
-  return q
+    return out
+  codes, scales = out
+  shape = tuple(x.shape)
+  return QuantizedArray(codes, scales, cmap, bs, shape, jnp.dtype(jnp.float32))
+
+
+def _place_like(value: np.ndarray, old):
+  """A small host array placed like ``old`` (e.g. replicated over a mesh that may span
+  several processes); uncommitted like ``old`` when ``old`` is uncommitted."""
+  if isinstance(old, jax.Array) and old.committed:
+    return jax.device_put(value, old.sharding)
+  return jnp.asarray(value)
 
 
 def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
@@ -116,7 +158,7 @@ def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
   ps = state.policy_state
   if hasattr(ps, "_fields") and "actual" in ps._fields:
     new_cur = np.where((proposed != NO_MOMENT) & (cur != NO_MOMENT), proposed, cur)
-    ps = ps._replace(actual=jnp.asarray(new_cur.astype(np.int32)))
+    ps = ps._replace(actual=_place_like(new_cur.astype(np.int32), ps.actual))
   return state._replace(mu=tdef_m.unflatten(new_mu), nu=tdef_v.unflatten(new_nu),
                         policy_state=ps)
 
@@ -132,6 +174,13 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
 
   Call it outside ``jit`` (e.g. every ``policy.every`` steps); the jitted step
   retraces once for each new layout.
+
+  Sharded states (docs/sharding.md): each moment is re-packed by one jitted
+  call on the global arrays, and the new codes keep the old codes' block-axis
+  sharding (float32 <-> quantized changes map it to / from the parameter's
+  leading axis). Only the small, replicated proposed bits are read on the
+  host, so it works on arrays spanning several processes; call it in every
+  process at the same step.
 
   Args:
     opt_state: any optimizer state containing stquant states.

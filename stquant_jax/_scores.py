@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from stquant_jax._maps import default_map
 from stquant_jax._quantize import QuantizedArray, decode_blocks, quantize_blocks, dequantize_blocks
+from stquant_jax._sharding import explicit_shards as _explicit_shards, replicated as _replicated
 
 MAGNITUDE_FACTORS = ("grad_rms", "moment_rms", "snr", "update_rms")
 STRUCTURE_FACTORS = ("crest", "log_range", "probe_err")
@@ -62,20 +63,41 @@ NUM_SUMS = len(SUMS)
 _TINY = 1e-30
 
 
-def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None):
+def _take_rows(a, rows, stride: int, slot):
+  """Rows ``rows = slot + stride * arange(r)`` of ``a`` (``[nb, ...]``).
+
+  When ``stride`` divides ``nb`` this is a strided slice of the view
+  ``[nb / stride, stride, ...]``: with the block axis sharded (FSDP), each
+  device keeps its own rows and no data moves between devices. Otherwise a
+  gather (entries ``>= nb`` are clamped; the caller masks them out).
+  """
+  nb = a.shape[0]
+  shards = _explicit_shards(a)
+  if nb % stride == 0 and (nb // stride) % shards == 0:
+    view = a.reshape((nb // stride, stride) + a.shape[1:])
+    return jax.lax.dynamic_index_in_dim(view, jnp.asarray(slot, jnp.int32), axis=1,
+                                        keepdims=False)
+  if shards > 1:
+    a = _replicated(a)
+  return jnp.take(a, jnp.minimum(rows, nb - 1), axis=0)
+
+
+def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride: int = 1,
+            slot=0):
   """``x`` (a moment leaf or the gradient) as float32 blocks ``[nb, bs]`` plus a validity mask.
 
-  ``rows`` (optional int32 ``[r]``, from :func:`sample_rows`) keeps only those
-  blocks (``[r, bs]``); entries ``>= nb`` are invalid rows (mask all False).
-  The subsample is gathered directly from the packed codes / the flat array,
-  so it costs O(r * bs), not O(size).
+  ``rows`` (optional int32 ``[r]``, from :func:`sample_rows` with ``stride``
+  and ``slot``) keeps only those blocks (``[r, bs]``); entries ``>= nb`` are
+  invalid rows (mask all False). The subsample is taken directly from the
+  packed codes / the flat array, so it costs O(r * bs), not O(size), and it
+  is local to each device when the block axis is sharded and ``stride``
+  divides the blocks per device.
   """
   if isinstance(x, QuantizedArray):
     nb = x.scales.shape[0]
     codes, scales = x.codes, x.scales
     if rows is not None:
-      safe = jnp.minimum(rows, nb - 1)
-      codes, scales = jnp.take(codes, safe, axis=0), jnp.take(scales, safe, axis=0)
+      codes, scales = _take_rows(codes, rows, stride, slot), _take_rows(scales, rows, stride, slot)
     d = decode_blocks(codes, scales, x.code_map)
     d = d.reshape(d.shape[0], -1)
     n, bs = x.size, x.block_size
@@ -84,11 +106,18 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None):
     n = flat.size
     bs = q_ref.block_size if q_ref is not None else block_size
     nb = -(-n // bs)
-    if rows is None:
-      d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
+    if nb * bs != n or nb % _explicit_shards(flat):
+      if _explicit_shards(flat) > 1:
+        flat = _replicated(flat)
+      if rows is None:
+        d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
+      else:
+        idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+        d = jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
     else:
-      idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
-      d = jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+      d = flat.reshape(nb, bs)
+      if rows is not None:
+        d = _take_rows(d, rows, stride, slot)
   if rows is None:
     idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
   else:
@@ -181,15 +210,15 @@ def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None,
   rows = None
   if stride > 1:
     rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
-  m, valid = _blocks(mu, ref, block_size, rows)
-  v, _ = _blocks(nu, ref, block_size, rows)
+  m, valid = _blocks(mu, ref, block_size, rows, stride, slot)
+  v, _ = _blocks(nu, ref, block_size, rows, stride, slot)
   f = lambda x: jnp.where(valid, x, 0.0)
   v = jnp.maximum(v, 0.0)
   pos = valid & (v > 0)
   inv_v = lambda: jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
 
   def gsq():
-    gb, _ = _blocks(g, ref, block_size, rows)
+    gb, _ = _blocks(g, ref, block_size, rows, stride, slot)
     return jnp.sum(f(gb * gb))
 
   def perr_m():

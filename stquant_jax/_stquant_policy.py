@@ -48,6 +48,7 @@ from stquant_jax._quantize import QuantizedArray
 from stquant_jax._scores import (
     MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, check_factor, factor_values,
     leaf_sums, needed_sums, reduce_sums)
+from stquant_jax._sharding import host_value
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 _NEVER = -(2**30)  # "last change" of a moment that never changed
@@ -469,6 +470,6 @@ class STQuantPolicy(Policy):
   def proposed_bits(self, state):
     """Per leaf (in ``jax.tree.leaves(params)`` order), the ``(mu_bits, nu_bits)``
     wanted now; None for float32 or no moment. Host values (one small transfer)."""
-    prop = np.asarray(jax.device_get(_field(state, "proposed")))
+    prop = host_value(_field(state, "proposed"))
     conv = lambda b: None if int(b) in (FLOAT32, NO_MOMENT) else int(b)
     return [(conv(a), conv(b)) for a, b in prop]

@@ -16,6 +16,7 @@ import numpy as np
 from stquant_jax._allocation import NO_MOMENT
 from stquant_jax._quantize import QuantizedArray
 from stquant_jax._relayout import current_bits, find_states
+from stquant_jax._sharding import host_value
 
 _is_q = lambda x: isinstance(x, QuantizedArray)
 
@@ -58,7 +59,7 @@ def bit_widths(opt_state, index: int = 0) -> dict:
   ps = st.policy_state
   if hasattr(ps, "_fields") and "proposed" in ps._fields:
     from stquant_jax._stquant_policy import ZONES
-    host = jax.device_get({k: getattr(ps, k) for k in ("proposed", "zone", "anneal", "decisions")})
+    host = {k: host_value(getattr(ps, k)) for k in ("proposed", "zone", "anneal", "decisions")}
     prop, zone = np.asarray(host["proposed"]), np.asarray(host["zone"])
     out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
     out["nu_proposed"] = {names[i]: _bits_value(prop[i, 1]) for i in keep}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import collections.abc
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stquant_jax import _sharding
 from stquant_jax._maps import resolve_map
 from stquant_jax._policy import FixedBits, Policy
 from stquant_jax._packing import group_shape
@@ -87,13 +89,19 @@ def _zeros_state(param, bits, signed, block_size, maps):
   shape, dtype = tuple(param.shape), param.dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     return _placeholder()
+  # A concrete param sharded over several devices (FSDP): its moments are
+  # created sharded like it (see stquant_jax.state_shardings); otherwise
+  # (single device, or traced params under jit) default placement.
+  sharding = _sharding.concrete_sharding(param)
   if bits is None:
-    return jnp.zeros(shape, jnp.float32)
+    fs = sharding if sharding is not None and _sharding.fits(sharding, shape) else None
+    return _sharding.zeros(shape, jnp.float32, fs)
   cmap = maps(bits, signed)
   nb = num_blocks(int(np.prod(shape, dtype=np.int64)), block_size)
+  cs, ss = (None, None) if sharding is None else _sharding.quantized_shardings(sharding, shape, nb)
   return QuantizedArray(
-      codes=jnp.zeros((nb, block_size * bits // 32), jnp.uint32),
-      scales=jnp.zeros((nb,), jnp.float32),
+      codes=_sharding.zeros((nb, block_size * bits // 32), jnp.uint32, cs),
+      scales=_sharding.zeros((nb,), jnp.float32, ss),
       code_map=cmap, block_size=block_size, shape=shape, dtype=jnp.dtype(jnp.float32))
 
 
@@ -297,6 +305,25 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
   return u, new[0], new[1]
 
 
+def _replicated_leaf_update(leaf_fn, g, mu, nu, kw):
+  """``leaf_fn`` on replicated copies of an Explicit-sharded leaf; outputs resharded back."""
+  rep = _sharding.replicated
+
+  def gather(x):
+    if _is_q(x):
+      return dataclasses.replace(x, codes=rep(x.codes), scales=rep(x.scales))
+    return x if x is None or x.size == 0 else rep(x)
+
+  def scatter(new, old):
+    if _is_q(new):
+      return dataclasses.replace(new, codes=_sharding.reshard_like(new.codes, old.codes),
+                                 scales=_sharding.reshard_like(new.scales, old.scales))
+    return new if new is None or new.size == 0 else _sharding.reshard_like(new, old)
+
+  u, new_mu, new_nu = leaf_fn(rep(g), gather(mu), gather(nu), **kw)
+  return (_sharding.reshard_like(u, g), scatter(new_mu, mu), scatter(new_nu, nu))
+
+
 def scale_by_stquant(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -433,6 +460,7 @@ def scale_by_stquant(
     bc1 = 1 - b1_ ** count_inc
     bc2 = 1 - b2_ ** count_inc
     out_u, out_mu, out_nu = [], [], []
+    policy_leaves = list(leaves)  # what the policy's statistics read
     param_leaves = None
     for i, (g, mu, nu) in enumerate(zip(leaves, mu_leaves, nu_leaves)):
       if not jnp.issubdtype(g.dtype, jnp.floating):
@@ -452,8 +480,17 @@ def scale_by_stquant(
       mu = _coerce(mu, g.shape, True, block_size, maps)
       nu = _coerce(nu, g.shape, False, block_size, maps)
       leaf_fn = _leaf_update_fn(backend, mu, nu)
-      u, mu, nu = leaf_fn(g, mu, nu, b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_,
-                            bc1=bc1, bc2=bc2)
+      kw = dict(b1=b1_, b2=b2_, eps=eps_, eps_root=eps_root_, bc1=bc1, bc2=bc2)
+      moments = [x for x in (mu, nu) if x is not None]
+      bs = next((x.block_size for x in moments if _is_q(x)), None)
+      if _sharding.explicit_leaf_is_local(g, moments, bs):
+        u, mu, nu = leaf_fn(g, mu, nu, **kw)
+      else:
+        # Explicit mesh axes, and the leaf's shards do not line up with whole
+        # blocks (a param sharded along a later axis, ragged shards): run the
+        # leaf replicated and put every output back on its input's sharding.
+        u, mu, nu = _replicated_leaf_update(leaf_fn, g, mu, nu, kw)
+        policy_leaves[i] = _sharding.replicated(g)
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
@@ -461,8 +498,8 @@ def scale_by_stquant(
     new_nu = treedef.unflatten(out_nu)
     new_state = ScaleByStquantState(
         count=count_inc, mu=new_mu, nu=new_nu,
-        policy_state=policy.update_state(state.policy_state, updates, new_mu, new_nu,
-                                         count_inc))
+        policy_state=policy.update_state(state.policy_state, treedef.unflatten(policy_leaves),
+                                         new_mu, new_nu, count_inc))
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

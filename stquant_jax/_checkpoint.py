@@ -1,0 +1,534 @@
+"""Checkpoints of the full optimizer state with orbax: arrays plus the bit layout.
+
+A :class:`~stquant_jax.QuantizedArray` keeps its bit-width, code map, block
+size, shape and dtype as *static* pytree metadata, and an adaptive policy
+changes the bit-widths during training (:func:`~stquant_jax.relayout`), so a
+fresh ``tx.init(params)`` no longer describes a trained state's layout. A
+checkpoint therefore holds two orbax items:
+
+* ``opt_state``: every array of the optimizer state (packed codes, scales,
+  float32 moments, the step count, the policy's EMAs and counters, the
+  states of the other transforms in the chain), saved with
+  ``ocp.args.StandardSave``;
+* ``opt_state_layout``: a JSON description of every leaf (tree path, kind,
+  shape and dtype; for quantized moments the code map, bits and block size)
+  and of the tree structure, saved with ``ocp.args.JsonSave``.
+
+:func:`restore_state` reads the layout first, checks it against the state the
+caller passes (``like``, e.g. ``tx.init(params)``), builds the restore target
+from the *saved* layout and places the arrays with ``like``'s shardings. Any
+disagreement other than bit-widths and code maps moved by the policy raises a
+``ValueError`` naming the leaves; nothing is reshaped, cast or dropped.
+
+orbax-checkpoint is imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from stquant_jax._maps import CodeMap
+from stquant_jax._quantize import QuantizedArray, check_block_size, num_blocks
+from stquant_jax._transform import ScaleByStquantState
+
+FORMAT = "stquant_jax.opt_state"
+FORMAT_VERSION = 1
+_LAYOUT_SUFFIX = "_layout"
+_MAX_LISTED = 12
+
+_is_q = lambda x: isinstance(x, QuantizedArray)
+_is_state = lambda x: isinstance(x, ScaleByStquantState)
+_MOMENT_KINDS = ("quantized", "float32", "placeholder")
+
+
+def _ocp():
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # pragma: no cover - orbax is an optional dependency
+    raise ImportError("stquant_jax checkpoints need orbax-checkpoint "
+                      "(pip install orbax-checkpoint)") from e
+  return ocp
+
+
+def _keystr(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _skeleton(opt_state):
+  """Tree structure with every QuantizedArray (and array) as one leaf."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_q)
+  return leaves_with_path, treedef
+
+
+def _moment_paths(opt_state) -> set[str]:
+  """Paths of the m and v leaves of every stquant state in ``opt_state``."""
+  out = set()
+  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)[0]
+  for prefix, st in found:
+    if not _is_state(st):
+      continue
+    for sub, _ in jax.tree_util.tree_flatten_with_path(st, is_leaf=_is_q)[0]:
+      if sub and getattr(sub[0], "name", None) in ("mu", "nu"):
+        out.add(_keystr(tuple(prefix) + tuple(sub)))
+  return out
+
+
+def _require_stquant(opt_state, fn: str, what: str) -> None:
+  if isinstance(opt_state, (str, bytes, os.PathLike)):
+    raise TypeError(f"{fn}: {what} must be an optimizer state, got the path {opt_state!r} "
+                    "(arguments in the wrong order?)")
+  if not any(_is_state(x) for x in jax.tree.leaves(opt_state, is_leaf=_is_state)):
+    raise TypeError(
+        f"{fn}: {what} ({type(opt_state).__name__}) contains no stquant_jax "
+        "ScaleByStquantState; pass the whole optimizer state (e.g. tx.init(params) of "
+        "stquant_jax.adamw). With flax.nnx.Optimizer, rebuild the typed state first "
+        "(docs/checkpoints.md).")
+
+
+def _dtype_name(dtype) -> str:
+  return np.dtype(dtype).name
+
+
+def _array_meta(x, path: str, fn: str) -> tuple[tuple[int, ...], str, str | None]:
+  """(shape, dtype name, python type or None) of an array-like leaf."""
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{fn}: leaf {path} is a tracer; checkpoints are written outside jit")
+  python = None
+  if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
+    python = type(x).__name__
+    x = np.asarray(x)
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    raise TypeError(f"{fn}: leaf {path} is a {type(x).__name__}, not an array; only arrays "
+                    "and Python scalars can be checkpointed")
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+    raise TypeError(f"{fn}: leaf {path} has dtype {x.dtype}, which this helper does not "
+                    "checkpoint (e.g. typed PRNG keys)")
+  return tuple(int(d) for d in x.shape), _dtype_name(x.dtype), python
+
+
+def _describe(opt_state, fn: str):
+  """Per-leaf layout entries (JSON-able), the flat leaves, the treedef and its string."""
+  leaves_with_path, treedef = _skeleton(opt_state)
+  moments = _moment_paths(opt_state)
+  entries, leaves = [], []
+  for path, x in leaves_with_path:
+    name = _keystr(path)
+    if _is_q(x):
+      cm = x.code_map
+      entry = {"path": name, "kind": "quantized", "bits": int(cm.bits),
+               "code_map": {"kind": cm.kind, "bits": int(cm.bits), "signed": bool(cm.signed),
+                            "param": int(cm.param)},
+               "map_name": cm.name, "block_size": int(x.block_size),
+               "shape": [int(d) for d in x.shape], "dtype": _dtype_name(x.dtype)}
+      for field in ("codes", "scales"):
+        shape, dtype, _ = _array_meta(getattr(x, field), f"{name}.{field}", fn)
+        entry[field] = {"shape": list(shape), "dtype": dtype}
+    else:
+      shape, dtype, python = _array_meta(x, name, fn)
+      kind = "array"
+      if name in moments:
+        kind = "placeholder" if math.prod(shape) == 0 else "float32"
+      entry = {"path": name, "kind": kind, "shape": list(shape), "dtype": dtype}
+      if python is not None:
+        entry["python"] = python
+    entries.append(entry)
+    leaves.append(x)
+  return entries, leaves, treedef, str(treedef)
+
+
+def _layout_and_arrays(opt_state, fn: str):
+  entries, leaves, _, treedef_str = _describe(opt_state, fn)
+  arrays = {}
+
+  def put(key, meta, value):  # orbax cannot write size-0 arrays; they carry no data
+    meta["key"] = key if math.prod(meta["shape"]) else None
+    if meta["key"] is not None:
+      arrays[key] = value
+
+  for i, (entry, x) in enumerate(zip(entries, leaves)):
+    if entry["kind"] == "quantized":
+      _check_quantized_entry(entry, fn)
+      for field in ("codes", "scales"):
+        put(f"leaf_{i:05d}_{field}", entry[field], getattr(x, field))
+    else:
+      put(f"leaf_{i:05d}", entry, x)
+  layout = {"format": FORMAT, "version": FORMAT_VERSION, "treedef": treedef_str,
+            "leaves": entries}
+  return layout, arrays
+
+
+def _check_quantized_entry(entry, fn: str) -> CodeMap:
+  """The CodeMap of a quantized entry, after checking that its arrays fit its layout."""
+  where = entry["path"]
+  try:
+    cmap = CodeMap(**entry["code_map"])
+    check_block_size(entry["block_size"])
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f"{fn}: the layout of {where} cannot be represented by this version of "
+                     f"stquant_jax: {e}") from e
+  bs = entry["block_size"]
+  nb = num_blocks(math.prod(entry["shape"]), bs)
+  want = {"codes": ([nb, bs * cmap.bits // 32], "uint32"), "scales": ([nb], "float32")}
+  for field, (shape, dtype) in want.items():
+    got = entry[field]
+    if list(got["shape"]) != shape or got["dtype"] != dtype:
+      raise ValueError(f"{fn}: {where}.{field} is {got['dtype']}{list(got['shape'])}, but "
+                       f"{cmap.bits} bits, block_size={bs} and shape {tuple(entry['shape'])} "
+                       f"need {dtype}{shape}")
+  return cmap
+
+
+def _item_names(item: str) -> tuple[str, str]:
+  if not isinstance(item, str) or not item:
+    raise TypeError(f"item must be a non-empty str, got {item!r}")
+  return item, item + _LAYOUT_SUFFIX
+
+
+def checkpoint_args(opt_state, *, item: str = "opt_state") -> dict[str, Any]:
+  """orbax save arguments for ``opt_state``: arrays and layout, as two named items.
+
+  For :class:`orbax.checkpoint.CheckpointManager`, which saves several items
+  per step; merge them with your own items and restore with
+  :func:`restore_state` (which accepts the manager)::
+
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), **sq.checkpoint_args(opt_state)))
+
+  Args:
+    opt_state: the whole optimizer state (it must contain a stquant state).
+    item: name of the arrays item; the layout item is ``item + "_layout"``.
+
+  Returns:
+    ``{item: ocp.args.StandardSave(arrays), item + "_layout": ocp.args.JsonSave(layout)}``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> state = sq.adamw(1e-3).init({"w": jnp.zeros((128, 64))})
+    >>> sorted(sq.checkpoint_args(state))
+    ['opt_state', 'opt_state_layout']
+  """
+  ocp = _ocp()
+  _require_stquant(opt_state, "checkpoint_args", "opt_state")
+  name, layout_name = _item_names(item)
+  layout, arrays = _layout_and_arrays(opt_state, "checkpoint_args")
+  return {name: ocp.args.StandardSave(arrays), layout_name: ocp.args.JsonSave(layout)}
+
+
+def _local_path(directory):
+  path = os.fspath(directory)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def save_state(directory, opt_state, *, item: str = "opt_state", force: bool = False) -> str:
+  """Saves the full optimizer state with orbax: every array plus the bit layout.
+
+  Writes one orbax checkpoint directory with two items: the arrays
+  (``item``) and a JSON layout (``item + "_layout"``) recording each leaf's
+  tree path, kind (``quantized``, ``float32`` / ``placeholder`` moment, or
+  ``array``), shape and dtype, and for quantized moments the code map, bits
+  and block size, plus the tree structure. Works for any optimizer state that
+  contains a stquant state (``optax.chain``, ``inject_hyperparams``,
+  ``MultiSteps`` ...). Call it outside ``jit``; the write is synchronous.
+
+  Args:
+    directory: the checkpoint directory to create (local path or orbax-supported URL).
+    opt_state: the whole optimizer state.
+    item: name of the arrays item (the layout is ``item + "_layout"``).
+    force: overwrite an existing directory.
+
+  Returns:
+    The checkpoint directory (absolute for local paths).
+
+  Raises:
+    FileExistsError: ``directory`` exists and ``force`` is False.
+    TypeError: ``opt_state`` holds no stquant state, or a leaf is not an array.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> state = sq.adamw(1e-3).init({"w": jnp.zeros((128, 64))})
+    >>> path = sq.save_state(os.path.join(tempfile.mkdtemp(), "ckpt"), state)
+    >>> sorted(d for d in os.listdir(path) if not d.startswith("_"))
+    ['commit_success.txt', 'opt_state', 'opt_state_layout']
+  """
+  ocp = _ocp()
+  args = checkpoint_args(opt_state, item=item)  # checks everything before touching disk
+  path = _local_path(directory)
+  if not force and os.path.exists(path):
+    raise FileExistsError(f"save_state: {path} already exists; pass force=True to overwrite")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=ocp.args.Composite(**args), force=force)
+  return path
+
+
+# ---- restore ------------------------------------------------------------------------
+
+
+def _fits(sharding, shape) -> bool:
+  spec = tuple(sharding.spec)
+  if len(spec) > len(shape):
+    return False
+  sizes = dict(sharding.mesh.shape)
+  for dim, entry in zip(shape, spec):
+    if entry is None:
+      continue
+    axes = entry if isinstance(entry, tuple) else (entry,)
+    if not all(isinstance(a, str) for a in axes):
+      return False
+    if dim % math.prod(sizes[a] for a in axes):
+      return False
+  return True
+
+
+def _sharding_for(like_array, shape):
+  """``like_array``'s sharding if it can hold ``shape``, else replicated on its devices."""
+  sharding = getattr(like_array, "sharding", None)
+  if sharding is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if tuple(getattr(like_array, "shape", ())) == tuple(shape) or sharding.is_fully_replicated:
+    return sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    if _fits(sharding, shape):
+      return sharding
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  devices = sorted(sharding.device_set, key=lambda d: d.id)
+  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _compare(saved, like, strict: bool) -> list[str]:
+  """Differences between a saved leaf entry and ``like``'s entry for the same path."""
+  p, sk, lk = saved["path"], saved["kind"], like["kind"]
+  shape = lambda e: tuple(e["shape"])
+  if (sk in _MOMENT_KINDS) != (lk in _MOMENT_KINDS):
+    return [f"{p}: saved as {sk}, but `like` has a {lk} there"]
+  if shape(saved) != shape(like) or saved["dtype"] != like["dtype"]:
+    what = "parameter" if sk in _MOMENT_KINDS else "array"
+    return [f"{p}: {what} shape/dtype differs: saved {saved['dtype']}{list(shape(saved))}, "
+            f"`like` has {like['dtype']}{list(shape(like))}"]
+  if sk == "array":
+    return []
+  if "placeholder" in (sk, lk) and sk != lk:
+    return [f"{p}: saved as {sk} moment, but `like` has a {lk} moment (parameter dtype "
+            "changed between integer and floating point?)"]
+  out = []
+  if sk == lk == "quantized":
+    if saved["block_size"] != like["block_size"]:
+      out.append(f"{p}: block_size differs: saved {saved['block_size']}, "
+                 f"`like` has {like['block_size']}")
+    if saved["bits"] == like["bits"] and saved["code_map"] != like["code_map"]:
+      out.append(f"{p}: code map for {saved['bits']} bits differs: saved {saved['map_name']}, "
+                 f"`like` has {like['map_name']} (a different mu_map / nu_map?)")
+  if strict and not out:
+    desc = lambda e: e["map_name"] if e["kind"] == "quantized" else e["kind"]
+    if desc(saved) != desc(like):
+      out.append(f"{p}: bit layout differs (strict=True): saved {desc(saved)}, "
+                 f"`like` has {desc(like)}")
+  return out
+
+
+def _raise(problems: list[str], where: str, headline: str):
+  listed = problems[:_MAX_LISTED]
+  more = len(problems) - len(listed)
+  tail = f"\n  ... and {more} more" if more > 0 else ""
+  raise ValueError(f"restore_state: {headline} ({where}):\n  - " + "\n  - ".join(listed) + tail)
+
+
+def _check_layout(layout, like_entries, like_treedef: str, where: str, strict: bool):
+  if not isinstance(layout, dict) or layout.get("format") != FORMAT:
+    raise ValueError(f"restore_state: {where} does not hold a stquant_jax optimizer-state "
+                     "layout")
+  if layout.get("version") != FORMAT_VERSION:
+    raise ValueError(f"restore_state: {where} has layout version {layout.get('version')}; "
+                     f"this stquant_jax reads version {FORMAT_VERSION}")
+  saved = layout["leaves"]
+  saved_paths = [e["path"] for e in saved]
+  like_paths = [e["path"] for e in like_entries]
+  if saved_paths != like_paths:
+    sp, lp = set(saved_paths), set(like_paths)
+    problems = [f"{p}: in the checkpoint, missing from `like`" for p in saved_paths
+                if p not in lp]
+    problems += [f"{p}: in `like`, missing from the checkpoint" for p in like_paths
+                 if p not in sp]
+    if not problems:
+      problems = ["the same leaves in a different order"]
+    _raise(problems, where, "the optimizer-state tree differs (other params or optimizer?)")
+  if layout["treedef"] != like_treedef:
+    _raise([f"saved:  {layout['treedef']}", f"`like`: {like_treedef}"], where,
+           "the optimizer-state structure differs (a different optimizer chain?)")
+  for e in saved:
+    if e["kind"] == "quantized":
+      e["map_name"] = _check_quantized_entry(e, "restore_state").name
+  problems = []
+  for s, l in zip(saved, like_entries):
+    problems += _compare(s, l, strict)
+  saved_bs = {e["block_size"] for e in saved if e["kind"] == "quantized"}
+  like_bs = {e["block_size"] for e in like_entries if e["kind"] == "quantized"}
+  if saved_bs and like_bs and saved_bs != like_bs and not any("block_size" in p
+                                                              for p in problems):
+    problems.append(f"block_size differs: saved {sorted(saved_bs)}, `like` has {sorted(like_bs)}")
+  if problems:
+    _raise(problems, where, "the checkpoint does not match `like`")
+
+
+def _is_python_scalar(x) -> bool:
+  return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def _targets(layout, like_leaves):
+  """Restore targets from the saved layout, in ``like``'s container types and shardings:
+  ``(to restore, size-0 arrays to create)``, both keyed by array key. A ``like`` leaf
+  that is a numpy array or Python scalar gets one back; any other a ``jax.Array``."""
+  targets, empty = {}, {}
+
+  def add(meta, ref, i, field=""):
+    shape, dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
+    if _is_python_scalar(ref):
+      t = type(ref)(0)
+    elif isinstance(ref, (np.ndarray, np.generic)):
+      t = np.zeros(shape, dtype)
+    else:
+      t = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding_for(ref, shape))
+    if meta["key"] is None:
+      meta["key"] = f"empty_{i:05d}{field}"
+      empty[meta["key"]] = t
+    else:
+      targets[meta["key"]] = t
+
+  for i, (entry, x) in enumerate(zip(layout["leaves"], like_leaves)):
+    if entry["kind"] == "quantized":
+      for field in ("codes", "scales"):
+        add(entry[field], getattr(x, field) if _is_q(x) else x, i, "_" + field)
+    else:
+      add(entry, x.codes if _is_q(x) else x, i)
+  return targets, empty
+
+
+def _create_empty(t):
+  if isinstance(t, jax.ShapeDtypeStruct):
+    return jax.device_put(np.zeros(t.shape, t.dtype), t.sharding)
+  return t  # numpy zeros of size 0
+
+
+def _rebuild(layout, arrays, treedef):
+  out = []
+  for entry in layout["leaves"]:
+    if entry["kind"] == "quantized":
+      out.append(QuantizedArray(
+          arrays[entry["codes"]["key"]], arrays[entry["scales"]["key"]],
+          CodeMap(**entry["code_map"]), entry["block_size"], tuple(entry["shape"]),
+          np.dtype(entry["dtype"])))
+    else:
+      out.append(arrays[entry["key"]])
+  return jax.tree.unflatten(treedef, out)
+
+
+def _check_restored(arrays, targets, where: str):
+  for key, t in targets.items():
+    a = arrays.get(key)
+    want = (np.shape(t), np.asarray(t).dtype if _is_python_scalar(t) else np.dtype(t.dtype))
+    got = None if a is None else (np.shape(a), np.asarray(a).dtype if _is_python_scalar(a)
+                                  else np.dtype(a.dtype))
+    if got != want or type(a) is not type(t) and not isinstance(t, jax.ShapeDtypeStruct):
+      got_s = "nothing" if a is None else f"{type(a).__name__} {got[1]}{list(got[0])}"
+      raise ValueError(f"restore_state: array {key} in {where} restored as {got_s}, the layout "
+                       f"says {want[1]}{list(want[0])}; the checkpoint is inconsistent")
+
+
+def restore_state(source, like, *, step: int | None = None, item: str = "opt_state",
+                  strict: bool = False):
+  """Restores a state saved by :func:`save_state` (or :func:`checkpoint_args`) in one call.
+
+  ``like`` is the state the caller would start from, typically
+  ``tx.init(params)`` (or ``jax.eval_shape(tx.init, params)``), with arrays
+  placed as training wants them. The result has ``like``'s tree structure
+  and the *saved* bit layout (bits and code map per moment, which an adaptive
+  policy may have changed since ``init``), the saved values of every array
+  (codes, scales, count, policy EMAs ...) bit for bit, and ``like``'s
+  shardings. A moment whose bits changed has codes of another shape than in
+  ``like``; it keeps ``like``'s ``NamedSharding`` when that divides the new
+  shape, and is otherwise replicated over the same mesh.
+
+  Args:
+    source: the checkpoint directory, or an ``orbax.checkpoint.CheckpointManager``
+      whose steps were saved with :func:`checkpoint_args`.
+    like: the current or fresh optimizer state (arrays or ``ShapeDtypeStruct``).
+    step: the manager's step to restore (default: its latest); only with a manager.
+    item: the arrays item name used when saving.
+    strict: also require the saved bit layout (bits, map, float32 or quantized
+      per moment) to equal ``like``'s.
+
+  Returns:
+    The restored optimizer state.
+
+  Raises:
+    FileNotFoundError: no checkpoint at ``source`` (or the manager has no step).
+    TypeError: ``like`` holds no stquant state.
+    ValueError: the checkpoint does not fit ``like``: other tree paths (params
+      or optimizer chain), structure, parameter shapes or dtypes, block size, a
+      different code map at equal bits, a layout this version cannot build,
+      or (``strict``) another bit layout. The message lists the leaves.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax, jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> params = {"w": jnp.ones((128, 64))}
+    >>> tx = sq.adamw(1e-3, policy=sq.FixedBits(4, 4))
+    >>> state = tx.update(params, tx.init(params), params)[1]
+    >>> path = sq.save_state(os.path.join(tempfile.mkdtemp(), "ckpt"), state)
+    >>> restored = sq.restore_state(path, tx.init(params))
+    >>> int(restored[0].count), restored[0].mu["w"].bits
+    (1, 4)
+    >>> bool((restored[0].mu["w"].codes == state[0].mu["w"].codes).all())
+    True
+  """
+  ocp = _ocp()
+  _require_stquant(like, "restore_state", "like")
+  name, layout_name = _item_names(item)
+  like_entries, like_leaves, treedef, like_treedef = _describe(like, "restore_state")
+
+  if isinstance(source, ocp.CheckpointManager):
+    if step is None:
+      step = source.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"restore_state: the CheckpointManager at {source.directory} "
+                                "has no checkpoint")
+    where = f"step {step} of {source.directory}"
+    if step not in source.all_steps():
+      raise FileNotFoundError(f"restore_state: no {where}")
+    read = lambda args: source.restore(step, args=ocp.args.Composite(**args))
+    ckptr = None
+  else:
+    if step is not None:
+      raise TypeError("restore_state: step is only used with a CheckpointManager")
+    path = _local_path(source)
+    where = path
+    if not os.path.isdir(path) and "://" not in path:
+      raise FileNotFoundError(f"restore_state: no checkpoint directory {path}")
+    if "://" not in path and not os.path.isdir(os.path.join(path, layout_name)):
+      raise FileNotFoundError(
+          f"restore_state: {path} has no {layout_name!r} item; was it written by "
+          f"stquant_jax.save_state (with item={item!r})?")
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    read = lambda args: ckptr.restore(path, args=ocp.args.Composite(**args))
+
+  try:
+    layout = read({layout_name: ocp.args.JsonRestore()})[layout_name]
+    _check_layout(layout, like_entries, like_treedef, where, strict)
+    targets, empty = _targets(layout, like_leaves)
+    arrays = dict(read({name: ocp.args.StandardRestore(targets)})[name]) if targets else {}
+  finally:
+    if ckptr is not None:
+      ckptr.close()
+  _check_restored(arrays, targets, where)
+  for key, t in empty.items():
+    arrays[key] = _create_empty(t)
+  return _rebuild(layout, arrays, treedef)
