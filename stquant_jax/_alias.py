@@ -115,6 +115,8 @@ def adamw(
   return optax.chain(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
                        backend=backend),
-      optax.add_decayed_weights(weight_decay, mask),
+      # Integer leaves keep their exact zero update even if a user mask selects
+      # them for decay (float32 -wd * p would truncate integer params).
+      _floating_only(optax.add_decayed_weights(weight_decay, mask)),
       _floating_only(optax.scale_by_learning_rate(learning_rate)),
   )

@@ -20,7 +20,8 @@ import numpy as np
 from stquant_jax._allocation import FLOAT32, NO_MOMENT
 from stquant_jax._maps import resolve_map
 from stquant_jax._quantize import DEFAULT_BLOCK_SIZE, QuantizedArray, dequantize, quantize
-from stquant_jax._sharding import float_sharding_from_blocks, host_value, quantized_shardings
+from stquant_jax._sharding import (
+    fits, float_sharding_from_blocks, host_value, quantized_shardings)
 from stquant_jax._transform import ScaleByStquantState
 
 _is_q = lambda x: isinstance(x, QuantizedArray)
@@ -115,15 +116,31 @@ def _out_shardings(x, new_bits: int, block_size: int):
   return quantized_shardings(fs, tuple(x.shape), nb)
 
 
-def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn):
+def _param_out_shardings(ps, shape, new_bits: int, block_size: int):
+  """Placement from the parameter's sharding, by :func:`stquant_jax.state_shardings`' rule."""
+  if not isinstance(ps, jax.sharding.NamedSharding):
+    return None
+  if new_bits == FLOAT32:
+    if fits(ps, shape):
+      return ps
+    return jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec())
+  return quantized_shardings(ps, tuple(shape), -(-math.prod(shape) // block_size))
+
+
+def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn, param_sharding=None):
   """One moment re-packed at ``new_bits`` (32: float32), in one jitted call.
 
   Runs on global arrays as they are (no host copies), so it also works when
-  the moments span several processes; the output keeps the input's sharding.
+  the moments span several processes; the output keeps the input's sharding,
+  or follows ``param_sharding`` when given.
   """
   bs = x.block_size if _is_q(x) else block_size
   cmap = None if new_bits == FLOAT32 else resolve_map(map_fn, new_bits, signed)
-  fn = _repack_fn(new_bits, signed, bs, cmap, _out_shardings(x, new_bits, bs))
+  if param_sharding is not None:
+    out_shardings = _param_out_shardings(param_sharding, tuple(x.shape), new_bits, bs)
+  else:
+    out_shardings = _out_shardings(x, new_bits, bs)
+  fn = _repack_fn(new_bits, signed, bs, cmap, out_shardings)
   out = fn(x)
   if new_bits == FLOAT32:
     return out
@@ -140,10 +157,31 @@ def _place_like(value: np.ndarray, old):
   return jnp.asarray(value)
 
 
-def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
+def _param_sharding_leaves(tdef, param_shardings, n):
+  """Per moment leaf, the parameter's Sharding (or None)."""
+  if param_shardings is None:
+    return [None] * n
+  try:
+    leaves = tdef.flatten_up_to(param_shardings)
+  except (ValueError, TypeError) as e:
+    raise ValueError("relayout: param_shardings does not have the structure of the params "
+                     f"the optimizer state was built for: {e}") from e
+  out = []
+  for x in leaves:
+    s = x if isinstance(x, jax.sharding.Sharding) else getattr(x, "sharding", None)
+    if x is not None and s is None:
+      raise TypeError("relayout: param_shardings leaves must be Shardings or sharded arrays, "
+                      f"got {type(x).__name__}")
+    out.append(s)
+  return out
+
+
+def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy,
+                    param_shardings=None):
   cur = current_bits(state)
   mu, tdef_m = jax.tree.flatten(state.mu, is_leaf=_is_q)
   nu, tdef_v = jax.tree.flatten(state.nu, is_leaf=_is_q)
+  pshard = _param_sharding_leaves(tdef_m, param_shardings, len(mu))
   if block_size is None:
     qs = [x for x in mu + nu if _is_q(x)]
     block_size = qs[0].block_size if qs else getattr(policy, "block_size", DEFAULT_BLOCK_SIZE)
@@ -154,7 +192,7 @@ def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
       want, have = int(proposed[i, k]), int(cur[i, k])
       if want == have or NO_MOMENT in (want, have):
         continue
-      dst[i] = _convert(src[i], want, signed, block_size, fn)
+      dst[i] = _convert(src[i], want, signed, block_size, fn, pshard[i])
   ps = state.policy_state
   if hasattr(ps, "_fields") and "actual" in ps._fields:
     new_cur = np.where((proposed != NO_MOMENT) & (cur != NO_MOMENT), proposed, cur)
@@ -163,7 +201,8 @@ def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy):
                         policy_state=ps)
 
 
-def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=None):
+def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=None,
+             param_shardings=None):
   """Re-packs the moments whose proposed bit-width differs from their layout.
 
   Finds every :class:`ScaleByStquantState` in ``opt_state`` (a chain,
@@ -190,6 +229,13 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
       :func:`scale_by_stquant`, if any (default: :func:`default_map`).
     block_size: block size for float32 -> quantized moments; default: the
       state's own.
+    param_shardings: optional params-shaped pytree of shardings (or the
+      sharded params). When given, re-packed moments are placed exactly as
+      :func:`stquant_jax.state_shardings` says for the new layout (so the
+      step's ``in_shardings`` from ``state_shardings`` always match); without
+      it, the placement is derived from the old moment's sharding, which
+      can differ for float32 moments of params not sharded along their
+      leading axis.
 
   Returns:
     The new optimizer state (the same object when nothing changed).
@@ -221,7 +267,8 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
   def fix(x):
     if _is_state(x) and id(x) in plans:
       return _relayout_state(x, plans[id(x)], mu_map=mu_map, nu_map=nu_map,
-                             block_size=block_size, policy=policy)
+                             block_size=block_size, policy=policy,
+                             param_shardings=param_shardings)
     return x
 
   return jax.tree.map(fix, opt_state, is_leaf=_is_state)

@@ -395,3 +395,12 @@ def _zeros_fn(shape, dtype, sharding):
 
 def _sharded_zeros(shape, dtype, sharding):
   return _zeros_fn(shape, dtype, sharding)()
+
+
+def replicated_on_params_mesh(params) -> NamedSharding | None:
+  """Replicated sharding on the mesh of the first concrete, multi-device sharded param."""
+  for p in jax.tree.leaves(params):
+    s = concrete_sharding(p)
+    if s is not None:
+      return NamedSharding(s.mesh, PartitionSpec())
+  return None

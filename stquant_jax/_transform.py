@@ -307,21 +307,23 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
 
 def _replicated_leaf_update(leaf_fn, g, mu, nu, kw):
   """``leaf_fn`` on replicated copies of an Explicit-sharded leaf; outputs resharded back."""
-  rep = _sharding.replicated
-
-  def gather(x):
-    if _is_q(x):
-      return dataclasses.replace(x, codes=rep(x.codes), scales=rep(x.scales))
-    return x if x is None or x.size == 0 else rep(x)
-
   def scatter(new, old):
     if _is_q(new):
       return dataclasses.replace(new, codes=_sharding.reshard_like(new.codes, old.codes),
                                  scales=_sharding.reshard_like(new.scales, old.scales))
     return new if new is None or new.size == 0 else _sharding.reshard_like(new, old)
 
-  u, new_mu, new_nu = leaf_fn(rep(g), gather(mu), gather(nu), **kw)
+  u, new_mu, new_nu = leaf_fn(_sharding.replicated(g), _replicated_moment(mu),
+                              _replicated_moment(nu), **kw)
   return (_sharding.reshard_like(u, g), scatter(new_mu, mu), scatter(new_nu, nu))
+
+
+def _replicated_moment(x):
+  """A moment with its arrays resharded to replicated (for the policy's statistics)."""
+  rep = _sharding.replicated
+  if _is_q(x):
+    return dataclasses.replace(x, codes=rep(x.codes), scales=rep(x.scales))
+  return x if x is None or x.size == 0 else rep(x)
 
 
 def scale_by_stquant(
@@ -432,9 +434,13 @@ def scale_by_stquant(
     is_none = lambda x: x is None
     mu = jax.tree.map(lambda p: leaf(p, 0), params, is_leaf=is_none)
     nu = jax.tree.map(lambda p: leaf(p, 1), params, is_leaf=is_none)
-    return ScaleByStquantState(
-        count=jnp.zeros([], jnp.int32), mu=mu, nu=nu,
-        policy_state=policy.init_state(params))
+    count, policy_state = jnp.zeros([], jnp.int32), policy.init_state(params)
+    # Concrete params sharded over a mesh: the small leaves go replicated on
+    # that mesh, so the whole state lives where the params do.
+    rep = _sharding.replicated_on_params_mesh(params)
+    if rep is not None:
+      count, policy_state = jax.device_put((count, policy_state), rep)
+    return ScaleByStquantState(count=count, mu=mu, nu=nu, policy_state=policy_state)
 
   def update_fn(updates, state, params=None):
     count_inc = optax.safe_increment(state.count)
@@ -461,6 +467,7 @@ def scale_by_stquant(
     bc2 = 1 - b2_ ** count_inc
     out_u, out_mu, out_nu = [], [], []
     policy_leaves = list(leaves)  # what the policy's statistics read
+    policy_mu, policy_nu = {}, {}  # replicated moments of leaves updated replicated
     param_leaves = None
     for i, (g, mu, nu) in enumerate(zip(leaves, mu_leaves, nu_leaves)):
       if not jnp.issubdtype(g.dtype, jnp.floating):
@@ -491,6 +498,7 @@ def scale_by_stquant(
         # leaf replicated and put every output back on its input's sharding.
         u, mu, nu = _replicated_leaf_update(leaf_fn, g, mu, nu, kw)
         policy_leaves[i] = _sharding.replicated(g)
+        policy_mu[i], policy_nu[i] = _replicated_moment(mu), _replicated_moment(nu)
       out_u.append(u)
       out_mu.append(mu)
       out_nu.append(nu)
@@ -498,8 +506,11 @@ def scale_by_stquant(
     new_nu = treedef.unflatten(out_nu)
     new_state = ScaleByStquantState(
         count=count_inc, mu=new_mu, nu=new_nu,
-        policy_state=policy.update_state(state.policy_state, treedef.unflatten(policy_leaves),
-                                         new_mu, new_nu, count_inc))
+        policy_state=policy.update_state(
+            state.policy_state, treedef.unflatten(policy_leaves),
+            treedef.unflatten([policy_mu.get(i, x) for i, x in enumerate(out_mu)]),
+            treedef.unflatten([policy_nu.get(i, x) for i, x in enumerate(out_nu)]),
+            count_inc))
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -504,3 +504,16 @@ def test_quantize_hostile_arrays(signed):
   for shape in [(0,), (2, 0), ()]:
     z = _dequantize(quantize(jnp.ones(shape), 4, signed=signed))
     assert z.shape == shape and np.isfinite(np.asarray(z)).all()
+
+
+def test_user_decay_mask_selecting_integer_leaves_keeps_them_exact():
+  """A user mask that selects an integer leaf for weight decay (e.g. "every 2-D leaf")
+  must not turn its zero update into float32 ``-wd * p``: integer params stay exact."""
+  params = {"w": jnp.ones((4, 4)), "idx": jnp.full((2, 2), 5, jnp.int32)}
+  tx = sq.adamw(1e-3, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
+  state = tx.init(params)
+  grads = {"w": jnp.ones((4, 4)), "idx": jnp.zeros((2, 2), jnp.int32)}
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  assert updates["idx"].dtype == jnp.int32
+  assert (optax.apply_updates(params, updates)["idx"] == 5).all()
+  assert (updates["w"] < 0).all()  # the float leaf still moves (and decays)

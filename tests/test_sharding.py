@@ -208,10 +208,13 @@ _SCRIPT = textwrap.dedent(r"""
     # (op, elements) of every collective that moves array data (all-reduce excluded).
     res = []
     for line in text.splitlines():
-      mt = re.search(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|"
-                     r"reduce-scatter)(-start)?\(", line)
+      # The result may be one array or a tuple of them: count the elements of every shape.
+      mt = re.search(r"=\s*(.*?)\s(all-gather|all-to-all|collective-permute|reduce-scatter)"
+                     r"(-start)?\(", line)
       if mt:
-        res.append((mt.group(3), int(np.prod([int(d) for d in mt.group(2).split(",") if d]))))
+        shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
+        res.append((mt.group(2), sum(int(np.prod([int(d) for d in sh.split(",") if d]))
+                                     for sh in shapes)))
     return res
 
   def run_fsdp(policy, mesh, batch_axes, explicit, check_collectives, float_roundtrip=False):
@@ -330,6 +333,28 @@ _SCRIPT = textwrap.dedent(r"""
   } for k in ex_shapes}
   out["explicit_props"] = [np.asarray(s1[0].policy_state.proposed).tolist(),
                            np.asarray(s8[0].policy_state.proposed).tolist()]
+  # relayout(param_shardings=...) to float32 for the later-axis leaf: placed as
+  # state_shardings says, so a step with in_shardings from state_shardings runs (and the
+  # policy's statistics read the float32 moment sharded along a later axis).
+  def ex_propose(state, leaf, bits):
+    ps = state[0].policy_state
+    prop = np.asarray(ps.proposed).copy()
+    prop[sorted(ex_shapes).index(leaf), 0] = bits
+    ps = ps._replace(proposed=jax.device_put(prop, ps.proposed.sharding))
+    return (state[0]._replace(policy_state=ps),) + tuple(state[1:])
+  with jax.set_mesh(mesh8):
+    s9 = sq.relayout(ex_propose(s8, "later", 32), param_shardings=p8)
+    ss9 = sq.state_shardings(s9, p8)
+    pss = jax.tree.map(lambda x: x.sharding, p8)
+    f9 = jax.jit(ex_step, in_shardings=(pss, ss9), out_shardings=(pss, ss9))
+    p10, s10 = f9(p8, s9)
+    p10, s10 = f9(p10, s10)
+  out["explicit_float"] = {
+      "relayout_spec": str(s9[0].mu["later"].sharding.spec),
+      "state_shardings_spec": str(ss9[0].mu["later"].spec),
+      "after_steps_spec": str(s10[0].mu["later"].sharding.spec),
+      "finite": bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p10))),
+  }
   print("RESULT" + json.dumps(out))
 """)
 
@@ -506,3 +531,12 @@ def test_explicit_mesh_non_aligned_leaves_train_like_one_device(results):
   assert ex["ragged"]["param"] == "P('fsdp', None)"
   single, sharded = results["explicit_props"]
   assert single == sharded
+
+
+def test_relayout_with_param_shardings_matches_state_shardings(results):
+  """A moment of a later-axis-sharded param relayouted to float32 with
+  ``param_shardings`` gets the param's sharding, exactly ``state_shardings``' rule,
+  so a step jitted with ``in_shardings=state_shardings(...)`` accepts it and keeps it."""
+  info = results["explicit_float"]
+  assert info["relayout_spec"] == info["state_shardings_spec"] == "P(None, 'fsdp')"
+  assert info["after_steps_spec"] == "P(None, 'fsdp')" and info["finite"]
