@@ -16,8 +16,10 @@ checkpoint therefore holds two orbax items:
 
 :func:`restore_state` reads the layout first, checks it against the state the
 caller passes (``like``, e.g. ``tx.init(params)``), builds the restore target
-from the *saved* layout and places the arrays with ``like``'s shardings. Any
-disagreement other than bit-widths and code maps moved by the policy raises a
+from the *saved* layout and places the arrays with ``state_shardings`` of
+``param_shardings`` when given, else with the shardings of ``like``'s
+committed arrays (everything else comes back uncommitted). Any disagreement
+other than bit-widths and code maps moved by an adaptive policy raises a
 ``ValueError`` naming the leaves; nothing is reshaped, cast or dropped.
 
 orbax-checkpoint is imported only when these functions run.
@@ -27,11 +29,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from stquant_jax import _sharding
 from stquant_jax._maps import CodeMap
 from stquant_jax._quantize import QuantizedArray, check_block_size, num_blocks
 from stquant_jax._transform import ScaleByStquantState
@@ -65,16 +70,27 @@ def _skeleton(opt_state):
   return leaves_with_path, treedef
 
 
-def _moment_paths(opt_state) -> set[str]:
-  """Paths of the m and v leaves of every stquant state in ``opt_state``."""
-  out = set()
+def _adaptive(policy_state) -> bool:
+  """Whether a stquant state's policy state carries a bit proposal (the policy can
+  change bits, e.g. ``STQuantPolicyState.proposed``); ``FixedBits``' ``()`` does not."""
+  if isinstance(policy_state, Mapping) or (hasattr(policy_state, "keys")
+                                           and not hasattr(policy_state, "_fields")):
+    return "proposed" in policy_state
+  return getattr(policy_state, "proposed", None) is not None
+
+
+def _moment_paths(opt_state) -> dict[str, bool]:
+  """Paths of the m and v leaves of every stquant state in ``opt_state``, each mapped to
+  whether that state's policy is adaptive (see :func:`_adaptive`)."""
+  out = {}
   found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_state)[0]
   for prefix, st in found:
     if not _is_state(st):
       continue
+    adaptive = _adaptive(st.policy_state)
     for sub, _ in jax.tree_util.tree_flatten_with_path(st, is_leaf=_is_q)[0]:
       if sub and getattr(sub[0], "name", None) in ("mu", "nu"):
-        out.add(_keystr(tuple(prefix) + tuple(sub)))
+        out[_keystr(tuple(prefix) + tuple(sub))] = adaptive
   return out
 
 
@@ -271,40 +287,99 @@ def save_state(directory, opt_state, *, item: str = "opt_state", force: bool = F
 # ---- restore ------------------------------------------------------------------------
 
 
-def _fits(sharding, shape) -> bool:
-  spec = tuple(sharding.spec)
-  if len(spec) > len(shape):
-    return False
-  sizes = dict(sharding.mesh.shape)
-  for dim, entry in zip(shape, spec):
-    if entry is None:
-      continue
-    axes = entry if isinstance(entry, tuple) else (entry,)
-    if not all(isinstance(a, str) for a in axes):
-      return False
-    if dim % math.prod(sizes[a] for a in axes):
-      return False
-  return True
-
-
-def _sharding_for(like_array, shape):
-  """``like_array``'s sharding if it can hold ``shape``, else replicated on its devices."""
-  sharding = getattr(like_array, "sharding", None)
-  if sharding is None:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if tuple(getattr(like_array, "shape", ())) == tuple(shape) or sharding.is_fully_replicated:
+def _replicated_on(sharding: Sharding) -> Sharding:
+  """Fully replicated over ``sharding``'s mesh (NamedSharding) or devices (other types)."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=sharding.memory_kind)
+  if sharding.is_fully_replicated:
     return sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    if _fits(sharding, shape):
-      return sharding
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
   devices = sorted(sharding.device_set, key=lambda d: d.id)
-  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), PartitionSpec())
 
 
-def _compare(saved, like, strict: bool) -> list[str]:
-  """Differences between a saved leaf entry and ``like``'s entry for the same path."""
+def _placement(x) -> Sharding | None:
+  """The sharding of a *committed* array of ``like`` (or of a ShapeDtypeStruct that
+  carries a concrete one); None for uncommitted arrays and ShapeDtypeStructs without a
+  sharding or with one on an abstract mesh."""
+  if isinstance(x, jax.Array):
+    return x.sharding if x.committed else None
+  if isinstance(x, jax.ShapeDtypeStruct):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and isinstance(s.mesh, jax.sharding.AbstractMesh):
+      return None  # eval_shape under jax.set_mesh: a type, not a placement
+    return s
+  return None
+
+
+def _like_sharding(entry, field: str, x) -> Sharding | None:
+  """Sharding of the saved array ``field`` (``"codes"``, ``"scales"``, or ``""`` for a
+  plain leaf) of ``entry``, derived from ``like``'s leaf ``x`` for the same path; None
+  when ``like``'s array is not placed (the array then comes back uncommitted)."""
+  shape = tuple((entry[field] if field else entry)["shape"])
+  if entry["kind"] == "quantized" and not _is_q(x):  # `like` has a float32 moment there
+    s = _placement(x)
+    if s is None:
+      return None
+    if not isinstance(s, NamedSharding):
+      return _replicated_on(s)
+    codes, scales = _sharding.quantized_shardings(s, tuple(entry["shape"]),
+                                                  entry["scales"]["shape"][0])
+    return codes if field == "codes" else scales
+  if entry["kind"] != "quantized" and _is_q(x):  # `like` has a quantized moment there
+    s = _placement(x.codes)
+    if s is None:
+      return None
+    return _sharding.float_sharding_from_blocks(s, shape) or _replicated_on(s)
+  ref = getattr(x, field) if field else x
+  s = _placement(ref)
+  if s is None or tuple(ref.shape) == shape or s.is_fully_replicated:
+    return s
+  if not isinstance(s, NamedSharding):
+    return _replicated_on(s)
+  if field == "codes":  # the bits changed: keep the block axis' sharding, never the words'
+    spec = tuple(s.spec)
+    block = spec[0] if spec else None
+    s = NamedSharding(s.mesh, PartitionSpec(block, None) if block is not None
+                      else PartitionSpec(), memory_kind=s.memory_kind)
+  return s if _sharding.fits(s, shape) else _replicated_on(s)
+
+
+def _abstract_saved(layout, treedef):
+  """The restored state as ShapeDtypeStructs, with the *saved* bit layout."""
+  sds = lambda m: jax.ShapeDtypeStruct(tuple(m["shape"]), np.dtype(m["dtype"]))
+  leaves = []
+  for entry in layout["leaves"]:
+    if entry["kind"] == "quantized":
+      leaves.append(QuantizedArray(
+          sds(entry["codes"]), sds(entry["scales"]), CodeMap(**entry["code_map"]),
+          entry["block_size"], tuple(entry["shape"]), np.dtype(entry["dtype"])))
+    else:
+      leaves.append(sds(entry))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _param_layout_shardings(layout, treedef, param_shardings):
+  """Per layout entry, ``state_shardings`` of the saved layout: ``(codes, scales)`` for a
+  quantized moment, one sharding otherwise."""
+  out = _sharding.state_shardings(_abstract_saved(layout, treedef), param_shardings)
+  flat = jax.tree.leaves(out, is_leaf=_is_q)
+  if len(flat) != len(layout["leaves"]):  # pragma: no cover - state_shardings keeps the tree
+    raise ValueError("restore_state: state_shardings changed the state's tree")
+  return [(s.codes, s.scales) if _is_q(s) else s for s in flat]
+
+
+def _strict_label(strict: bool | None, path: str, moments: dict[str, bool]) -> str | None:
+  """Why the bit layout of moment ``path`` must match (a label for the error), or None."""
+  if strict is not None:
+    return "strict=True" if strict else None
+  if path in moments and not moments[path]:
+    return "fixed policy"
+  return None
+
+
+def _compare(saved, like, strict: str | None) -> list[str]:
+  """Differences between a saved leaf entry and ``like``'s entry for the same path;
+  ``strict`` (a label, or None) also requires the same bit layout."""
   p, sk, lk = saved["path"], saved["kind"], like["kind"]
   shape = lambda e: tuple(e["shape"])
   if (sk in _MOMENT_KINDS) != (lk in _MOMENT_KINDS):
@@ -329,19 +404,30 @@ def _compare(saved, like, strict: bool) -> list[str]:
   if strict and not out:
     desc = lambda e: e["map_name"] if e["kind"] == "quantized" else e["kind"]
     if desc(saved) != desc(like):
-      out.append(f"{p}: bit layout differs (strict=True): saved {desc(saved)}, "
+      out.append(f"{p}: bit layout differs ({strict}): saved {desc(saved)}, "
                  f"`like` has {desc(like)}")
   return out
 
 
-def _raise(problems: list[str], where: str, headline: str):
+_STRICT_HINT = {
+    "strict=True": "pass strict=False (or None) to adopt the checkpoint's bits",
+    "fixed policy": ("`like`'s policy never changes bits (no proposal in its policy state, "
+                     "e.g. FixedBits), so the checkpoint's bits would be kept for the rest of "
+                     "training; build `like` with the policy the checkpoint was written with, "
+                     "or pass strict=False to adopt the checkpoint's bits"),
+}
+
+
+def _raise(problems: list[str], where: str, headline: str, hint: str = ""):
   listed = problems[:_MAX_LISTED]
   more = len(problems) - len(listed)
   tail = f"\n  ... and {more} more" if more > 0 else ""
+  tail += f"\n{hint}" if hint else ""
   raise ValueError(f"restore_state: {headline} ({where}):\n  - " + "\n  - ".join(listed) + tail)
 
 
-def _check_layout(layout, like_entries, like_treedef: str, where: str, strict: bool):
+def _check_layout(layout, like_entries, like_treedef: str, where: str, strict: bool | None,
+                  moments: dict[str, bool]):
   if not isinstance(layout, dict) or layout.get("format") != FORMAT:
     raise ValueError(f"restore_state: {where} does not hold a stquant_jax optimizer-state "
                      "layout")
@@ -366,54 +452,70 @@ def _check_layout(layout, like_entries, like_treedef: str, where: str, strict: b
   for e in saved:
     if e["kind"] == "quantized":
       e["map_name"] = _check_quantized_entry(e, "restore_state").name
-  problems = []
+  problems, labels = [], set()
   for s, l in zip(saved, like_entries):
-    problems += _compare(s, l, strict)
+    label = _strict_label(strict, s["path"], moments)
+    found = _compare(s, l, label)
+    problems += found
+    if label and any("bit layout differs" in f for f in found):
+      labels.add(label)
   saved_bs = {e["block_size"] for e in saved if e["kind"] == "quantized"}
   like_bs = {e["block_size"] for e in like_entries if e["kind"] == "quantized"}
   if saved_bs and like_bs and saved_bs != like_bs and not any("block_size" in p
                                                               for p in problems):
     problems.append(f"block_size differs: saved {sorted(saved_bs)}, `like` has {sorted(like_bs)}")
   if problems:
-    _raise(problems, where, "the checkpoint does not match `like`")
+    _raise(problems, where, "the checkpoint does not match `like`",
+           "\n".join(_STRICT_HINT[l] for l in sorted(labels)))
 
 
 def _is_python_scalar(x) -> bool:
   return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
 
 
-def _targets(layout, like_leaves):
-  """Restore targets from the saved layout, in ``like``'s container types and shardings:
-  ``(to restore, size-0 arrays to create)``, both keyed by array key. A ``like`` leaf
-  that is a numpy array or Python scalar gets one back; any other a ``jax.Array``."""
-  targets, empty = {}, {}
+def _targets(layout, like_leaves, given=None):
+  """Restore targets from the saved layout, in ``like``'s container types:
+  ``(to restore, size-0 arrays to create, keys to return uncommitted)``, the first two
+  keyed by array key. A ``like`` leaf that is a numpy array or Python scalar gets one
+  back. Any other gets a ``jax.Array``: placed with ``given`` (per entry, from
+  ``param_shardings``) when set, else with the sharding derived from ``like``'s committed
+  array (:func:`_like_sharding`); without either it is read to the host and returned
+  uncommitted on the default device."""
+  targets, empty, uncommitted = {}, {}, set()
 
-  def add(meta, ref, i, field=""):
+  def add(meta, ref, i, field, sharding):
     shape, dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
     if _is_python_scalar(ref):
       t = type(ref)(0)
     elif isinstance(ref, (np.ndarray, np.generic)):
       t = np.zeros(shape, dtype)
+    elif sharding is None:
+      t = np.zeros(shape, dtype)
     else:
-      t = jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding_for(ref, shape))
+      t = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     if meta["key"] is None:
-      meta["key"] = f"empty_{i:05d}{field}"
+      meta["key"] = f"empty_{i:05d}{field and '_' + field}"
       empty[meta["key"]] = t
     else:
       targets[meta["key"]] = t
+    if sharding is None and not isinstance(ref, (np.ndarray, np.generic)) and not (
+        _is_python_scalar(ref)):
+      uncommitted.add(meta["key"])
 
   for i, (entry, x) in enumerate(zip(layout["leaves"], like_leaves)):
     if entry["kind"] == "quantized":
-      for field in ("codes", "scales"):
-        add(entry[field], getattr(x, field) if _is_q(x) else x, i, "_" + field)
+      for j, field in enumerate(("codes", "scales")):
+        sharding = given[i][j] if given is not None else _like_sharding(entry, field, x)
+        add(entry[field], getattr(x, field) if _is_q(x) else x, i, field, sharding)
     else:
-      add(entry, x.codes if _is_q(x) else x, i)
-  return targets, empty
+      sharding = given[i] if given is not None else _like_sharding(entry, "", x)
+      add(entry, x.codes if _is_q(x) else x, i, "", sharding)
+  return targets, empty, uncommitted
 
 
 def _create_empty(t):
   if isinstance(t, jax.ShapeDtypeStruct):
-    return jax.device_put(np.zeros(t.shape, t.dtype), t.sharding)
+    return _sharding.zeros(t.shape, t.dtype, t.sharding)
   return t  # numpy zeros of size 0
 
 
@@ -443,18 +545,27 @@ def _check_restored(arrays, targets, where: str):
 
 
 def restore_state(source, like, *, step: int | None = None, item: str = "opt_state",
-                  strict: bool = False):
+                  strict: bool | None = None, param_shardings=None):
   """Restores a state saved by :func:`save_state` (or :func:`checkpoint_args`) in one call.
 
   ``like`` is the state the caller would start from, typically
-  ``tx.init(params)`` (or ``jax.eval_shape(tx.init, params)``), with arrays
-  placed as training wants them. The result has ``like``'s tree structure
-  and the *saved* bit layout (bits and code map per moment, which an adaptive
-  policy may have changed since ``init``), the saved values of every array
-  (codes, scales, count, policy EMAs ...) bit for bit, and ``like``'s
-  shardings. A moment whose bits changed has codes of another shape than in
-  ``like``; it keeps ``like``'s ``NamedSharding`` when that divides the new
-  shape, and is otherwise replicated over the same mesh.
+  ``tx.init(params)`` (or ``jax.eval_shape(tx.init, params)``). The result has
+  ``like``'s tree structure and the *saved* bit layout (bits and code map per
+  moment, which an adaptive policy may have changed since ``init``), and the
+  saved values of every array (codes, scales, count, policy EMAs ...) bit for
+  bit.
+
+  Placement: with ``param_shardings`` (recommended for sharded training),
+  every array gets :func:`~stquant_jax.state_shardings` of the restored
+  layout, i.e. quantized codes and scales block-sharded like their parameter
+  and the count and policy state replicated on the mesh. Without it, an array
+  whose ``like`` counterpart is a *committed* ``jax.Array`` (or a
+  ``ShapeDtypeStruct`` with a sharding) keeps that sharding; codes whose bits
+  changed keep only its block-axis sharding when that divides (never the word
+  axis) and are otherwise replicated on the same mesh. Every other ``jax``
+  leaf (uncommitted arrays, shardingless ``ShapeDtypeStruct``) comes back
+  *uncommitted* on the default device, so a plain ``jax.jit`` step places it
+  next to the other arguments. numpy and Python-scalar leaves come back as such.
 
   Args:
     source: the checkpoint directory, or an ``orbax.checkpoint.CheckpointManager``
@@ -462,8 +573,16 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     like: the current or fresh optimizer state (arrays or ``ShapeDtypeStruct``).
     step: the manager's step to restore (default: its latest); only with a manager.
     item: the arrays item name used when saving.
-    strict: also require the saved bit layout (bits, map, float32 or quantized
-      per moment) to equal ``like``'s.
+    strict: whether the saved bit layout (bits, map, float32 or quantized per
+      moment) must equal ``like``'s. ``None`` (default): required for the
+      moments of every stquant state whose policy cannot change bits (its
+      policy state carries no ``proposed`` bits, e.g. ``FixedBits``), so a
+      checkpoint at other bits never silently replaces a fixed bit-width;
+      adaptive states (``STQuantPolicy``) adopt the saved bits. ``True``:
+      required everywhere; ``False``: never (adopt the checkpoint's bits).
+    param_shardings: a pytree like the params of ``jax.sharding.Sharding``
+      objects, or the sharded params themselves (as for
+      :func:`~stquant_jax.state_shardings`).
 
   Returns:
     The restored optimizer state.
@@ -474,7 +593,8 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     ValueError: the checkpoint does not fit ``like``: other tree paths (params
       or optimizer chain), structure, parameter shapes or dtypes, block size, a
       different code map at equal bits, a layout this version cannot build,
-      or (``strict``) another bit layout. The message lists the leaves.
+      or another bit layout where ``strict`` requires it. The message lists
+      the leaves.
 
   Example:
     >>> import os, tempfile
@@ -485,13 +605,24 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     >>> state = tx.update(params, tx.init(params), params)[1]
     >>> path = sq.save_state(os.path.join(tempfile.mkdtemp(), "ckpt"), state)
     >>> restored = sq.restore_state(path, tx.init(params))
-    >>> int(restored[0].count), restored[0].mu["w"].bits
-    (1, 4)
+    >>> int(restored[0].count), restored[0].mu["w"].bits, restored[0].count.committed
+    (1, 4, False)
     >>> bool((restored[0].mu["w"].codes == state[0].mu["w"].codes).all())
     True
+    >>> other = sq.adamw(1e-3, policy=sq.FixedBits(8, 8)).init(params)
+    >>> sq.restore_state(path, other)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: restore_state: the checkpoint does not match `like` (...):
+      - [0].mu['w']: bit layout differs (fixed policy): saved power-p2-s4, `like` has power-p2-s8
+    ...
+    >>> sq.restore_state(path, other, strict=False)[0].mu["w"].bits
+    4
   """
   ocp = _ocp()
   _require_stquant(like, "restore_state", "like")
+  if strict is not None and not isinstance(strict, bool):
+    raise TypeError(f"restore_state: strict must be True, False or None, got {strict!r}")
   name, layout_name = _item_names(item)
   like_entries, like_leaves, treedef, like_treedef = _describe(like, "restore_state")
 
@@ -522,8 +653,10 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
 
   try:
     layout = read({layout_name: ocp.args.JsonRestore()})[layout_name]
-    _check_layout(layout, like_entries, like_treedef, where, strict)
-    targets, empty = _targets(layout, like_leaves)
+    _check_layout(layout, like_entries, like_treedef, where, strict, _moment_paths(like))
+    given = (None if param_shardings is None
+             else _param_layout_shardings(layout, treedef, param_shardings))
+    targets, empty, uncommitted = _targets(layout, like_leaves, given)
     arrays = dict(read({name: ocp.args.StandardRestore(targets)})[name]) if targets else {}
   finally:
     if ckptr is not None:
@@ -531,4 +664,6 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
   _check_restored(arrays, targets, where)
   for key, t in empty.items():
     arrays[key] = _create_empty(t)
+  for key in uncommitted:  # host arrays -> uncommitted jax.Arrays on the default device
+    arrays[key] = jax.device_put(arrays[key])
   return _rebuild(layout, arrays, treedef)

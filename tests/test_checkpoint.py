@@ -150,6 +150,23 @@ def test_round_trip_adaptive_layout_and_policy_state(tmp_path, run):
   assert_identical(sq.restore_state(path, jax.eval_shape(tx.init, params)), state)
 
 
+def test_unplaced_like_gives_uncommitted_arrays(saved, run):
+  """Leaves of ``like`` that are uncommitted arrays (a fresh ``tx.init``) or ShapeDtypeStructs
+  without a sharding come back as uncommitted jax.Arrays (free to follow the other arguments
+  of a jitted step); committed leaves stay committed."""
+  path, params = saved
+  tx = run["tx"]
+  abstract = jax.eval_shape(tx.init, params)
+  assert all(getattr(x, "sharding", None) is None for x in jax.tree.leaves(abstract))
+  for like in (abstract, tx.init(params)):
+    leaves = jax.tree.leaves(sq.restore_state(path, like))
+    assert leaves and all(isinstance(x, jax.Array) and x.committed is False for x in leaves)
+  committed = jax.device_put(tx.init(params), jax.local_devices()[0])
+  assert all(x.committed for x in jax.tree.leaves(committed))
+  leaves = jax.tree.leaves(sq.restore_state(path, committed))
+  assert all(x.committed for x in leaves)
+
+
 def test_round_trip_wrapped_optimizer(tmp_path):
   """inject_hyperparams inside MultiSteps: the nested state (hyperparams, mini-step
   counters, accumulated gradients) round-trips too."""
@@ -243,6 +260,39 @@ def test_strict_requires_the_same_bit_layout(saved, run):
   assert_identical(sq.restore_state(path, state, strict=True), state)
 
 
+def test_default_strictness_follows_the_policy(tmp_path, saved, run):
+  """By default a FixedBits state refuses a checkpoint at other bits (it would train at the
+  checkpoint's bits forever) with an error naming ``strict=False``, which adopts the saved
+  bits; an STQuantPolicy state adopts the saved bits; ``strict=False`` and ``strict=True``
+  override both ways."""
+  params = {"w": jnp.ones((64, 256)), "b": jnp.ones((256,))}
+  three = sq.adamw(1e-2, policy=sq.FixedBits(3, 3, min_size=1024))
+  path = sq.save_state(tmp_path / "ckpt", three.init(params))
+  eight = sq.adamw(1e-2, policy=sq.FixedBits(8, 8, min_size=1024)).init(params)
+  with pytest.raises(ValueError, match=r"\.mu\['w'\]: bit layout differs \(fixed policy\): "
+                     r"saved power-p2-s3, `like` has power-p2-s8(.|\n)*pass strict=False to "
+                     r"adopt the checkpoint's bits"):
+    sq.restore_state(path, eight)
+  assert sq.restore_state(path, eight, strict=False)[0].mu["w"].bits == 3
+  assert sq.restore_state(path, three.init(params))[0].mu["w"].bits == 3  # same bits: fine
+  # Adaptive: the policy state carries `proposed`, the saved (relayouted) bits win.
+  apath, aparams = saved
+  fresh, state = run["tx"].init(aparams), run["state_cut"]
+  assert sq.bit_widths(fresh) != sq.bit_widths(state)
+  assert sq.bit_widths(sq.restore_state(apath, fresh)) == sq.bit_widths(state)
+  with pytest.raises(ValueError, match=r"\(strict=True\)(.|\n)*pass strict=False"):
+    sq.restore_state(apath, fresh, strict=True)
+  # A policy state held as a mapping (e.g. rebuilt by a wrapper) is recognised as adaptive.
+  as_dict = lambda st: (st[0]._replace(policy_state=dict(st[0].policy_state._asdict())),
+                        *st[1:])
+  mpath = sq.save_state(tmp_path / "mapping", as_dict(state))
+  restored = sq.restore_state(mpath, as_dict(fresh))
+  assert isinstance(restored[0].policy_state, dict)
+  want = sq.bit_widths(state)
+  got = sq.bit_widths(restored)
+  assert (got["mu_bits"], got["nu_bits"]) == (want["mu_bits"], want["nu_bits"])
+
+
 def test_corrupt_layout_is_rejected(tmp_path):
   """A layout whose code map this version cannot build (or whose arrays do not fit it)
   fails with a ValueError instead of decoding garbage."""
@@ -298,7 +348,7 @@ def test_bad_inputs(tmp_path):
 
 _SHARDED = textwrap.dedent(r"""
   import json, sys
-  import jax, jax.numpy as jnp, numpy as np
+  import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import NamedSharding, PartitionSpec as P
   import stquant_jax as sq
 
@@ -308,7 +358,7 @@ _SHARDED = textwrap.dedent(r"""
   saved_tx = sq.adamw(1e-2, policy=sq.FixedBits(3, 3, min_size=1024))
   state = saved_tx.init(params)
   _, state = saved_tx.update(params, state, params)
-  path = sq.save_state(sys.argv[1], state)
+  path = sq.save_state(sys.argv[1] + "/fixed", state)
 
   # `like`: the 8-bit layout of init, sharded: w's codes along words (32 words / 8 devices),
   # u's codes along blocks; the saved 3-bit codes have 12 words per block.
@@ -323,7 +373,7 @@ _SHARDED = textwrap.dedent(r"""
       spec = P()
     return jax.device_put(x, NamedSharding(mesh, spec))
   like = jax.tree_util.tree_map_with_path(place, like)
-  restored = sq.restore_state(path, like)
+  restored = sq.restore_state(path, like, strict=False)  # adopt the saved 3 bits
   out = {}
   for name in ("w", "u"):
     for mom in ("mu", "nu"):
@@ -336,18 +386,72 @@ _SHARDED = textwrap.dedent(r"""
           "equal": bool(np.array_equal(np.asarray(q.codes), np.asarray(s.codes))
                         and np.array_equal(np.asarray(q.scales), np.asarray(s.scales)))}
   out["count_equal"] = int(restored[0].count) == 1
+
+  # Sharded training with the adaptive policy: params block-aligned along their leading axis.
+  pshard = {"w": NamedSharding(mesh, P("d", None)), "u": NamedSharding(mesh, P("d", None))}
+  # inject_hyperparams: its count and hyperparams are created uncommitted by optax.
+  tx = optax.inject_hyperparams(sq.adamw, static_args=("policy", "block_size"))(
+      learning_rate=1e-2, policy=sq.STQuantPolicy(every=2, min_size=1024))
+  def step(p, st):
+    g = jax.grad(lambda p: jnp.sum(jnp.tanh(p["w"] @ p["u"]) ** 2))(p)
+    u, st = tx.update(g, st, p)
+    return optax.apply_updates(p, u), st
+  plain = jax.jit(step)
+  p1, s1 = plain(*plain(jax.device_put(params, pshard), tx.init(jax.device_put(params, pshard))))
+  path = sq.save_state(sys.argv[1] + "/sharded", s1)
+  ref = plain(p1, s1)  # the uninterrupted step
+  same = lambda a, b: jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  # (i) into the eager init of the sharded params, then a plain jitted step.
+  like = tx.init(jax.device_put(params, pshard))
+  r = sq.restore_state(path, like)
+  loose = lambda st: [jax.tree_util.keystr(k)
+                      for k, x in jax.tree_util.tree_flatten_with_path(st)[0] if not x.committed]
+  out["eager"] = {"like_uncommitted": loose(like), "uncommitted": loose(r),
+                  "codes_spec": list(r.inner_state[0].mu["w"].codes.sharding.spec),
+                  "equal": same(r, s1), "step_equal": same(plain(p1, r), ref)}
+
+  # (ii) into an abstract `like` with param_shardings, then a step with explicit shardings.
+  r = sq.restore_state(path, jax.eval_shape(tx.init, params), param_shardings=pshard)
+  codes = r.inner_state[0].mu["w"].codes
+  others = [r.count, r.inner_state[0].count] + jax.tree.leaves(r.inner_state[0].policy_state)
+  jitted = jax.jit(step, in_shardings=(pshard, sq.state_shardings(r, pshard)))
+  out["abstract"] = {
+      "codes_spec": list(codes.sharding.spec), "n_blocks": codes.shape[0],
+      "rows_per_device": sorted({s.data.shape[0] for s in codes.addressable_shards}),
+      "scales_spec": list(r.inner_state[0].nu["u"].scales.sharding.spec),
+      "others_replicated_on_mesh": all(
+          isinstance(x.sharding, NamedSharding) and x.sharding.is_fully_replicated
+          and len(x.sharding.device_set) == 8 for x in others),
+      "n_others": len(others),
+      "equal": same(r, s1), "step_equal": same(jitted(p1, r), ref)}
+  # An abstract `like` traced under jax.set_mesh carries abstract-mesh shardings: uncommitted.
+  with jax.set_mesh(mesh):
+    typed = jax.eval_shape(tx.init, jax.device_put(params, pshard))
+  assert any(getattr(x, "sharding", None) is not None for x in jax.tree.leaves(typed))
+  out["abstract_mesh_uncommitted"] = all(
+      not x.committed for x in jax.tree.leaves(sq.restore_state(path, typed)))
   print("RESULT" + json.dumps(out))
 """)
 
 
-def test_sharded_restore_uses_like_shardings(tmp_path):
-  """On 8 CPU devices, restored arrays take ``like``'s NamedSharding when it fits the saved
-  shape, are replicated on the same mesh when it does not (codes width changed from 32 to
-  12 words, not divisible by 8), and hold the saved values."""
+def test_sharded_restore(tmp_path):
+  """On 8 CPU devices: (a) restored arrays take ``like``'s committed NamedSharding when it
+  fits the saved shape; codes whose bits changed (32 -> 12 words) keep only the block-axis
+  sharding, and are replicated on the same mesh when ``like`` sharded the word axis; values
+  are the saved ones. (b) Restoring into ``tx.init(sharded_params)`` returns the leaves that
+  are uncommitted there (inject_hyperparams' count and hyperparams) uncommitted, so a
+  plain ``jax.jit`` step with sharded params runs and equals the
+  uninterrupted step. (c) With an abstract ``like`` and ``param_shardings``, codes are
+  block-sharded ``P('d', None)`` (n_blocks / 8 rows per device), count and policy state
+  replicated on the mesh, and a step with ``state_shardings`` in_shardings equals (b).
+  (d) An abstract ``like`` whose shardings are on an abstract mesh gives uncommitted arrays."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "ckpt")], env=env,
+  proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path)], env=env,
                         cwd=root, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
@@ -360,3 +464,14 @@ def test_sharded_restore_uses_like_shardings(tmp_path):
     assert w["codes_spec"] == [] and w["codes_devices"] == 8  # replicated
     assert u["codes_spec"] == ["d", None] and u["codes_devices"] == 8
     assert w["scales_spec"] == u["scales_spec"] == ["d"]
+  eager = out["eager"]
+  assert eager["like_uncommitted"] and eager["uncommitted"] == eager["like_uncommitted"]
+  assert eager["equal"]
+  assert eager["codes_spec"] == ["d", None]
+  assert eager["step_equal"]
+  ab = out["abstract"]
+  assert ab["codes_spec"] == ["d", None] and ab["scales_spec"] == ["d"]
+  assert ab["n_blocks"] == 128 and ab["rows_per_device"] == [16]
+  assert ab["others_replicated_on_mesh"] and ab["n_others"] > 5
+  assert ab["equal"] and ab["step_equal"]
+  assert out["abstract_mesh_uncommitted"]
