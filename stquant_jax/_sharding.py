@@ -301,7 +301,10 @@ def explicit_shards(x) -> int:
 
 
 def replicated(x):
-  """``x`` resharded to replicated over its mesh (for Explicit-mode sharded ``x``)."""
+  """``x`` resharded to replicated over its mesh (for Explicit-mode sharded ``x``);
+  ``x`` itself when it has no mesh (a single-device array)."""
+  if not _has_mesh(x):
+    return x
   mesh = jax.typeof(x).sharding.mesh
   return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
 
@@ -325,44 +328,46 @@ def explicit_leaf_is_local(g, moments, block_size: int | None) -> bool:
   """Whether the per-leaf update can run on an Explicit-sharded leaf as typed.
 
   True when no input carries Explicit shardings, or when they line up: the
-  gradient is sharded along its leading axis only, each shard is a whole
-  number of blocks, and every quantized moment's block axis (every float32
-  moment) is sharded exactly like that. Anything else (a parameter sharded
-  along a later axis, ragged shards, a state not sharded like its parameter)
-  needs :func:`replicated` inputs: under Explicit axes the reshapes of the
-  update would be sharding type errors.
+  gradient is sharded along its leading axis only (or not at all), each shard
+  is a whole number of blocks, and every Explicit-sharded quantized moment's
+  block axis (float32 moment) is sharded like the gradient's leading axis
+  (like the gradient). Unsharded moments are fine. Anything else (a
+  parameter sharded along a later axis, ragged shards, a state sharded
+  differently from its parameter) needs :func:`replicated` inputs: under
+  Explicit axes the reshapes of the update would be sharding type errors.
   """
-  arrays = [g]
+  arrays = []
   for m in moments:
     arrays += [m.codes, m.scales] if _is_q(m) else [m]
-  per = [_explicit_axes_per_dim(a) for a in arrays]
-  if not any(p is not None for p in per):
-    return True
-  g_axes = per[0]
-  if g_axes is None or any(g_axes[1:]) or not g_axes[0]:
+  per_m = [_explicit_axes_per_dim(a) for a in arrays]
+  g_axes = _explicit_axes_per_dim(g)
+  if g_axes is None:
+    return all(p is None for p in per_m)
+  if any(g_axes[1:]):
     return False
   lead = g_axes[0]
-  mesh = jax.typeof(g).sharding.mesh
-  n = math.prod(mesh.shape[a] for a in lead)
-  size = math.prod(g.shape)
-  if block_size is not None and (size // n) % block_size:
+  n = math.prod(jax.typeof(g).sharding.mesh.shape[a] for a in lead)
+  if block_size is not None and (math.prod(g.shape) // n) % block_size:
     return False
-  i = 1
-  for m in moments:
-    if _is_q(m):
-      for p in (per[i], per[i + 1]):
-        if p is None or p[0] != lead or any(p[1:]):
-          return False
-      i += 2
-    else:
-      if per[i] != g_axes and tuple(getattr(m, "shape", ())) == tuple(g.shape):
-        return False
-      i += 1
+  for p in per_m:
+    if p is not None and (p[0] != lead or any(p[1:])):
+      return False
   return True
 
 
+def _has_mesh(x) -> bool:
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except (TypeError, AttributeError):
+    return False
+  return mesh is not None and not getattr(mesh, "empty", False) and bool(mesh.axis_names)
+
+
 def reshard_like(x, like):
-  """``x`` resharded to the (Explicit) sharding of ``like``'s type."""
+  """``x`` resharded to the (Explicit) sharding of ``like``'s type; ``x`` itself when
+  ``like`` has no mesh (a single-device array)."""
+  if not _has_mesh(like) or not _has_mesh(x):
+    return x
   return jax.sharding.reshard(x, jax.typeof(like).sharding)
 
 

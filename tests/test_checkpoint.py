@@ -3,8 +3,6 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +11,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+
+from _subprocess import run_json
 
 import stquant_jax as sq
 
@@ -448,13 +448,7 @@ def test_sharded_restore(tmp_path):
   block-sharded ``P('d', None)`` (n_blocks / 8 rows per device), count and policy state
   replicated on the mesh, and a step with ``state_shardings`` in_shardings equals (b).
   (d) An abstract ``like`` whose shardings are on an abstract mesh gives uncommitted arrays."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path)], env=env,
-                        cwd=root, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+  out = run_json(_SHARDED, str(tmp_path), timeout=300)
   assert out["count_equal"]
   for mom in ("mu", "nu"):
     w, u = out[f"{mom}.w"], out[f"{mom}.u"]

@@ -7,13 +7,11 @@ on the concatenated leaves (whose sums are the devices' sums added up).
 Runs in a subprocess: the device count must be set before jax is imported.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from _subprocess import run_json
 
 _SCRIPT = textwrap.dedent(r"""
   import json
@@ -113,14 +111,7 @@ _SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return run_json(_SCRIPT)
 
 
 def test_single_device_decision_is_not_trivial(results):

@@ -27,14 +27,11 @@ shard (1/8 of the elements) or a missing gradient average (all of them)
 fails these bounds at the first step.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
 import pytest
+
+from _subprocess import run_json
 
 _SCRIPT = textwrap.dedent(r"""
   import json, re, time
@@ -361,14 +358,7 @@ _SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-6000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return run_json(_SCRIPT)
 
 
 RUNS = ("pmap", "shard_map", "fsdp8_fixed", "fsdp8_adaptive", "fsdp24_adaptive")

@@ -1,6 +1,5 @@
 """The optax contract for stquant_jax.adamw / adam / scale_by_stquant."""
 
-import functools
 
 import chex
 import jax
