@@ -250,13 +250,18 @@ def evaluate(eval_step, model, batches) -> dict[str, float]:
 
 
 def train(cfg: TrainConfig,
-          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict], None] | None = None,
+          on_end: Callable[[nnx.Module, Any], None] | None = None,
+          ) -> dict[str, Any]:
   """Trains one model; returns (and optionally writes) the JSON-able log.
 
   Args:
     cfg: The run's configuration.
     on_step: Optional ``on_step(step, log)`` called after every step (e.g. to
       drive an outer progress bar).
+    on_end: Optional ``on_end(model, opt_state)`` called once after the last
+      step with the trained model and the optax state in its own pytree types
+      (e.g. ``stquant_jax.QuantizedArray`` moments), to inspect the final state.
 
   Returns:
     The log: config, per-step train loss and step time, evaluations,
@@ -343,6 +348,8 @@ def train(cfg: TrainConfig,
   if quantized and (not log["bit_history"]
                     or log["bit_history"][-1]["step"] != cfg.steps):
     log["bit_history"].append(bit_record(optimizer, template, cfg.steps, cfg))
+  if on_end is not None:
+    on_end(model, typed_opt_state(optimizer, template))
   if cfg.log_path:
     path = pathlib.Path(cfg.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
