@@ -128,6 +128,10 @@ class STQuantPolicy(Policy):
     min_bits, max_bits: allowed quantized bit-widths (default 3..8: the 2-bit
       signed map has three levels, relative error 0.76, and a budget that
       pushed m there cost +18-23% loss in benchmarks/policy_tradeoff.py).
+      ``min_bits=2`` is stable but stalls: tiny GPT-2 with every zone at
+      (2, 2) never diverged in 2000 steps, yet ended at 1.89x fp32 AdamW's
+      loss, because ~88% of 2-bit m codes are 0; 2-bit v alone is harmless
+      (tests/test_stability.py, docs/reliability.md).
     target_bits: optional memory budget, average stored bits per moment value,
       metadata and policy state included (as :func:`stquant_jax.average_bits`).
       Met from the first decision on.
