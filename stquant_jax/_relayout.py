@@ -70,9 +70,11 @@ def _proposed(state: ScaleByStquantState, policy):
 
 
 @functools.lru_cache(maxsize=None)
-def _repack_fn(bits: int, signed: bool, block_size: int, code_map, out_shardings):
+def _repack_fn(bits: int, signed: bool, block_size: int, code_map, out_shardings,
+               stacked: bool = False):
   """Jitted: a moment (QuantizedArray or float32 array) -> float32 values, or the
-  ``(codes, scales)`` of their ``bits``-bit quantization, placed on ``out_shardings``."""
+  ``(codes, scales)`` of their ``bits``-bit quantization, placed on ``out_shardings``.
+  ``stacked``: a ``pmap`` state, every array with a leading device axis."""
 
   def repack(x):
     values = dequantize(x, jnp.float32) if _is_q(x) else jnp.asarray(x, jnp.float32)
@@ -81,7 +83,7 @@ def _repack_fn(bits: int, signed: bool, block_size: int, code_map, out_shardings
     q = quantize(values, bits, signed=signed, block_size=block_size, code_map=code_map)
     return q.codes, q.scales
 
-  return jax.jit(repack, out_shardings=out_shardings)
+  return jax.jit(jax.vmap(repack) if stacked else repack, out_shardings=out_shardings)
 
 
 def _out_shardings(x, new_bits: int, block_size: int):
@@ -127,7 +129,8 @@ def _param_out_shardings(ps, shape, new_bits: int, block_size: int):
   return quantized_shardings(ps, tuple(shape), -(-math.prod(shape) // block_size))
 
 
-def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn, param_sharding=None):
+def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn, param_sharding=None,
+             stacked: bool = False):
   """One moment re-packed at ``new_bits`` (32: float32), in one jitted call.
 
   Runs on global arrays as they are (no host copies), so it also works when
@@ -136,16 +139,18 @@ def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn, param_shar
   """
   bs = x.block_size if _is_q(x) else block_size
   cmap = None if new_bits == FLOAT32 else resolve_map(map_fn, new_bits, signed)
-  if param_sharding is not None:
-    out_shardings = _param_out_shardings(param_sharding, tuple(x.shape), new_bits, bs)
+  shape = tuple(x.shape) if _is_q(x) or not stacked else tuple(x.shape[1:])
+  if stacked:
+    out_shardings = None  # the next pmap call distributes the replicas again
+  elif param_sharding is not None:
+    out_shardings = _param_out_shardings(param_sharding, shape, new_bits, bs)
   else:
     out_shardings = _out_shardings(x, new_bits, bs)
-  fn = _repack_fn(new_bits, signed, bs, cmap, out_shardings)
+  fn = _repack_fn(new_bits, signed, bs, cmap, out_shardings, stacked)
   out = fn(x)
   if new_bits == FLOAT32:
     return out
   codes, scales = out
-  shape = tuple(x.shape)
   return QuantizedArray(codes, scales, cmap, bs, shape, jnp.dtype(jnp.float32))
 
 
@@ -177,7 +182,7 @@ def _param_sharding_leaves(tdef, param_shardings, n):
 
 
 def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy,
-                    param_shardings=None):
+                    param_shardings=None, stacked=False):
   cur = current_bits(state)
   mu, tdef_m = jax.tree.flatten(state.mu, is_leaf=_is_q)
   nu, tdef_v = jax.tree.flatten(state.nu, is_leaf=_is_q)
@@ -192,11 +197,14 @@ def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy,
       want, have = int(proposed[i, k]), int(cur[i, k])
       if want == have or NO_MOMENT in (want, have):
         continue
-      dst[i] = _convert(src[i], want, signed, block_size, fn, pshard[i])
+      dst[i] = _convert(src[i], want, signed, block_size, fn, pshard[i], stacked)
   ps = state.policy_state
   if hasattr(ps, "_fields") and "actual" in ps._fields:
     new_cur = np.where((proposed != NO_MOMENT) & (cur != NO_MOMENT), proposed, cur)
-    ps = ps._replace(actual=_place_like(new_cur.astype(np.int32), ps.actual))
+    new_cur = new_cur.astype(np.int32)
+    if stacked:  # one row per pmap replica
+      new_cur = np.broadcast_to(new_cur, tuple(ps.actual.shape[:1]) + new_cur.shape)
+    ps = ps._replace(actual=_place_like(np.ascontiguousarray(new_cur), ps.actual))
   return state._replace(mu=tdef_m.unflatten(new_mu), nu=tdef_v.unflatten(new_nu),
                         policy_state=ps)
 
@@ -219,7 +227,9 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
   sharding (float32 <-> quantized changes map it to / from the parameter's
   leading axis). Only the small, replicated proposed bits are read on the
   host, so it works on arrays spanning several processes; call it in every
-  process at the same step.
+  process at the same step. A ``jax.pmap`` state (a leading device axis on
+  every array) is re-packed replica by replica, after checking that the
+  replicas propose the same bits.
 
   Args:
     opt_state: any optimizer state containing stquant states.
@@ -255,20 +265,28 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
     if prop is None:
       continue
     cur = current_bits(st)
+    stacked = prop.ndim == 3 and prop.shape[1:] == cur.shape
+    if stacked:  # a pmap state: one proposal per replica, which must agree
+      if not (prop == prop[:1]).all():
+        raise ValueError("relayout: the pmap replicas propose different bits; give the "
+                         "policy the pmap axis_name (STQuantPolicy(axis_name=...)) so that "
+                         "its statistics are reduced over the replicas")
+      prop = prop[0]
     if prop.shape != cur.shape:
       raise ValueError(f"proposed bits have shape {prop.shape}, the state has {cur.shape} "
                        "moments; was the policy state built for other params?")
     differs = (prop != cur) & (prop != NO_MOMENT) & (cur != NO_MOMENT)
     if differs.any():
-      plans[id(st)] = prop
+      plans[id(st)] = (prop, stacked)
   if not plans:
     return opt_state
 
   def fix(x):
     if _is_state(x) and id(x) in plans:
-      return _relayout_state(x, plans[id(x)], mu_map=mu_map, nu_map=nu_map,
+      prop, stacked = plans[id(x)]
+      return _relayout_state(x, prop, mu_map=mu_map, nu_map=nu_map,
                              block_size=block_size, policy=policy,
-                             param_shardings=param_shardings)
+                             param_shardings=param_shardings, stacked=stacked)
     return x
 
   return jax.tree.map(fix, opt_state, is_leaf=_is_state)

@@ -137,19 +137,25 @@ _SCRIPT = textwrap.dedent(r"""
     return optax.apply_updates(p, u), s
   pstep = jax.pmap(pstep, axis_name="d")
   params, state = replicate(PARAMS0), replicate(tx.init(PARAMS0))
-  props = []
+  props, relayout_matches = [], []
   for i in range(STEPS):
     params, state = pstep(params, state, X[i].reshape(D, B // D, -1), Y[i].reshape(D, B // D, -1))
     if i == 0:
       mom1 = moments(first(state))
     if decision(i):
       props.append(np.asarray(state[0].policy_state.proposed).tolist())  # [replica][leaf][2]
-      one = first(state)  # relayout one replica's state, then replicate it again
-      new = sq.relayout(one)
-      if new is not one:
-        state = replicate(new)
+      # relayout takes the pmap state (leading device axis) as it is; the one-replica
+      # route (relayout the first replica, replicate it again) must give the same state.
+      one = sq.relayout(first(state))
+      new = sq.relayout(state)
+      if new is not state:
+        same = jax.tree.structure(new) == jax.tree.structure(replicate(one)) and all(
+            bool((np.asarray(a) == np.asarray(b)).all())
+            for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(replicate(one))))
+        relayout_matches.append(same)
+        state = new
   out["pmap"] = {
-      "props": props, "layout": layout(first(state)),
+      "props": props, "layout": layout(first(state)), "relayout_matches": relayout_matches,
       "actual": np.asarray(state[0].policy_state.actual).tolist(),
       "replicas_equal": all(bool((np.asarray(v) == np.asarray(v)[:1]).all())
                             for v in jax.tree.leaves(params)),
@@ -394,6 +400,13 @@ def test_pmap_replicas_hold_identical_params(results):
   assert results["pmap"]["replicas_equal"]
 
 
+def test_relayout_takes_a_pmap_state_directly(results):
+  """``relayout`` on the stacked pmap state (leading device axis) re-packs every
+  replica, identical to re-packing one replica and replicating it; bits did change."""
+  matches = results["pmap"]["relayout_matches"]
+  assert matches and all(matches), matches
+
+
 @pytest.mark.parametrize("run", ADAPTIVE)
 def test_bit_decisions_identical_on_every_device(results, run):
   """Each device's own proposed and actual bits agree with each other and the one-device run."""
@@ -530,3 +543,27 @@ def test_relayout_with_param_shardings_matches_state_shardings(results):
   info = results["explicit_float"]
   assert info["relayout_spec"] == info["state_shardings_spec"] == "P(None, 'fsdp')"
   assert info["after_steps_spec"] == "P(None, 'fsdp')" and info["finite"]
+
+
+def test_relayout_rejects_pmap_replicas_that_disagree():
+  """A stacked (pmap) state whose replicas propose different bits (policy without
+  ``axis_name``) is refused with a message naming the fix, never re-packed."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import stquant_jax as sq
+
+  tx = sq.adamw(1e-3, policy=sq.STQuantPolicy(min_size=0))
+  state = tx.init({"w": jnp.zeros((64, 128))})
+  stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * 2), state)
+  ps = stacked[0].policy_state
+  prop = np.array(ps.proposed)
+  prop[1, 0, 0] = 4  # replica 1 wants 4-bit m
+  bad = (stacked[0]._replace(policy_state=ps._replace(proposed=prop)),) + tuple(stacked[1:])
+  with pytest.raises(ValueError, match="replicas propose different bits.*axis_name"):
+    sq.relayout(bad)
+  prop[0, 0, 0] = 4  # both agree: re-packed on every replica
+  good = (stacked[0]._replace(policy_state=ps._replace(proposed=prop)),) + tuple(stacked[1:])
+  new = sq.relayout(good)
+  assert new[0].mu["w"].bits == 4 and new[0].mu["w"].codes.shape == (2, 64, 16)
+  assert np.asarray(new[0].policy_state.actual).shape == (2, 1, 2)
