@@ -226,8 +226,15 @@ def state_shardings(opt_state, param_shardings):
   rep = _replicated_like(ref)
 
   def stquant(st):
-    mu = p_treedef.flatten_up_to(st.mu)
-    nu = p_treedef.flatten_up_to(st.nu)
+    try:
+      mu = p_treedef.flatten_up_to(st.mu)
+      nu = p_treedef.flatten_up_to(st.nu)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "state_shardings: param_shardings does not have the structure of the params "
+          "the optimizer state was built for (a None in param_shardings is an empty "
+          "subtree in JAX, not 'replicated': use NamedSharding(mesh, P()) for replicated "
+          f"params): {e}") from e
     new_mu = [_moment(m, s, rep) for m, s in zip(mu, ps_leaves)]
     new_nu = [_moment(v, s, rep) for v, s in zip(nu, ps_leaves)]
     return type(st)(

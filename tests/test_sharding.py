@@ -509,6 +509,8 @@ def test_state_shardings_structure_on_one_device():
   assert all(s == single for s in jax.tree.leaves(out1))
   with pytest.raises(TypeError, match="Sharding"):
     sq.state_shardings(abstract, {"w": "fsdp", "b": None})
+  with pytest.raises(ValueError, match="structure of the params.*P\\(\\)"):
+    sq.state_shardings(abstract, {"w": shard["w"], "b": None})
 
 
 def test_eager_init_shards_the_state_like_its_params(results):
