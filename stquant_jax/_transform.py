@@ -279,9 +279,12 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
     flat = jnp.ravel(x).astype(jnp.float32)
     return jnp.pad(flat, (0, nb * bs - n)).reshape(view)
 
+  # Regrouping goes through [nb, bs] (merge, then split the trailing axes):
+  # a direct [nb, a, b] -> [nb, c, d] reshape is a sharding type error when the
+  # block axis is sharded over Explicit mesh axes (m and v of different widths).
   def read(q):
     if _is_q(q):
-      return decode_blocks(q.codes, q.scales, q.code_map).reshape(view)
+      return decode_blocks(q.codes, q.scales, q.code_map).reshape(nb, bs).reshape(view)
     return to_view(q)
 
   g3 = to_view(g32)
@@ -297,7 +300,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
     if not _is_q(q):
       return x.reshape(-1)[:n].reshape(g.shape)
     qc = group_shape(q.bits)[0]
-    codes = encode_blocks(x.reshape(nb, bs // qc, qc), scale, q.code_map)
+    codes = encode_blocks(x.reshape(nb, bs).reshape(nb, bs // qc, qc), scale, q.code_map)
     return QuantizedArray(codes, scale, q.code_map, q.block_size, q.shape, q.dtype)
 
   it = iter(scales)
