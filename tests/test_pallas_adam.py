@@ -170,7 +170,11 @@ def test_hyperparameters_are_traced_not_static():
     want = jax.jit(ref)(g, mu, nu, b1=b1, bc1=1 - b1, bc2=jnp.float32(1e-3))
     assert u_ulps(got[0], want[0]) <= U_TOL
     assert_q_equal(got[1], want[1])
-  assert step._cache_size() == 1
+  # Traced, not static: the kernel lowers with abstract hyperparameters (a static
+  # one would need a concrete Python value). (A retrace count is not used: the jit
+  # cache occasionally retraced under xdist for reasons unrelated to the kernel.)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  step.trace(g, mu, nu, scalar, scalar, scalar).lower()
 
 
 def test_matches_library_adam_leaf():
