@@ -55,18 +55,26 @@ def batches(data: np.ndarray, batch: int, ctx: int, seed: int):
     yield x, y
 
 
+def make_step(tx, return_grads: bool = False):
+  """The jitted MLP training step with ``tx``: ``(params, state, x, y) ->
+  (params, state, loss)``, or ``(params, state, grads)`` with ``return_grads``."""
+
+  @jax.jit
+  def step(params, state, x, y):
+    loss, g = jax.value_and_grad(mlp_loss)(params, x, y)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state, g if return_grads else loss
+
+  return step
+
+
 def adam_moments(steps: int = 300, seed: int = 0, min_size: int = 4096):
   """Returns ``{name: (m, v)}`` float32 numpy arrays after ``steps`` AdamW steps."""
   data = stdlib_bytes()
   params = init_mlp(jax.random.key(seed))
   tx = optax.adamw(1e-3)
   state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, x, y):
-    loss, g = jax.value_and_grad(mlp_loss)(params, x, y)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state, loss
+  step = make_step(tx)
 
   it = batches(data, 64, 16, seed)
   for _ in range(steps):

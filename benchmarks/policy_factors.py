@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks._real_moments import batches, init_mlp, mlp_loss, stdlib_bytes
+from benchmarks._io import write_json
+from benchmarks._real_moments import batches, init_mlp, make_step, stdlib_bytes
 from stquant_jax._factor_selection import chunk_samples, select_factors
 from stquant_jax._scores import FACTORS, MAGNITUDE_FACTORS
 
@@ -33,11 +34,7 @@ def collect(steps: int, checkpoints, seed: int = 0, lr: float = 3e-3):
   tx = optax.adamw(lr, weight_decay=1e-4)
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    loss, g = jax.value_and_grad(mlp_loss)(params, x, y)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state, g
+  step = make_step(tx, return_grads=True)
 
   feats, dmg = {}, {}
   it = batches(data, 64, 16, seed)
@@ -87,9 +84,7 @@ def main(argv=None):
     for n in FACTORS:
       print(f"  {n:12s}  " + " ".join(f"{part.scores[n][t]:10.3f}" for t in targets))
   print(json.dumps({k: out[k] for k in ("steps", "checkpoints", "samples")}))
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+  write_json(out, args.json)
 
 
 if __name__ == "__main__":

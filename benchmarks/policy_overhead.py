@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import stquant_jax as sq
+from benchmarks._io import write_json
 from benchmarks.update_speed import make_params
 
 
@@ -158,9 +159,7 @@ def main(argv=None):
   print(f"{'relayout, %d moments changed' % changed:36s} {out['relayout_all_changed_first_ms']:9.1f} ms first (compiles), "
         f"{out['relayout_all_changed_cached_ms']:.1f} ms again")
   print(json.dumps(out))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  write_json(out, args.json)
 
 
 if __name__ == "__main__":

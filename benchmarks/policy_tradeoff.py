@@ -13,7 +13,6 @@ Usage: ``python -m benchmarks.policy_tradeoff [--steps 600] [--seeds 1] [--json 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -22,7 +21,8 @@ import numpy as np
 import optax
 
 import stquant_jax as sq
-from benchmarks._real_moments import batches, init_mlp, mlp_loss, stdlib_bytes
+from benchmarks._io import write_json
+from benchmarks._real_moments import batches, init_mlp, make_step, mlp_loss, stdlib_bytes
 
 HELD_OUT = 200_000
 
@@ -31,11 +31,7 @@ def run(tx, steps: int, seed: int, data, eval_xy, every: int | None = None):
   params = init_mlp(jax.random.key(seed))
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state, x, y):
-    loss, g = jax.value_and_grad(mlp_loss)(params, x, y)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state, loss
+  step = make_step(tx)
 
   hist = sq.BitHistory() if every else None
   bits_log = []
@@ -105,9 +101,7 @@ def main(argv=None):
   out = {"steps": args.steps, "seeds": args.seeds, "lr": args.lr, "every": k,
          "policy": repr(adaptive), "budget_policy": repr(budget),
          "jax": jax.__version__, "machine": platform.machine(), "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  write_json(out, args.json)
   return out
 
 

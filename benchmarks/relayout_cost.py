@@ -16,6 +16,7 @@ import json
 
 import numpy as np
 
+from benchmarks._io import write_json
 from experiments.train import TrainConfig, train
 
 
@@ -44,9 +45,7 @@ def main(argv=None):
          "final_average_bits": log["final_memory"]["average_bits"],
          "param_count": log["param_count"]}
   print(json.dumps(out, indent=1))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  write_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 import stquant_jax as sq
+from benchmarks._io import write_json
 
 
 def make_params(n_target: float, d: int = 768, seed: int = 0):
@@ -90,9 +91,7 @@ def main(argv=None):
          "cpu_count": jax.local_device_count(), "machine": platform.machine(),
          "jax": jax.__version__, "rows": rows}
   print(json.dumps(out, indent=1))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+  write_json(out, args.json)
 
 
 if __name__ == "__main__":
