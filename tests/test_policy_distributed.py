@@ -50,39 +50,51 @@ _SCRIPT = textwrap.dedent(r"""
   global_params = {k: jnp.zeros((D * s[0],) + s[1:]) for k, s in SHAPES.items()}
   out = {}
 
+  def single_device(grad_steps, every=1, sharding=None):
+    # Final policy state of one device (or plain jit over `sharding`) on the
+    # concatenated leaves.
+    tx = sq.scale_by_stquant(policy=policy(None, every))
+    st = tx.init(global_params)
+    upd = jax.jit(tx.update)
+    for g in grad_steps:
+      g = concat(g) if sharding is None else jax.device_put(concat(g), sharding)
+      _, st = upd(g, st)
+    return st.policy_state, g
+
+  def replica_body(every=1):
+    # One replica's steps (the pmap / shard_map body): `g_steps` leaves are [step, ...].
+    tx = sq.scale_by_stquant(policy=policy("d", every))
+    def run(g_steps):
+      st = tx.init(local_params)
+      for s in range(jax.tree.leaves(g_steps)[0].shape[0]):
+        _, st = tx.update(jax.tree.map(lambda x: x[s], g_steps), st)
+      return st.policy_state.proposed
+    return run
+
+  # [device, step, ...] leaves from [step][device] trees.
+  per_device = lambda grad_steps: jax.tree.map(lambda *x: jnp.stack(x, axis=1),
+                                               *[stack(g) for g in grad_steps])
+
   # Single device, concatenated leaves.
-  tx = sq.scale_by_stquant(policy=policy(None))
-  st = tx.init(global_params)
-  for s in range(STEPS):
-    _, st = jax.jit(tx.update)(concat(grads[s]), st)
-  out["single"] = np.asarray(st.policy_state.proposed).tolist()
-  out["single_zone"] = np.asarray(st.policy_state.zone).tolist()
+  ps, _ = single_device(grads)
+  out["single"] = np.asarray(ps.proposed).tolist()
+  out["single_zone"] = np.asarray(ps.zone).tolist()
 
   # pmap over 8 devices.
-  tx = sq.scale_by_stquant(policy=policy("d"))
-  def run(g_steps):
-    st = tx.init(local_params)
-    for s in range(STEPS):
-      _, st = tx.update(jax.tree.map(lambda x: x[s], g_steps), st)
-    return st.policy_state.proposed
-  g_steps = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *[stack(grads[s]) for s in range(STEPS)])
-  out["pmap"] = np.asarray(jax.pmap(run, axis_name="d")(g_steps)).tolist()
+  g_steps = per_device(grads)
+  out["pmap"] = np.asarray(jax.pmap(replica_body(), axis_name="d")(g_steps)).tolist()
 
   # shard_map over a 1-D mesh.
   mesh = jax.make_mesh((D,), ("d",))
   g_sharded = jax.device_put(g_steps, NamedSharding(mesh, P("d")))
+  run = replica_body()
   sm = jax.jit(jax.shard_map(lambda g: run(jax.tree.map(lambda x: x[0], g))[None], mesh=mesh,
                              in_specs=(P("d"),), out_specs=P("d")))
   out["shard_map"] = np.asarray(sm(g_sharded)).tolist()
 
   # Plain jit over arrays sharded along the first axis (statistics are global already).
-  tx = sq.scale_by_stquant(policy=policy(None))
-  st = tx.init(global_params)
-  upd = jax.jit(tx.update)
-  for s in range(STEPS):
-    g = jax.device_put(concat(grads[s]), NamedSharding(mesh, P("d")))
-    _, st = upd(g, st)
-  out["jit_sharded"] = np.asarray(st.policy_state.proposed).tolist()
+  ps, g = single_device(grads, sharding=NamedSharding(mesh, P("d")))
+  out["jit_sharded"] = np.asarray(ps.proposed).tolist()
   out["jit_sharded_devices"] = len(g["a"].sharding.device_set)
 
   # every=4: statistics on a rotating 1/4 of the blocks per step, accumulated over the
@@ -90,21 +102,10 @@ _SCRIPT = textwrap.dedent(r"""
   # samples concatenate to the global one and the pmap decision equals the single-device one.
   K = 4
   grads4 = [device_grads(10 + s) for s in range(K)]
-  tx = sq.scale_by_stquant(policy=policy(None, K))
-  st = tx.init(global_params)
-  upd = jax.jit(tx.update)
-  for s in range(K):
-    _, st = upd(concat(grads4[s]), st)
-  out["single_k4"] = np.asarray(st.policy_state.proposed).tolist()
-  out["single_k4_decisions"] = int(st.policy_state.decisions)
-  tx = sq.scale_by_stquant(policy=policy("d", K))
-  def run4(g_steps):
-    st = tx.init(local_params)
-    for s in range(K):
-      _, st = tx.update(jax.tree.map(lambda x: x[s], g_steps), st)
-    return st.policy_state.proposed
-  g4 = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *[stack(grads4[s]) for s in range(K)])
-  out["pmap_k4"] = np.asarray(jax.pmap(run4, axis_name="d")(g4)).tolist()
+  ps, _ = single_device(grads4, K)
+  out["single_k4"] = np.asarray(ps.proposed).tolist()
+  out["single_k4_decisions"] = int(ps.decisions)
+  out["pmap_k4"] = np.asarray(jax.pmap(replica_body(K), axis_name="d")(per_device(grads4))).tolist()
   print("RESULT" + json.dumps(out))
 """)
 
