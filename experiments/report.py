@@ -361,13 +361,19 @@ def plot_val_loss(by, model: str, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _model_panels(plt, summary, width: float):
+  """A figure with one panel per model, side by side: ``(fig, [(ax, model), ...])``."""
+  models = list(summary["models"])
+  fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 4.2),
+                           squeeze=False)
+  return fig, list(zip(axes[0], models))
+
+
 def plot_memory(summary, path: pathlib.Path) -> None:
   """Optimizer-state MB per optimizer, one panel per model."""
   plt = _plt()
-  models = list(summary["models"])
-  fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2),
-                           squeeze=False)
-  for ax, model in zip(axes[0], models):
+  fig, panels = _model_panels(plt, summary, width=6.5)
+  for ax, model in panels:
     m = summary["models"][model]
     names = list(m["optimizers"])[::-1]
     rows = [m["optimizers"][n] for n in names]
@@ -468,10 +474,8 @@ def plot_bits(by, model: str, path: pathlib.Path) -> bool:
 def plot_tradeoff(summary, path: pathlib.Path) -> None:
   """Final validation loss difference (%) against average bits."""
   plt = _plt()
-  models = list(summary["models"])
-  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2),
-                           squeeze=False)
-  for ax, model in zip(axes[0], models):
+  fig, panels = _model_panels(plt, summary, width=6)
+  for ax, model in panels:
     rows = summary["models"][model]["optimizers"]
     for name, r in rows.items():
       d = 0.0 if name == REFERENCE else r["delta_pct_mean"]
