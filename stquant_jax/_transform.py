@@ -20,6 +20,7 @@ from stquant_jax._packing import group_shape
 from stquant_jax._quantize import (
     DEFAULT_BLOCK_SIZE, QuantizedArray, check_block_size, decode_blocks,
     encode_blocks, finite_absmax, num_blocks)
+from stquant_jax._update_checks import moments_for_updates
 
 
 class ScaleByStquantState(NamedTuple):
@@ -147,14 +148,6 @@ def finite_moments(m, v):
   return jnp.where(ok, m, 0.0), jnp.where(ok, v, 0.0)
 
 
-def _structure_matches(treedef, tree) -> bool:
-  try:
-    treedef.flatten_up_to(tree)
-    return True
-  except (ValueError, TypeError):
-    return False
-
-
 def _param_leaves(treedef, params, n):
   """Params aligned with the update leaves, or Nones when absent or unaligned."""
   if params is None:
@@ -163,92 +156,6 @@ def _param_leaves(treedef, params, n):
     return treedef.flatten_up_to(params)
   except (ValueError, TypeError):
     return [None] * n
-
-
-def _is_moment_mapping(x) -> bool:
-  return isinstance(x, collections.abc.Mapping) and set(x.keys()) == {"codes", "scales"}
-
-
-def _is_empty(x) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _paths(tree, is_leaf):
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {jax.tree_util.keystr(path): x for path, x in flat}
-
-
-def _listing(paths, limit=8):
-  paths = sorted(paths)
-  more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
-  return ", ".join(paths[:limit]) + more
-
-
-def _describe(x) -> str:
-  if x is None:
-    return "None"
-  if isinstance(x, optax.MaskedNode):
-    return "a masked leaf"
-  if _is_q(x):
-    return f"a quantized moment of shape {tuple(x.shape)}"
-  return f"an array of shape {tuple(jnp.shape(x))}"
-
-
-def _structure_error(updates, moments) -> ValueError:
-  """A readable error for an updates tree that does not match the state's."""
-  got = _paths(updates, _is_empty)
-  want = _paths(moments, lambda x: _is_empty(x) or _is_q(x) or _is_moment_mapping(x))
-  lines = []
-  if missing := set(want) - set(got):
-    lines.append(f"in the optimizer state but not in the updates: {_listing(missing)}")
-  if extra := set(got) - set(want):
-    lines.append(f"in the updates but not in the optimizer state: {_listing(extra)}")
-  for k in sorted(set(got) & set(want)):
-    a, b = got[k], want[k]
-    if (_is_empty(a) or _is_empty(b)) and _describe(a) != _describe(b):
-      lines.append(f"{k}: the updates have {_describe(a)}, the state has {_describe(b)}")
-  if not lines:
-    lines.append(f"updates {jax.tree.structure(updates)} vs state "
-                 f"{jax.tree.structure(moments, is_leaf=_is_q)}")
-  return ValueError("scale_by_stquant: the updates tree does not match the optimizer "
-                    "state built by init (was the state initialised from other "
-                    "params?): " + "; ".join(lines))
-
-
-def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
-  """Why a gradient leaf does not fit its stored moments (static checks), or None."""
-  shape = tuple(g.shape)
-  floating = jnp.issubdtype(g.dtype, jnp.floating)
-  size = int(np.prod(shape, dtype=np.int64))
-  for name, q in (("mu", mu), ("nu", nu)):
-    if _is_q(q) or _is_moment_mapping(q):
-      if not floating:
-        return (f"{path}: gradient dtype {g.dtype}, but the state holds moments of a "
-                f"floating leaf")
-      if _is_q(q):
-        if tuple(q.shape) != shape:
-          return f"{path}: gradient shape {shape}, state {name} shape {tuple(q.shape)}"
-        nb, bs = num_blocks(size, q.block_size), q.block_size
-      elif block_size is None:
-        continue  # _coerce explains
-      else:
-        nb, bs = num_blocks(size, block_size), block_size
-      codes, scales = (q.codes, q.scales) if _is_q(q) else (q["codes"], q["scales"])
-      if jnp.shape(scales) != (nb,) or jnp.shape(codes)[:1] != (nb,):
-        return (f"{path}: gradient shape {shape} needs {nb} blocks of {bs}; state "
-                f"{name} has codes {tuple(jnp.shape(codes))} and scales "
-                f"{tuple(jnp.shape(scales))}")
-    else:
-      qshape = tuple(jnp.shape(q))
-      if floating and qshape != shape:
-        if qshape == (0,):
-          return (f"{path}: gradient dtype {g.dtype} shape {shape}, but the state holds "
-                  f"no moments there (the param was not floating at init)")
-        return f"{path}: gradient shape {shape}, state {name} shape {qshape}"
-      if not floating and qshape != (0,):
-        return (f"{path}: gradient dtype {g.dtype}, but the state holds float32 moments "
-                f"of shape {qshape} (the param was floating at init)")
-  return None
 
 
 def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
@@ -450,18 +357,8 @@ def scale_by_stquant(
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     leaves = [g for _, g in flat]
-    try:
-      mu_leaves = treedef.flatten_up_to(state.mu)
-      nu_leaves = treedef.flatten_up_to(state.nu)
-    except (ValueError, TypeError) as e:
-      bad = state.nu if _structure_matches(treedef, state.mu) else state.mu
-      raise _structure_error(updates, bad) from e
-    problems = [p for p in map(_leaf_mismatch, paths, leaves, mu_leaves, nu_leaves,
-                               [block_size] * len(leaves)) if p]
-    if problems:
-      raise ValueError("scale_by_stquant: the updates do not match the optimizer state "
-                       "built by init: " + "; ".join(problems[:8])
-                       + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    mu_leaves, nu_leaves = moments_for_updates(updates, treedef, paths, leaves, state.mu,
+                                               state.nu, block_size)
     # float32 arrays whether given as Python floats or traced by
     # inject_hyperparams, so both paths round identically.
     f32 = lambda x: jnp.asarray(x, jnp.float32)
