@@ -5,8 +5,7 @@ One AdamW step (update + apply, buffers donated) on a GPT-2-small-shaped pytree
 
 * ``optax``: ``optax.adamw`` with float32 moments (the baseline);
 * ``jnp``: quantized moments through the library's per-leaf jnp update
-  (``stquant_jax._transform.adam_leaf`` when present, else
-  ``pallas_kernels.adam_update_reference``), then weight decay and learning rate;
+  (``stquant_jax._src.update.adam.adam_leaf``), then weight decay and learning rate;
 * ``pallas``: the same states through ``pallas_kernels.adam_update_leaf`` with
   AdamW fused (one kernel per leaf), then ``p + u``.
 
@@ -36,6 +35,7 @@ import optax
 
 import pallas_kernels as pk
 import stquant_jax as sq
+from stquant_jax._src.update.adam import adam_leaf
 
 B1, B2, EPS, LR, WD, MIN_SIZE = 0.9, 0.999, 1e-8, 1e-3, 0.1, 4096
 CONFIGS = {"8/8": None, "4/4": None, "mixed": None}
@@ -78,14 +78,9 @@ def init_states(params, config: str):
   return mu, nu
 
 
-def _jnp_leaf():
-  from stquant_jax import _transform
-  return getattr(_transform, "adam_leaf", None) or pk.adam_update_reference
-
-
 def make_step(method: str, interpret: bool, kernels_only: bool = False, tiling=None):
   """(params, mu, nu, count, grads) -> (params, mu, nu, count), one AdamW step."""
-  jnp_leaf = _jnp_leaf()
+  jnp_leaf = adam_leaf
 
   def step(params, mu, nu, count, grads):
     count = count + 1
@@ -152,7 +147,7 @@ def kernel_bytes(params, mu, nu):
 
 def check(params, grads, config, interpret):
   """One step from the same state: pallas vs jnp (update ulps, share of differing codes)."""
-  from stquant_jax._packing import unpack
+  from stquant_jax._src.codec.packing import unpack
   out = {}
   for method in ("pallas", "jnp"):
     mu, nu = init_states(params, config)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._real_moments import adam_moments
-from stquant_jax._maps import CodeMap, default_map
-from stquant_jax._quantize import dequantize_blocks, quantize_blocks
+from stquant_jax._src.codec.maps import CodeMap, default_map
+from stquant_jax._src.codec.blocks import dequantize_blocks, quantize_blocks
 
 
 def bnb_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8) -> np.ndarray:

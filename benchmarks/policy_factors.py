@@ -6,7 +6,7 @@ cuts them into 4096-value chunks, and measures per chunk (a) every candidate
 factor of the score engine and (b) the Fisher-weighted update damage of
 quantizing m alone or v alone at 2/3/4/6 bits, both absolute and relative to
 the chunk's ``sum v u^2``. Then, separately for m and v, greedy facility-location
-selection (``stquant_jax._factor_selection``) picks 2 factors, unconstrained
+selection (``benchmarks/factor_selection.py``) picks 2 factors, unconstrained
 and with "one magnitude + one structure" (the policy's N and R), and reports
 the exact optimum beside it.
 
@@ -24,8 +24,8 @@ import optax
 
 from benchmarks._io import write_json
 from benchmarks._real_moments import batches, init_mlp, make_step, stdlib_bytes
-from stquant_jax._factor_selection import chunk_samples, select_factors
-from stquant_jax._scores import FACTORS, MAGNITUDE_FACTORS
+from benchmarks.factor_selection import chunk_samples, select_factors
+from stquant_jax._src.policy.scores import FACTORS, MAGNITUDE_FACTORS
 
 
 def collect(steps: int, checkpoints, seed: int = 0, lr: float = 3e-3):

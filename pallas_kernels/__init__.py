@@ -1,8 +1,11 @@
-"""Pallas (Triton backend) GPU kernels for stquant-jax.
+"""Pallas (Triton backend) GPU kernels for stquant-jax (public names).
+
+The code lives in ``stquant_jax/_src/kernels/`` (one module per kernel, each
+beside its jnp reference); this package is their public face.
 
 * :func:`quantize_blocks_pallas` / :func:`dequantize_blocks_pallas`: block-wise
   (de)quantization of the library's ``[n_blocks, block_size]`` layout,
-  bit-exact twins of ``stquant_jax._quantize.quantize_blocks`` /
+  bit-exact twins of ``stquant_jax._src.codec.blocks.quantize_blocks`` /
   ``dequantize_blocks``.
 * :func:`adam_update_leaf`: the fused Adam step on one leaf's quantized m and
   v (read codes, dequantize, Adam in float32, requantize in place, write the
@@ -15,13 +18,14 @@ Every kernel takes ``interpret=True`` to run on CPU (tests); on a GPU it lowers
 through the Triton backend. Block sizes must be powers of two >= 32.
 """
 
-from pallas_kernels._lowering import TRITON_CALL, lower_for_cuda
-from pallas_kernels._tiling import DEFAULT_TILING, Tiling
-from pallas_kernels.adam_update import (
+from stquant_jax._src.kernels.adam_update import (
     adam_hparams, adam_update_blocks_pallas, adam_update_leaf, adam_update_reference,
     supports)
-from pallas_kernels.dequantize import dequantize_blocks_pallas, dequantize_blocks_reference
-from pallas_kernels.quantize import quantize_blocks_pallas, quantize_blocks_reference
+from stquant_jax._src.kernels.dequantize import (
+    dequantize_blocks_pallas, dequantize_blocks_reference)
+from stquant_jax._src.kernels.lowering import TRITON_CALL, lower_for_cuda
+from stquant_jax._src.kernels.quantize import quantize_blocks_pallas, quantize_blocks_reference
+from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling
 
 __all__ = [
     "DEFAULT_TILING",

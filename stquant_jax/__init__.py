@@ -9,7 +9,6 @@ Public API:
   (fixed, or adaptive per layer, state and training phase).
 * :func:`relayout`: applies an adaptive policy's proposed bit-widths (outside jit).
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
-* :func:`select_factors`: greedy (1 - 1/e) selection of the policy's statistics.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting.
 * :func:`state_shardings`: shardings of the optimizer state for sharded
   params (FSDP), each quantized moment sharded like its parameter.
@@ -17,18 +16,18 @@ Public API:
   checkpoints of the full optimizer state, bit layout included.
 """
 
-from stquant_jax._accounting import average_bits, state_nbytes
-from stquant_jax._alias import adam, adamw
-from stquant_jax._checkpoint import checkpoint_args, restore_state, save_state
-from stquant_jax._factor_selection import select_factors
-from stquant_jax._maps import CodeMap, default_map
-from stquant_jax._policy import FixedBits, Policy
-from stquant_jax._quantize import QuantizedArray, dequantize, quantize
-from stquant_jax._relayout import relayout
-from stquant_jax._sharding import state_shardings
-from stquant_jax._stquant_policy import STQuantPolicy, STQuantPolicyState
-from stquant_jax._telemetry import BitHistory, bit_widths
-from stquant_jax._transform import ScaleByStquantState, scale_by_stquant
+from stquant_jax._src.checkpoint.orbax_io import checkpoint_args, restore_state, save_state
+from stquant_jax._src.codec.maps import CodeMap, default_map
+from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, quantize
+from stquant_jax._src.distributed.state_shardings import state_shardings
+from stquant_jax._src.layout.accounting import average_bits, state_nbytes
+from stquant_jax._src.layout.relayout import relayout
+from stquant_jax._src.layout.telemetry import BitHistory, bit_widths
+from stquant_jax._src.policy.base import FixedBits, Policy
+from stquant_jax._src.policy.stquant import STQuantPolicy, STQuantPolicyState
+from stquant_jax._src.state.opt_state import ScaleByStquantState
+from stquant_jax._src.transform.alias import adam, adamw
+from stquant_jax._src.transform.scale_by_stquant import scale_by_stquant
 
 __version__ = "0.1.0"
 
@@ -53,7 +52,6 @@ __all__ = [
     "restore_state",
     "save_state",
     "scale_by_stquant",
-    "select_factors",
     "state_nbytes",
     "state_shardings",
 ]

@@ -1,4 +1,4 @@
-"""Properties of the analytic code maps (``stquant_jax._maps``).
+"""Properties of the analytic code maps (``stquant_jax._src.codec.maps``).
 
 Every test runs over every map the constructor accepts: kinds ``"power"``
 (p in 1, 2, 4, 8) and ``"float"`` (every mantissa width), bits 2..8, both modes.
@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stquant_jax import CodeMap, default_map
-from stquant_jax._maps import decode, encode
+from stquant_jax._src.codec.maps import decode, encode
 
 ALL_BITS = tuple(range(2, 9))
 F32_EPS = float(np.finfo(np.float32).eps)

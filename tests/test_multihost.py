@@ -52,7 +52,7 @@ _WORKER = textwrap.dedent(r"""
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding, PartitionSpec as P
   import stquant_jax as sq
-  from stquant_jax._quantize import QuantizedArray
+  from stquant_jax._src.codec.quantized import QuantizedArray
 
   assert jax.device_count() == 4, jax.devices()
   assert jax.local_device_count() == (2 if mode == "dist" else 4)

@@ -1,4 +1,4 @@
-"""Properties of the dense bit packer (``stquant_jax._packing``).
+"""Properties of the dense bit packer (``stquant_jax._src.codec.packing``).
 
 Checked against a slow, obviously-correct pure-Python packer that follows the
 module docstring literally: the codes are split into bit planes whose widths
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stquant_jax._packing import pack, unpack
+from stquant_jax._src.codec.packing import pack, unpack
 
 ALL_BITS = tuple(range(2, 9))
 # Eager ops compile once per shape, so the random tests use one shape: a leading batch dim and three 32-code groups.

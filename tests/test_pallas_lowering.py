@@ -12,7 +12,7 @@ import pytest
 
 import pallas_kernels as pk
 import stquant_jax as sq
-from stquant_jax._maps import CodeMap
+from stquant_jax._src.codec.maps import CodeMap
 
 BITS = range(2, 9)
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

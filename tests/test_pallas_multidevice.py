@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     import pallas_kernels as pk, stquant_jax as sq
-    from stquant_jax._packing import unpack
+    from stquant_jax._src.codec.packing import unpack
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("d",))

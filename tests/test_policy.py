@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import stquant_jax as sq
-from stquant_jax._allocation import FLOAT32, allocate
-from stquant_jax._scores import NUM_SUMS, SUMS
+from stquant_jax._src.policy.allocation import FLOAT32, allocate
+from stquant_jax._src.policy.scores import NUM_SUMS, SUMS
 
 
 def _params():
@@ -387,7 +387,7 @@ def test_bit_history_records_evolution_and_step_retraces_once_per_layout():
 def test_rotating_subsample_sums_cover_every_block_once(quantized):
   """Summed over the K slots of a period, the strided 1/K samples give the full sums
   (all statistics, incl. a partial last block and K not dividing the block count)."""
-  from stquant_jax._scores import leaf_sums
+  from stquant_jax._src.policy.scores import leaf_sums
   shape = (37, 100)  # 3700 values: 29 blocks of 128, the last one partial
   k = jax.random.split(jax.random.key(3), 3)
   g = jax.random.normal(k[0], shape)

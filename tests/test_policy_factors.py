@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from stquant_jax._factor_selection import (
+from benchmarks.factor_selection import (
     coverage, exhaustive_select, greedy_select, score_matrix, select_factors)
 
 

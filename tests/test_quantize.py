@@ -1,4 +1,4 @@
-"""Properties of block-wise quantize/dequantize (``stquant_jax._quantize``).
+"""Properties of block-wise quantize/dequantize (``stquant_jax._src.codec.quantized``).
 
 Error bounds come from the default map's own levels. After dividing by the
 block scale ``s``, encode rounds to a neighbouring level at a decision point

@@ -38,8 +38,8 @@ _SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import stquant_jax as sq
-  from stquant_jax import _sharding
-  from stquant_jax._quantize import QuantizedArray
+  from stquant_jax._src.distributed import placement as _sharding
+  from stquant_jax._src.codec.quantized import QuantizedArray
 
   D = jax.device_count()
   assert D == 8, D

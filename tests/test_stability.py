@@ -1,7 +1,7 @@
 """Stability at the lowest bit-widths the policy allows (issue #6).
 
 "The lowest bit-widths the policy allows" is :class:`stquant_jax.STQuantPolicy`
-with ``min_bits=2`` (``stquant_jax._packing.MIN_BITS``; the policy's default
+with ``min_bits=2`` (``stquant_jax._src.codec.packing.MIN_BITS``; the policy's default
 floor is 3, 2 is an explicit opt-in), every zone at ``(2, 2)`` and no
 annealing boost (``anneal_bits=0``): every adaptive moment is stored with 2-bit
 codes from step 0 to the end, m with the signed map ``{-1, 0, 1}`` and v with
@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 
 import stquant_jax as sq
-from stquant_jax._packing import MIN_BITS
+from stquant_jax._src.codec.packing import MIN_BITS
 from experiments import train
 
 FULL = os.environ.get("STQUANT_SLOW", "") not in ("", "0")

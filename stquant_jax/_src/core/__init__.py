@@ -1,0 +1,1 @@
+"""Layer 0: helpers with no stquant concepts (argument checks, pytree fields)."""

@@ -1,0 +1,114 @@
+"""Bit-width telemetry: what every leaf's m and v use (and what the policy wants), over training.
+
+The layout's bits are static metadata (read on the host for free); the
+adaptive policy's proposals, zones and annealing factor are small int/float
+arrays in its state (one tiny device-to-host copy). :class:`BitHistory`
+records both at each relayout or evaluation, for plots of bit-width evolution.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.core.trees import field, path_names
+from stquant_jax._src.distributed.mesh import host_value
+from stquant_jax._src.layout.accounting import average_bits
+from stquant_jax._src.policy.stquant import ZONES
+from stquant_jax._src.state.opt_state import NO_MOMENT, current_bits, find_states
+
+
+def _names(state) -> list[str]:
+  return path_names(state.mu, is_leaf=is_quantized)
+
+
+def _bits_value(b: int):
+  return None if b == NO_MOMENT else int(b)
+
+
+def bit_widths(opt_state, index: int = 0) -> dict:
+  """Bit-widths of one stquant state in ``opt_state`` (the ``index``-th found).
+
+  Returns a JSON-friendly dict: ``mu_bits`` / ``nu_bits`` (``{leaf name: bits}``,
+  32 = float32, leaves without moments left out) from the layout, and, when the
+  policy keeps them, ``mu_proposed`` / ``nu_proposed``, ``mu_zone`` / ``nu_zone``,
+  ``anneal`` and ``decisions``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> state = sq.adamw(1e-3).init({"w": jnp.zeros((128, 64)), "b": jnp.zeros((64,))})
+    >>> sq.bit_widths(state)["mu_bits"]
+    {'b': 32, 'w': 8}
+  """
+  states = find_states(opt_state)
+  if not states:
+    raise ValueError("bit_widths found no stquant state in opt_state")
+  st = states[index]
+  names = _names(st)
+  cur = current_bits(st)
+  keep = [i for i in range(len(names)) if NO_MOMENT not in cur[i]]
+  out = {
+      "mu_bits": {names[i]: _bits_value(cur[i, 0]) for i in keep},
+      "nu_bits": {names[i]: _bits_value(cur[i, 1]) for i in keep},
+  }
+  ps = st.policy_state
+  if field(ps, "proposed", None) is not None:
+    host = {k: host_value(field(ps, k)) for k in ("proposed", "zone", "anneal", "decisions")}
+    prop, zone = np.asarray(host["proposed"]), np.asarray(host["zone"])
+    out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
+    out["nu_proposed"] = {names[i]: _bits_value(prop[i, 1]) for i in keep}
+    out["mu_zone"] = {names[i]: ZONES[int(zone[i, 0])] for i in keep}
+    out["nu_zone"] = {names[i]: ZONES[int(zone[i, 1])] for i in keep}
+    out["anneal"] = float(host["anneal"])
+    out["decisions"] = int(host["decisions"])
+  return out
+
+
+def moment_bits_average(record: dict, sizes: dict[str, int]) -> float:
+  """Size-weighted mean code bits of m and v (no metadata) from a :func:`bit_widths` dict."""
+  tot = sum(2 * sizes[k] for k in record["mu_bits"])
+  return sum(sizes[k] * (record["mu_bits"][k] + record["nu_bits"][k])
+             for k in record["mu_bits"]) / max(tot, 1)
+
+
+class BitHistory:
+  """Host-side log of bit-widths over training.
+
+  Call :meth:`record` after each :func:`stquant_jax.relayout` (or at each
+  evaluation); each record is :func:`bit_widths` plus ``step``,
+  ``average_bits`` and any extra scalars you pass (e.g. ``loss=``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> state = sq.adamw(1e-3).init({"w": jnp.zeros((128, 64))})
+    >>> h = sq.BitHistory()
+    >>> h.record(0, state, loss=1.5)
+    >>> h.series("w", "mu")
+    ([0], [8])
+  """
+
+  def __init__(self):
+    self.records: list[dict] = []
+
+  def record(self, step: int, opt_state, **scalars) -> None:
+    rec = {"step": int(step), **bit_widths(opt_state),
+           "average_bits": average_bits(opt_state)}
+    rec.update({k: float(v) for k, v in scalars.items()})
+    self.records.append(rec)
+
+  def series(self, leaf: str, moment: str = "mu", kind: str = "bits"):
+    """(steps, values) of one leaf's ``mu``/``nu`` ``bits``/``proposed``/``zone``."""
+    key = f"{moment}_{kind}"
+    steps = [r["step"] for r in self.records if leaf in r.get(key, {})]
+    return steps, [r[key][leaf] for r in self.records if leaf in r.get(key, {})]
+
+  def to_json(self, path=None) -> str:
+    text = json.dumps(self.records, indent=1)
+    if path is not None:
+      with open(path, "w") as f:
+        f.write(text)
+    return text

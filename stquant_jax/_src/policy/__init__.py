@@ -1,0 +1,1 @@
+"""Layer 6: bit-allocation policies (``FixedBits``, ``STQuantPolicy``: scores, zones, budget)."""

@@ -1,0 +1,281 @@
+"""Score engine: per-leaf statistics of the gradient and the moments, as additive sums.
+
+Every statistic the adaptive policy can use is a ratio of *sums* over the
+elements (or blocks) of one leaf. Sums are what a collective can add up: with
+``jax.lax.psum`` over a data-parallel axis, the sums of eight devices equal the
+sums of the concatenated arrays, so every replica computes the same factor
+values, and they equal the single-device values on the concatenated data.
+
+Candidate factors (per leaf, per moment ``s`` in {m, v}; "x" is the moment the
+quantizer sees: m itself for m, v for v):
+
+Magnitude family (how much this moment's errors can weigh):
+  * ``grad_rms``: RMS of the incoming gradient.
+  * ``moment_rms``: RMS of m (for m); RMS of sqrt(v) (for v).
+  * ``snr``: ``sqrt(sum m^2 / sum v)``, the gradient's signal-to-noise ratio
+    (near 1 for a consistent gradient, near ``sqrt(1 - b1)`` for pure noise).
+  * ``update_rms``: RMS of ``m / sqrt(v)``, the size of Adam's step.
+
+Structure family (how hard this moment is to quantize):
+  * ``crest``: mean over blocks of ``absmax / rms`` (outliers in a block).
+  * ``log_range``: mean over blocks of ``log2(absmax) - mean(log2 |x|)`` (the
+    dynamic range a block must cover; floored at ``2**-24`` of the block max).
+  * ``probe_err``: measured error of re-quantizing x at ``probe_bits`` with the
+    default map: ``||x - Q(x)|| / ||x||`` for m, RMS of ``(Q(v) - v) / v`` for v.
+
+Everything here is pure jnp, works on the packed state directly (dequantizing
+block by block) and costs O(size) time and O(1) output per leaf, or
+O(size / stride) on a strided subsample of the blocks. The policy takes a
+rotating 1/K of each leaf's blocks every step and accumulates the sums over
+the K steps between decisions (every block once per period); only the
+candidates the chosen factors read are traced.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from stquant_jax._src.codec.blocks import decode_blocks, dequantize_blocks, quantize_blocks
+from stquant_jax._src.codec.maps import default_map
+from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.distributed.mesh import explicit_shards, replicated
+
+MAGNITUDE_FACTORS = ("grad_rms", "moment_rms", "snr", "update_rms")
+STRUCTURE_FACTORS = ("crest", "log_range", "probe_err")
+FACTORS = MAGNITUDE_FACTORS + STRUCTURE_FACTORS
+
+# Layout of the per-leaf sum vector (float32 [NUM_SUMS]).
+SUMS = (
+    "n",          # valid elements
+    "blocks",     # blocks with at least one valid element
+    "g2",         # sum g^2
+    "m2",         # sum m^2
+    "v",          # sum v
+    "u2",         # sum m^2 / v over v > 0
+    "vpos",       # elements with v > 0
+    "crest_m", "crest_v",      # sum over blocks of absmax / rms
+    "range_m", "range_v",      # sum over blocks of log2 absmax - mean log2 |x|
+    "perr_m",     # sum (m - Q(m))^2
+    "perr_v",     # sum ((v - Q(v)) / v)^2 over v > 0
+)
+_IDX = {k: i for i, k in enumerate(SUMS)}
+NUM_SUMS = len(SUMS)
+_TINY = 1e-30
+
+
+def _take_rows(a, rows, stride: int, slot):
+  """Rows ``rows = slot + stride * arange(r)`` of ``a`` (``[nb, ...]``).
+
+  When ``stride`` divides ``nb`` this is a strided slice of the view
+  ``[nb / stride, stride, ...]``: with the block axis sharded (FSDP), each
+  device keeps its own rows and no data moves between devices. Otherwise a
+  gather (entries ``>= nb`` are clamped; the caller masks them out).
+  """
+  nb = a.shape[0]
+  shards = explicit_shards(a)
+  if nb % stride == 0 and (nb // stride) % shards == 0:
+    view = a.reshape((nb // stride, stride) + a.shape[1:])
+    return jax.lax.dynamic_index_in_dim(view, jnp.asarray(slot, jnp.int32), axis=1,
+                                        keepdims=False)
+  if shards > 1:
+    a = replicated(a)
+  return jnp.take(a, jnp.minimum(rows, nb - 1), axis=0)
+
+
+def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride: int = 1,
+            slot=0):
+  """``x`` (a moment leaf or the gradient) as float32 blocks ``[nb, bs]`` plus a validity mask.
+
+  ``rows`` (optional int32 ``[r]``, from :func:`sample_rows` with ``stride``
+  and ``slot``) keeps only those blocks (``[r, bs]``); entries ``>= nb`` are
+  invalid rows (mask all False). The subsample is taken directly from the
+  packed codes / the flat array, so it costs O(r * bs), not O(size), and it
+  is local to each device when the block axis is sharded and ``stride``
+  divides the blocks per device.
+  """
+  if is_quantized(x):
+    nb = x.scales.shape[0]
+    codes, scales = x.codes, x.scales
+    if rows is not None:
+      codes, scales = _take_rows(codes, rows, stride, slot), _take_rows(scales, rows, stride, slot)
+    d = decode_blocks(codes, scales, x.code_map)
+    d = d.reshape(d.shape[0], -1)
+    n, bs = x.size, x.block_size
+  else:
+    flat = jnp.ravel(x).astype(jnp.float32)
+    n = flat.size
+    bs = q_ref.block_size if q_ref is not None else block_size
+    nb = -(-n // bs)
+    if nb * bs != n or nb % explicit_shards(flat):
+      if explicit_shards(flat) > 1:
+        flat = replicated(flat)
+      if rows is None:
+        d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
+      else:
+        idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+        d = jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+    else:
+      d = flat.reshape(nb, bs)
+      if rows is not None:
+        d = _take_rows(d, rows, stride, slot)
+  if rows is None:
+    idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
+  else:
+    idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+  return d, idx < n
+
+
+def num_leaf_blocks(x, q_ref: QuantizedArray | None, block_size: int) -> int:
+  """Number of blocks of one leaf (static)."""
+  if is_quantized(x):
+    return x.scales.shape[0]
+  bs = q_ref.block_size if q_ref is not None else block_size
+  return -(-x.size // bs)
+
+
+def sample_rows(num_blocks: int, stride: int, slot):
+  """Blocks ``slot, slot + stride, slot + 2 * stride, ...`` of a leaf (int32 ``[ceil(nb / stride)]``).
+
+  Over ``stride`` consecutive slots (0..stride-1, in any order) every block is
+  taken exactly once. Entries ``>= num_blocks`` mark missing rows (masked out).
+  """
+  r = -(-num_blocks // stride)
+  return jnp.asarray(slot, jnp.int32) + stride * jnp.arange(r, dtype=jnp.int32)
+
+
+def _block_crest(a, valid):
+  """Sum over blocks of absmax / rms of ``a >= 0``; blocks with rms 0 count 0."""
+  mx = jnp.max(jnp.where(valid, a, 0.0), axis=1)
+  cnt = jnp.maximum(jnp.sum(valid, axis=1), 1)
+  rms = jnp.sqrt(jnp.sum(jnp.where(valid, a * a, 0.0), axis=1) / cnt)
+  return jnp.sum(jnp.where(rms > 0, mx / jnp.where(rms > 0, rms, 1.0), 0.0))
+
+
+def _block_range(a, valid):
+  """Sum over blocks of ``log2 absmax - mean log2 max(a, absmax * 2**-24)``."""
+  mx = jnp.max(jnp.where(valid, a, 0.0), axis=1, keepdims=True)
+  floor = jnp.maximum(mx * 2.0**-24, _TINY)
+  la = jnp.log2(jnp.maximum(a, floor))
+  cnt = jnp.maximum(jnp.sum(valid, axis=1), 1)
+  mean = jnp.sum(jnp.where(valid, la, 0.0), axis=1) / cnt
+  r = jnp.log2(jnp.maximum(mx[:, 0], _TINY)) - mean
+  return jnp.sum(jnp.where(mx[:, 0] > 0, r, 0.0))
+
+
+def _probe(x_NxB, signed: bool, probe_bits: int):
+  cmap = default_map(probe_bits, signed)
+  codes, scales = quantize_blocks(x_NxB, cmap)
+  return dequantize_blocks(codes, scales, cmap)
+
+
+_NEEDS = {
+    ("grad_rms", 0): ("g2", "n"), ("grad_rms", 1): ("g2", "n"),
+    ("moment_rms", 0): ("m2", "n"), ("moment_rms", 1): ("v", "n"),
+    ("snr", 0): ("m2", "v"), ("snr", 1): ("m2", "v"),
+    ("update_rms", 0): ("u2", "vpos"), ("update_rms", 1): ("u2", "vpos"),
+    ("crest", 0): ("crest_m", "blocks"), ("crest", 1): ("crest_v", "blocks"),
+    ("log_range", 0): ("range_m", "blocks"), ("log_range", 1): ("range_v", "blocks"),
+    ("probe_err", 0): ("perr_m", "m2"), ("probe_err", 1): ("perr_v", "vpos"),
+}
+
+
+def needed_sums(mu_factors, nu_factors) -> frozenset:
+  """The entries of :data:`SUMS` that the given (m, v) factor names read."""
+  keys = set()
+  for k, names in enumerate((mu_factors, nu_factors)):
+    for name in names:
+      keys.update(_NEEDS[(name, k)])
+  return frozenset(keys)
+
+
+def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None,
+              stride: int = 1, slot=0):
+  """Additive statistics of one leaf: float32 ``[NUM_SUMS]`` (layout :data:`SUMS`).
+
+  Args:
+    g: the leaf's gradient (any float dtype, the parameter's shape).
+    mu, nu: the refreshed moments: :class:`QuantizedArray` or float32 arrays.
+    block_size: block size used for float32 moments (quantized ones use their own).
+    probe_bits: bit-width of the re-quantization probe (``probe_err``).
+    needed: optional set of :data:`SUMS` names to compute (others are 0); the
+      policy passes only what its factors read, which keeps the traced
+      program (and its compile time) small.
+    stride, slot: subsample: with ``stride > 1`` only the blocks ``b`` with
+      ``b % stride == slot`` (``slot`` may be traced) enter the sums, which
+      costs O(size / stride). Summing the results over ``stride`` consecutive
+      slots gives the sums of every block once.
+  """
+  needed = frozenset(SUMS) if needed is None else frozenset(needed) | {"n", "blocks"}
+  ref = mu if is_quantized(mu) else (nu if is_quantized(nu) else None)
+  rows = None
+  if stride > 1:
+    rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
+  m, valid = _blocks(mu, ref, block_size, rows, stride, slot)
+  v, _ = _blocks(nu, ref, block_size, rows, stride, slot)
+  f = lambda x: jnp.where(valid, x, 0.0)
+  v = jnp.maximum(v, 0.0)
+  pos = valid & (v > 0)
+  inv_v = lambda: jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
+
+  def gsq():
+    gb, _ = _blocks(g, ref, block_size, rows, stride, slot)
+    return jnp.sum(f(gb * gb))
+
+  def perr_m():
+    return jnp.sum(f(jnp.square(m - _probe(m, True, probe_bits))))
+
+  def perr_v():
+    return jnp.sum(jnp.square((_probe(v, False, probe_bits) - v) * inv_v()))
+
+  compute = {
+      "n": lambda: jnp.sum(valid, dtype=jnp.float32),
+      "blocks": lambda: jnp.sum(jnp.any(valid, axis=1), dtype=jnp.float32),
+      "g2": gsq,
+      "m2": lambda: jnp.sum(f(m * m)),
+      "v": lambda: jnp.sum(f(v)),
+      "u2": lambda: jnp.sum(m * m * inv_v()),
+      "vpos": lambda: jnp.sum(pos, dtype=jnp.float32),
+      "crest_m": lambda: _block_crest(jnp.abs(m), valid),
+      "crest_v": lambda: _block_crest(jnp.sqrt(v), valid),
+      "range_m": lambda: _block_range(jnp.abs(m), valid),
+      "range_v": lambda: _block_range(v, valid),
+      "perr_m": perr_m,
+      "perr_v": perr_v,
+  }
+  return jnp.stack([compute[k]().astype(jnp.float32) if k in needed else jnp.float32(0)
+                    for k in SUMS])
+
+
+def reduce_sums(sums, axis_name):
+  """Sums over the devices of ``axis_name`` (None: statistics are already global)."""
+  if axis_name is None:
+    return sums
+  return jax.lax.psum(sums, axis_name)
+
+
+def factor_values(sums_LxS, name: str, moment: int):
+  """Value of factor ``name`` for moment 0 (m) or 1 (v) of each leaf: float32 ``[L]``.
+
+  Degenerate leaves (all-zero moments) give 0 for magnitude factors and 0 for
+  structure factors; callers floor them before taking logs.
+  """
+  s = lambda k: sums_LxS[:, _IDX[k]]
+  div = lambda a, b: a / jnp.maximum(b, _TINY)
+  if name == "grad_rms":
+    return jnp.sqrt(div(s("g2"), s("n")))
+  if name == "moment_rms":
+    return jnp.sqrt(div(s("m2") if moment == 0 else s("v"), s("n")))
+  if name == "snr":
+    return jnp.sqrt(div(s("m2"), s("v")))
+  if name == "update_rms":
+    return jnp.sqrt(div(s("u2"), s("vpos")))
+  if name == "crest":
+    return div(s("crest_m") if moment == 0 else s("crest_v"), s("blocks"))
+  if name == "log_range":
+    return div(s("range_m") if moment == 0 else s("range_v"), s("blocks"))
+  if name == "probe_err":
+    if moment == 0:
+      return jnp.sqrt(div(s("perr_m"), s("m2")))
+    return jnp.sqrt(div(s("perr_v"), s("vpos")))
+  raise ValueError(f"unknown factor {name!r}; choose from {FACTORS}")

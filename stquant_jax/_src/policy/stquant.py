@@ -1,0 +1,435 @@
+"""``STQuantPolicy``: adaptive bit-widths per leaf, per moment and over training.
+
+Every step, inside the jitted update, the score engine
+(:mod:`stquant_jax._src.policy.scores`) sums statistics over a rotating 1/K of each
+adaptive leaf's blocks (those with ``block % K == count % K``, K = ``every``)
+into ``acc`` in the policy state: O(size / K) work per step, no control flow
+around the moments. Every K steps, from ``acc`` (which then covers each block
+once):
+
+1. **Score engine**: the accumulated additive statistics of each adaptive
+   leaf, reduced with ``psum`` over ``axis_name`` (when set), give a
+   magnitude factor N and a structure factor R for m and for v separately.
+   Their log2 values are kept as EMAs in the policy state (O(1) per leaf).
+2. **Zones**: each factor is compared, relative to the geometric mean over the
+   adaptive leaves, with a hysteresis band ``(exit, enter)``: a factor becomes
+   "high" above ``enter`` and stays high until it falls below ``exit``. The
+   (N, R) quadrant picks a zone: critical (high, high), magnitude (high, low),
+   structure (low, high), redundant (low, low); the zone's table gives the bits.
+3. **Temporal annealing**: ``tau = max(exp(-t / anneal_steps), drift / instability)``
+   (clipped to [0, 1]; ``drift`` is the mean change of the leaves' relative
+   log2 N and log2 R since the last decision) adds ``round(tau * anneal_bits)`` bits: more precision early and
+   while the statistics move, less as training settles.
+4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
+   (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
+   ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least.
+5. **Transition limits**: a moment's proposal changes at most once per
+   ``min_interval`` steps and at most ``max_changes`` times in all.
+
+The decision only writes the *proposed* bits into the state; bits are static
+layout, applied outside ``jit`` by :func:`stquant_jax.relayout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stquant_jax._src.codec.blocks import check_block_size
+from stquant_jax._src.codec.packing import MAX_BITS, check_bits
+from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
+from stquant_jax._src.core.trees import field
+from stquant_jax._src.distributed.mesh import host_value
+from stquant_jax._src.policy.allocation import allocate, moment_nbytes, relative_error_table
+from stquant_jax._src.policy.base import Policy, is_float
+from stquant_jax._src.policy.scores import (
+    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaf_sums,
+    needed_sums, reduce_sums)
+from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
+
+ZONES = ("critical", "magnitude", "structure", "redundant")
+_NEVER = -(2**30)  # "last change" of a moment that never changed
+
+
+class STQuantPolicyState(NamedTuple):
+  """Policy state of :class:`STQuantPolicy`; rows follow ``jax.tree.leaves(params)``,
+  columns are (m, v). Bits codes: 2..8 quantized, 32 float32, 0 no moment."""
+
+  n_ema: jax.Array        # float32 [L, 2]: EMA of log2 magnitude factor N
+  r_ema: jax.Array        # float32 [L, 2]: EMA of log2 structure factor R
+  zone: jax.Array         # int32 [L, 2]: index into ZONES
+  proposed: jax.Array     # int32 [L, 2]: bits the policy wants
+  actual: jax.Array       # int32 [L, 2]: bits of the layout the last step ran with
+  last_change: jax.Array  # int32 [L, 2]: step at which `proposed` last changed
+  changes: jax.Array      # int32 [L, 2]: number of changes of `proposed`
+  decisions: jax.Array    # int32 []: decisions taken so far
+  anneal: jax.Array       # float32 []: annealing factor tau of the last decision
+  acc: jax.Array          # float32 [L, S]: statistics accumulated since the last decision
+                          # (the S sums the factors read, in SUMS order; local to the device)
+
+
+def _bits_code(b):
+  return FLOAT32 if b is None else b
+
+
+@dataclasses.dataclass(frozen=True)
+class STQuantPolicy(Policy):
+  """Adaptive bit allocation along leaves, moments (m, v) and training steps.
+
+  Leaves with fewer than ``min_size`` values and non-float leaves are not
+  adaptive (float32 moments / no moments, as in :class:`FixedBits`); every
+  other leaf starts at the critical zone's bits (plus the annealing boost) and
+  is re-decided every ``every`` steps. Zone bits are ``(mu_bits, nu_bits)``
+  pairs; ``None`` keeps that moment in float32.
+
+  Args:
+    every: K, steps between decisions; each step samples 1/K of every adaptive
+      leaf's blocks for the statistics, so a decision sees each block once.
+    critical, magnitude, structure, redundant: ``(mu_bits, nu_bits)`` of each zone,
+      non-increasing from critical to redundant.
+    n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
+      magnitude / structure factor, relative to the geometric mean over the
+      adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
+    ema: EMA decay of the log2 factors across decisions, in [0, 1).
+    anneal_steps: time constant of the early-training boost (0: none).
+    anneal_bits: extra bits at full annealing (tau = 1).
+    instability: mean change of relative log2 N + log2 R between decisions
+      that counts as fully unstable (tau = 1).
+    min_bits, max_bits: allowed quantized bit-widths (default 3..8: the 2-bit
+      signed map has three levels, relative error 0.76, and a budget that
+      pushed m there cost +18-23% loss in benchmarks/policy_tradeoff.py).
+      ``min_bits=2`` is stable but stalls: tiny GPT-2 with every zone at
+      (2, 2) never diverged in 2000 steps, yet ended at 1.89x fp32 AdamW's
+      loss, because ~88% of 2-bit m codes are 0; 2-bit v alone is harmless
+      (tests/test_stability.py, docs/reliability.md).
+    target_bits: optional memory budget, average stored bits per moment value,
+      metadata and policy state included (as :func:`stquant_jax.average_bits`).
+      Met from the first decision on.
+    min_interval: minimum steps between two changes of one moment's bits.
+    max_changes: maximum changes of one moment's bits per run (None: no limit).
+    mu_factors, nu_factors: ``(magnitude, structure)`` factor names for m and v
+      (:mod:`stquant_jax._src.policy.scores`); defaults chosen by
+      ``benchmarks/policy_factors.py`` (docs/policy.md).
+    probe_bits: bit-width of the ``probe_err`` statistic.
+    axis_name: collective axis (pmap / shard_map) over which statistics are
+      summed, so every replica decides the same; None under plain ``jit``.
+    block_size: must equal the transform's block size (used for the budget's
+      cost model at ``init`` and for float32 -> quantized relayouts).
+    min_size: leaves with fewer values are not adaptive (float32 moments).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import stquant_jax as sq
+    >>> params = {"w1": jnp.ones((128, 64)) * 0.1, "w2": jnp.ones((64, 256)) * 0.1}
+    >>> policy = sq.STQuantPolicy(every=10, min_interval=10)
+    >>> tx = sq.adamw(1e-3, policy=policy)
+    >>> state = tx.init(params)
+    >>> loss = lambda p, x: jnp.mean((x @ p["w1"] @ p["w2"]) ** 2)
+    >>> @jax.jit
+    ... def step(params, state, x):
+    ...   g = jax.grad(loss)(params, x)
+    ...   u, state = tx.update(g, state, params)
+    ...   return optax.apply_updates(params, u), state
+    >>> history = sq.BitHistory()
+    >>> for i in range(30):
+    ...   x = jax.random.normal(jax.random.key(i), (8, 128))
+    ...   params, state = step(params, state, x)
+    ...   if (i + 1) % policy.every == 0:
+    ...     state = sq.relayout(state)   # re-packs changed leaves; step retraces once per layout
+    ...     history.record(i + 1, state)
+    >>> len(history.records), sorted(history.records[-1]["mu_bits"])
+    (3, ['w1', 'w2'])
+  """
+
+  every: int = 100
+  critical: tuple = (8, 8)
+  magnitude: tuple = (6, 8)
+  structure: tuple = (6, 6)
+  redundant: tuple = (4, 5)
+  n_thresholds: tuple = (0.8, 1.25)
+  r_thresholds: tuple = (0.8, 1.25)
+  ema: float = 0.5
+  anneal_steps: int = 1000
+  anneal_bits: int = 1
+  instability: float = 0.5
+  min_bits: int = 3  # the 2-bit signed map is {-1, 0, 1}: opt in explicitly
+  max_bits: int = MAX_BITS
+  target_bits: float | None = None
+  min_interval: int = 300
+  max_changes: int | None = None
+  mu_factors: tuple = ("moment_rms", "probe_err")
+  nu_factors: tuple = ("moment_rms", "crest")
+  probe_bits: int = 4
+  axis_name: Any = None
+  block_size: int = 128
+  min_size: int = 4096
+
+  def __post_init__(self):
+    check_int("every", self.every, 1)
+    check_bits(self.min_bits, "min_bits")
+    check_bits(self.max_bits, "max_bits")
+    if self.min_bits > self.max_bits:
+      raise ValueError(f"min_bits={self.min_bits} > max_bits={self.max_bits}; "
+                       "swap them or widen the range")
+    for z in ZONES:
+      pair = check_pair(z, getattr(self, z), "(mu_bits, nu_bits)")
+      for b in pair:
+        if b is None:
+          continue
+        check_int(f"{z} bits", b)
+        if not self.min_bits <= b <= self.max_bits:
+          raise ValueError(f"{z}={pair}: bits {b} outside min_bits..max_bits = "
+                           f"{self.min_bits}..{self.max_bits}; change the zone or the range")
+    table = self.zone_table()
+    for k, mom in enumerate(("mu", "nu")):
+      c, m, s, r = (int(table[z, k]) for z in range(4))
+      if not (c >= m >= r and c >= s >= r):
+        raise ValueError(
+            f"zone bits for {mom} out of order: critical={c}, magnitude={m}, structure={s}, "
+            f"redundant={r} (32 = float32); need critical >= magnitude, structure >= redundant")
+    for name in ("n_thresholds", "r_thresholds"):
+      band = check_pair(name, getattr(self, name), "(exit, enter)")
+      for x in band:
+        check_number(name, x, 0.0, math.inf, lo_open=True, hi_open=True)
+      if band[0] > band[1]:
+        raise ValueError(f"{name}={band} out of order: exit {band[0]} must be <= "
+                         f"enter {band[1]} (swap them)")
+    check_number("ema", self.ema, 0.0, 1.0, hi_open=True)
+    check_int("anneal_steps", self.anneal_steps, 0)
+    check_int("anneal_bits", self.anneal_bits, 0)
+    check_number("instability", self.instability, 0.0, math.inf, lo_open=True, hi_open=True)
+    check_int("min_interval", self.min_interval, 0)
+    check_int("max_changes", self.max_changes, 0, allow_none=True)
+    check_bits(self.probe_bits, "probe_bits")
+    check_block_size(self.block_size)
+    check_int("min_size", self.min_size, 0)
+    for name, fac in (("mu_factors", self.mu_factors), ("nu_factors", self.nu_factors)):
+      fac = check_pair(name, fac, "(magnitude, structure) factor-name")
+      check_choice(f"{name}[0]", fac[0], MAGNITUDE_FACTORS)
+      check_choice(f"{name}[1]", fac[1], STRUCTURE_FACTORS)
+    ax = self.axis_name
+    if ax is not None and not isinstance(ax, str) and not (
+        isinstance(ax, tuple) and all(isinstance(a, str) for a in ax)):
+      raise TypeError(f"axis_name={ax!r} must be None, a str or a tuple of str")
+    if self.target_bits is not None:
+      check_number("target_bits", self.target_bits, 0.0, math.inf, lo_open=True, hi_open=True)
+      relative_error_table(self.min_bits, self.max_bits)  # measured once, outside jit
+      floor = self.min_bits + 32.0 / self.block_size
+      if self.target_bits < floor:
+        raise ValueError(
+            f"target_bits={self.target_bits} is below {floor:g}, the fewest bits per value "
+            f"a quantized moment can use (min_bits={self.min_bits} + scales 32/"
+            f"block_size={self.block_size}); raise target_bits, lower min_bits or raise "
+            "block_size")
+
+  # ---- static layout -------------------------------------------------------
+
+  def zone_table(self) -> np.ndarray:
+    """int32 ``[4, 2]``: bits of (m, v) per zone (32 = float32)."""
+    return np.array([[_bits_code(b) for b in getattr(self, z)] for z in ZONES], np.int32)
+
+  def _adaptive(self, shape, dtype) -> bool:
+    return is_float(dtype) and math.prod(shape) >= self.min_size
+
+  def initial_bits(self) -> tuple[int | None, int | None]:
+    """Bits every adaptive leaf starts with: the critical zone plus the full
+    annealing boost, lowered to fit ``target_bits`` per leaf when it is set."""
+    out = []
+    for b in self.critical:
+      if b is not None:
+        b = min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
+      if self.target_bits is not None:
+        fit = int(math.floor(self.target_bits - 32.0 / self.block_size))
+        b = max(self.min_bits, min(self.max_bits if b is None else b, fit))
+      out.append(b)
+    return tuple(out)
+
+  def leaf_bits(self, shape, dtype):
+    if not self._adaptive(tuple(shape), dtype):
+      return None, None
+    return self.initial_bits()
+
+  def sum_keys(self) -> tuple[str, ...]:
+    """Names (in :data:`SUMS` order) of the statistics the policy accumulates."""
+    need = needed_sums(self.mu_factors, self.nu_factors) | {"n", "blocks"}
+    return tuple(k for k in SUMS if k in need)
+
+  def _state_nbytes(self, num_leaves: int) -> int:
+    return num_leaves * 2 * 4 * 7 + num_leaves * 4 * len(self.sum_keys()) + 4 + 4
+
+  def init_state(self, params) -> STQuantPolicyState:
+    leaves = jax.tree.leaves(params)
+    n = len(leaves)
+    init = []
+    for p in leaves:
+      shape, dtype = tuple(p.shape), p.dtype
+      if not is_float(dtype):
+        init.append((NO_MOMENT, NO_MOMENT))
+      elif self._adaptive(shape, dtype):
+        init.append(tuple(_bits_code(b) for b in self.initial_bits()))
+      else:
+        init.append((FLOAT32, FLOAT32))
+    if self.target_bits is not None:
+      self._check_budget(leaves)
+    bits = np.array(init, np.int32).reshape(n, 2)
+    # Distinct buffers per field, so a donating jitted step never sees one buffer twice.
+    return STQuantPolicyState(
+        n_ema=jnp.zeros((n, 2), jnp.float32), r_ema=jnp.zeros((n, 2), jnp.float32),
+        zone=jnp.zeros((n, 2), jnp.int32), proposed=jnp.asarray(bits),
+        actual=jnp.asarray(bits), last_change=jnp.full((n, 2), _NEVER, jnp.int32),
+        changes=jnp.zeros((n, 2), jnp.int32), decisions=jnp.zeros([], jnp.int32),
+        anneal=jnp.ones([], jnp.float32),
+        acc=jnp.zeros((n, len(self.sum_keys())), jnp.float32))
+
+  def min_average_bits(self, params) -> float:
+    """The fewest average bits (as :func:`stquant_jax.average_bits`) reachable for ``params``."""
+    leaves = jax.tree.leaves(params)
+    nbytes, values = 4 + self._state_nbytes(len(leaves)), 0
+    for p in leaves:
+      size = math.prod(p.shape)
+      if not is_float(p.dtype):
+        continue
+      values += 2 * size
+      bits = self.min_bits if self._adaptive(tuple(p.shape), p.dtype) else FLOAT32
+      nbytes += 2 * moment_nbytes(size, bits, self.block_size)
+    return 8.0 * nbytes / max(values, 1)
+
+  def _check_budget(self, leaves):
+    floor = self.min_average_bits(leaves)
+    if self.target_bits < floor:
+      raise ValueError(
+          f"target_bits={self.target_bits} cannot be met for these params: with every "
+          f"adaptive moment at min_bits={self.min_bits} the average is {floor:.3f} bits "
+          f"(scales, float32 moments of leaves under min_size={self.min_size} and the policy "
+          f"state included); raise target_bits to >= {floor:.3f}, lower min_bits or min_size")
+
+  # ---- the jitted decision -------------------------------------------------
+
+  def update_state(self, state, updates, mu, nu, count):
+    leaves, treedef = jax.tree.flatten(updates)
+    mu_l = treedef.flatten_up_to(mu)
+    nu_l = treedef.flatten_up_to(nu)
+    layout, adaptive, sizes, blocks = [], [], [], []
+    for g, m, v in zip(leaves, mu_l, nu_l):
+      codes = [moment_bits(m), moment_bits(v)]
+      layout.append(codes)
+      ad = is_float(g.dtype) and self._adaptive(tuple(g.shape), g.dtype) and NO_MOMENT not in codes
+      adaptive.append(ad)
+      sizes.append(math.prod(g.shape))
+      qs = [x for x in (m, v) if is_quantized(x)]
+      if qs and qs[0].block_size != self.block_size:
+        raise ValueError(f"STQuantPolicy(block_size={self.block_size}) but the state uses "
+                         f"block_size={qs[0].block_size}; pass the same block_size to both")
+      blocks.append(self.block_size)
+    actual = jnp.asarray(np.array(layout, np.int32).reshape(len(leaves), 2))
+    old = STQuantPolicyState(*(field(state, f) for f in STQuantPolicyState._fields))
+    if not any(adaptive):
+      return old._replace(actual=actual)
+    adaptive_np = np.array(adaptive)
+    fixed_bytes = 4 + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in old)
+    values = 0
+    for (cm, cv), size, ad in zip(layout, sizes, adaptive):
+      if cm != NO_MOMENT or cv != NO_MOMENT:
+        values += 2 * size
+      if not ad:
+        fixed_bytes += (moment_nbytes(size, cm, self.block_size)
+                        + moment_nbytes(size, cv, self.block_size))
+
+    # Statistics: every step, a rotating 1/K of each adaptive leaf's blocks (the blocks
+    # b with b % K == count % K), accumulated in the state; over the K steps up to a
+    # decision every block enters once. O(size / K) per step, no control flow around
+    # the moments, so the step's program keeps the moments' buffers as FixedBits does.
+    keys = self.sum_keys()
+    cols = np.array([SUMS.index(k) for k in keys])
+    stride = self.every
+    slot = count % stride
+    rows = [leaf_sums(g, m, v, block_size=self.block_size, probe_bits=self.probe_bits,
+                      needed=frozenset(keys), stride=stride, slot=slot)[cols]
+            if ad else jnp.zeros((len(keys),), jnp.float32)
+            for g, m, v, ad in zip(leaves, mu_l, nu_l, adaptive)]
+    old = old._replace(acc=old.acc + jnp.stack(rows))
+
+    def decide(st):  # small operands only: the policy state and count
+      full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)
+      sums = reduce_sums(full, self.axis_name)
+      new = self._decide(st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
+      return new._replace(acc=jnp.zeros_like(st.acc))
+
+    new = jax.lax.cond(slot == 0, decide, lambda st: st, old)
+    return new._replace(actual=actual)
+
+  def _decide(self, st, sums, count, adaptive, sizes, blocks, fixed_bytes, values):
+    ad = jnp.asarray(np.repeat(adaptive[:, None], 2, axis=1))
+    tiny = jnp.float32(1e-30)
+    x_n = jnp.stack([factor_values(sums, self.mu_factors[0], 0),
+                     factor_values(sums, self.nu_factors[0], 1)], axis=1)
+    x_r = jnp.stack([factor_values(sums, self.mu_factors[1], 0),
+                     factor_values(sums, self.nu_factors[1], 1)], axis=1)
+    x_n = jnp.where(ad, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
+    x_r = jnp.where(ad, jnp.log2(jnp.maximum(x_r, tiny)), 0.0)
+    first = st.decisions == 0
+    b = jnp.float32(self.ema)
+    n_ema = jnp.where(first, x_n, b * st.n_ema + (1 - b) * x_n)
+    r_ema = jnp.where(first, x_r, b * st.r_ema + (1 - b) * x_r)
+
+    def rel(x):  # log2 of the factor relative to the geometric mean of adaptive leaves
+      mean = jnp.sum(jnp.where(ad, x, 0.0), axis=0) / jnp.maximum(jnp.sum(ad, axis=0), 1)
+      return x - mean
+
+    # Instability: how far the leaves' relative standing moved since the last decision.
+    n_ad = jnp.maximum(jnp.sum(ad), 1)
+    moved = jnp.abs(rel(x_n) - rel(st.n_ema)) + jnp.abs(rel(x_r) - rel(st.r_ema))
+    drift = jnp.where(first, 0.0, jnp.sum(jnp.where(ad, moved, 0.0)) / n_ad)
+    n_rel, r_rel = rel(n_ema), rel(r_ema)
+    z = st.zone
+    n_was_hi, r_was_hi = z < 2, (z % 2) == 0
+    lg = lambda t: jnp.float32(math.log2(t))
+    n_hi = jnp.where(n_was_hi, n_rel >= lg(self.n_thresholds[0]), n_rel > lg(self.n_thresholds[1]))
+    r_hi = jnp.where(r_was_hi, r_rel >= lg(self.r_thresholds[0]), r_rel > lg(self.r_thresholds[1]))
+    zone = jnp.where(ad, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
+
+    t = count.astype(jnp.float32)
+    decay = jnp.exp(-t / self.anneal_steps) if self.anneal_steps else jnp.float32(0)
+    tau = jnp.clip(jnp.maximum(decay, drift / self.instability), 0.0, 1.0)
+    boost = jnp.round(tau * self.anneal_bits).astype(jnp.int32)
+    table = jnp.asarray(self.zone_table())
+    zb = table[zone, jnp.arange(2)[None, :]]
+    desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
+
+    since = count - st.last_change
+    free = ad & (since >= self.min_interval)
+    if self.max_changes is not None:
+      free = free & (st.changes < self.max_changes)
+    if self.target_bits is not None:
+      bsz = np.repeat(np.asarray(blocks, np.int64)[:, None], 2, axis=1).reshape(-1)
+      sz = np.repeat(np.asarray(sizes, np.int64)[:, None], 2, axis=1).reshape(-1)
+      nb = -(-sz // bsz)
+      budget = self.target_bits * values / 8.0 - fixed_bytes
+      err = relative_error_table(self.min_bits, self.max_bits) ** 2  # [2, levels]
+      err2 = np.tile(err[None], (len(sizes), 1, 1)).reshape(-1, err.shape[1])
+      desired = allocate(
+          (2.0 * (n_rel + r_rel)).reshape(-1), desired.reshape(-1), free.reshape(-1),
+          st.proposed.reshape(-1), err2=err2, per_bit=nb * bsz / 8.0, fixed=4.0 * nb,
+          fp32_bytes=4.0 * sz, budget_bytes=jnp.float32(budget),
+          min_bits=self.min_bits, max_bits=self.max_bits).reshape(desired.shape)
+    proposed = jnp.where(free, desired, st.proposed)
+    changed = proposed != st.proposed
+    return STQuantPolicyState(
+        n_ema=jnp.where(ad, n_ema, st.n_ema), r_ema=jnp.where(ad, r_ema, st.r_ema),
+        zone=zone, proposed=proposed.astype(jnp.int32), actual=st.actual,
+        last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
+        changes=(st.changes + changed).astype(jnp.int32),
+        decisions=st.decisions + 1, anneal=tau.astype(jnp.float32), acc=st.acc)
+
+  def proposed_bits(self, state):
+    """Per leaf (in ``jax.tree.leaves(params)`` order), the ``(mu_bits, nu_bits)``
+    wanted now; None for float32 or no moment. Host values (one small transfer)."""
+    prop = host_value(field(state, "proposed"))
+    conv = lambda b: None if int(b) in (FLOAT32, NO_MOMENT) else int(b)
+    return [(conv(a), conv(b)) for a, b in prop]

@@ -1,0 +1,157 @@
+"""``scale_by_stquant``: Adam scaling with block-wise quantized, bit-packed moments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
+from stquant_jax._src.codec.maps import resolve_map
+from stquant_jax._src.distributed.mesh import replicated_on_params_mesh
+from stquant_jax._src.policy.base import FixedBits, Policy
+from stquant_jax._src.state.opt_state import ScaleByStquantState
+from stquant_jax._src.transform.checks import (
+    check_adam_hparams, check_options, moments_for_updates, static_block_size)
+from stquant_jax._src.transform.leaves import init_moment, update_leaf
+
+
+def _adam_scalars(b1, b2, eps, eps_root, count):
+  """Hyperparameters and bias corrections as float32 scalars, whether given as Python
+  floats or traced by inject_hyperparams, so both paths round identically."""
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  b1, b2 = f32(b1), f32(b2)
+  return dict(b1=b1, b2=b2, eps=f32(eps), eps_root=f32(eps_root),
+              bc1=1 - b1 ** count, bc2=1 - b2 ** count)
+
+
+def _aligned_params(treedef, params, n):
+  """Params aligned with the update leaves, or Nones when absent or unaligned."""
+  if params is None:
+    return [None] * n
+  try:
+    return treedef.flatten_up_to(params)
+  except (ValueError, TypeError):
+    return [None] * n
+
+
+def scale_by_stquant(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    policy: Policy | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    mu_map=None,
+    nu_map=None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam's rule, keeping m and v as quantized low-bit codes.
+
+  Each step dequantizes the moments to float32, applies Adam in float32, uses
+  the fresh float32 moments for this step's update, and requantizes them with
+  new block scales:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2,\quad
+    u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon}
+
+  The policy (default :class:`~stquant_jax.FixedBits`) decides per leaf, from
+  its global shape and dtype at ``init``, how many bits m and v get. Bit-widths,
+  maps, block size and shapes are static metadata of the state, so the update
+  compiles once.
+
+  Hostile input (``docs/reliability.md`` lists every case and its test):
+
+  * Where an element's new m or v is not finite (a NaN/Inf gradient, or
+    ``|g| > ~1.8e19`` so that ``g**2`` overflows float32), this step's update is
+    float32 Adam's (NaN for NaN/Inf, visible in the parameters; 0 for an
+    overflowing ``g**2``), and both of its stored moments restart from zero;
+    block scales ignore it, so no other element's state changes. This holds for
+    quantized and float32 moments alike. Wrap in :func:`optax.apply_if_finite`
+    to skip NaN/Inf steps and keep the previous state intact.
+  * A finite outlier sets its block's scales: the other elements of that block
+    get damped (never amplified) updates until the outlier's moments decay.
+  * Integer leaves get zero updates of their own dtype and no moments; float0
+    gradients become zeros of the param's dtype when ``params`` are passed.
+  * An updates tree whose structure, leaf shapes or dtype kinds (floating vs
+    not) differ from the state built by ``init`` raises a ``ValueError`` naming
+    the offending leaves (static checks, free under ``jit``).
+
+  Args:
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the second moment inside the square root.
+    policy: a :class:`~stquant_jax.Policy`; default ``FixedBits()`` (8-bit m
+      and v for leaves with >= 4096 values).
+    block_size: values per quantization block (a multiple of 32). Static:
+      declare it in ``static_args`` when using :func:`optax.inject_hyperparams`.
+    mu_map: optional ``callable(bits) -> CodeMap`` overriding the m map.
+    nu_map: optional ``callable(bits) -> CodeMap`` overriding the v map.
+    backend: ``"auto"`` (the fused Pallas kernel on GPU, the jnp path
+      elsewhere), ``"jnp"``, or ``"pallas"`` (forced; interpret mode on CPU,
+      for tests). Leaves whose m and v are not both quantized always use jnp.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import stquant_jax as sq
+    >>> params = {"w": jnp.ones((128, 64)), "b": jnp.zeros((64,))}
+    >>> tx = optax.chain(sq.scale_by_stquant(policy=sq.FixedBits(4, 4)), optax.scale(-1e-2))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> round(float(updates["w"][0, 0]), 4), state[0].mu["w"].bits
+    (-0.01, 4)
+  """
+  check_adam_hparams(b1, b2, eps, eps_root)
+  block_size = static_block_size(block_size)
+  policy = FixedBits() if policy is None else policy
+  check_options(policy, backend, mu_map, nu_map)
+
+  def maps(bits, signed):
+    return resolve_map(mu_map if signed else nu_map, bits, signed,
+                       "mu_map" if signed else "nu_map")
+
+  def init_fn(params):
+    if block_size is None:
+      raise TypeError("block_size is traced; it sets the state's shapes and must be "
+                      "static (with optax.inject_hyperparams pass static_args=('block_size',))")
+
+    def moments(signed):
+      def leaf(p):
+        bits = policy.leaf_bits(tuple(p.shape), p.dtype)[0 if signed else 1]
+        return init_moment(p, bits, signed, block_size, maps)
+      return jax.tree.map(leaf, params)
+
+    count, policy_state = jnp.zeros([], jnp.int32), policy.init_state(params)
+    # Concrete params sharded over a mesh: the small leaves go replicated on
+    # that mesh, so the whole state lives where the params do.
+    rep = replicated_on_params_mesh(params)
+    if rep is not None:
+      count, policy_state = jax.device_put((count, policy_state), rep)
+    return ScaleByStquantState(count=count, mu=moments(True), nu=moments(False),
+                               policy_state=policy_state)
+
+  def update_fn(updates, state, params=None):
+    count_inc = optax.safe_increment(state.count)
+    leaves, treedef = jax.tree.flatten(updates)
+    mu, nu = moments_for_updates(updates, treedef, leaves, state.mu, state.nu, block_size)
+    hparams = _adam_scalars(b1, b2, eps, eps_root, count_inc)
+    out = [update_leaf(g, m, v, p, hparams=hparams, backend=backend,
+                       block_size=block_size, maps=maps)
+           for g, m, v, p in zip(leaves, mu, nu, _aligned_params(treedef, params, len(leaves)))]
+    tree = lambda xs: treedef.unflatten(list(xs))
+    seen_g, seen_mu, seen_nu = zip(*(o.seen for o in out)) if out else ((), (), ())
+    policy_state = policy.update_state(state.policy_state, tree(seen_g), tree(seen_mu),
+                                       tree(seen_nu), count_inc)
+    new_state = ScaleByStquantState(count=count_inc, mu=tree(o.mu for o in out),
+                                    nu=tree(o.nu for o in out), policy_state=policy_state)
+    return tree(o.update for o in out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,1 @@
+"""Layer 4: the per-leaf Adam math on quantized moments (jnp path and kernels' reference)."""
