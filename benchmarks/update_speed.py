@@ -67,6 +67,9 @@ def main(argv=None):
   ap.add_argument("--params", type=float, default=25e6)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--bits", type=int, nargs="*", default=[8, 4])
+  ap.add_argument("--rounding", nargs="*", default=["nearest", "stochastic"],
+                  choices=["nearest", "stochastic"],
+                  help="moment rounding(s) to time (the default is stochastic)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
@@ -74,8 +77,9 @@ def main(argv=None):
   n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-3, params)
   variants = [("optax.adamw", optax.adamw(1e-3))]
-  variants += [(f"stquant_jax.adamw {b}-bit", sq.adamw(1e-3, policy=sq.FixedBits(b, b)))
-               for b in args.bits]
+  variants += [(f"stquant_jax.adamw {b}-bit {r}",
+                sq.adamw(1e-3, policy=sq.FixedBits(b, b), rounding=r))
+               for b in args.bits for r in args.rounding]
   rows = []
   base = None
   for name, tx in variants:
@@ -86,7 +90,7 @@ def main(argv=None):
     if name.startswith("stquant"):
       row["average_bits"] = sq.average_bits(state)
     rows.append(row)
-    print(f"{name:28s} {1e3 * t:8.2f} ms  x{t / base:5.2f}  {nbytes / n:6.3f} B/param", flush=True)
+    print(f"{name:38s} {1e3 * t:8.2f} ms  x{t / base:5.2f}  {nbytes / n:6.3f} B/param", flush=True)
   out = {"params": n, "steps": args.steps, "device": str(jax.devices()[0]),
          "cpu_count": jax.local_device_count(), "machine": platform.machine(),
          "jax": jax.__version__, "rows": rows}

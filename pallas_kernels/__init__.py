@@ -10,6 +10,8 @@ beside its jnp reference); this package is their public face.
 * :func:`adam_update_leaf`: the fused Adam step on one leaf's quantized m and
   v (read codes, dequantize, Adam in float32, requantize in place, write the
   update), optionally with AdamW's weight decay and learning rate fused.
+* :func:`adam_hparams` / :func:`adam_counter`: the fused kernel's scalar inputs
+  (hyperparameters; the stochastic rounding counter).
 * ``*_reference``: the plain-jnp twins the tests compare against.
 * :class:`Tiling`: launch configuration.
 * :func:`lower_for_cuda`: lower a function for CUDA on a CPU-only machine.
@@ -21,6 +23,7 @@ through the Triton backend. Block sizes must be powers of two >= 32.
 from stquant_jax._src.kernels.adam_update import (
     adam_hparams, adam_update_blocks_pallas, adam_update_leaf, adam_update_reference,
     supports)
+from stquant_jax._src.kernels.adam_update import counter as adam_counter
 from stquant_jax._src.kernels.dequantize import (
     dequantize_blocks_pallas, dequantize_blocks_reference)
 from stquant_jax._src.kernels.lowering import TRITON_CALL, lower_for_cuda
@@ -31,6 +34,7 @@ __all__ = [
     "DEFAULT_TILING",
     "TRITON_CALL",
     "Tiling",
+    "adam_counter",
     "adam_hparams",
     "adam_update_blocks_pallas",
     "adam_update_leaf",

@@ -171,15 +171,17 @@ def _structured(t, rng):
   return g
 
 
-ZERO_STEPS_FACTOR = {(8, 8): 1.6, (4, 4): 2.0, (2, 2): 3.5}
+ZERO_STEPS_FACTOR = {(8, 8): 1.6, (4, 4): 2.0, (2, 2): 4.0}
 
 
 @pytest.mark.parametrize("bits", BITS.values(), ids=BITS.keys())
 def test_zero_gradients_after_training_stay_bounded(bits):
   """4 hostile steps then 150 zero-gradient steps: every update is finite, each block's
-  largest |update| stays within a small factor of float32 optax's (measured: 1.34 at 8
-  bits, 1.28 at 4, 2.15 at 2: the quantization error of elements ~1e-3 of their block's
-  maximum, never a blow-up), and the updates decay like optax's."""
+  largest |update| stays within a small factor of float32 optax's (measured with the
+  default stochastic rounding: 1.32 at 8 bits, 1.55 at 4, 3.50 at 2 (round-to-nearest:
+  1.34, 1.28, 2.15): the quantization error of elements ~1e-3 of their block's
+  maximum, never a blow-up), and the updates decay like optax's (within that factor
+  of optax's at the end, ~3e-7)."""
   rng = np.random.default_rng(4)
   grads = [_structured(t, rng) for t in range(4)] + [np.zeros(SHAPE, np.float32)] * 150
   ours, ref = _run(bits, grads), _run(None, grads)
@@ -191,7 +193,8 @@ def test_zero_gradients_after_training_stay_bounded(bits):
     ratio = np.abs(u).max(axis=1) / np.maximum(np.abs(ur).max(axis=1), 1e-37)
     worst = max(worst, float(ratio.max()))
   assert worst <= ZERO_STEPS_FACTOR[bits], worst
-  assert np.abs(ours[-1][0]).max() < 1e-6  # optax: ~3e-7 after 150 zero steps
+  final_ref = np.abs(ref[-1][0]).max()  # optax: ~3e-7 after 150 zero steps
+  assert final_ref < 1e-6 and np.abs(ours[-1][0]).max() <= ZERO_STEPS_FACTOR[bits] * final_ref
 
 
 # --- huge, tiny and subnormal magnitudes --------------------------------------
@@ -221,14 +224,16 @@ def test_finite_outlier_damps_only_its_own_block(bits):
       assert np.isfinite(m).all() and np.isfinite(v).all()
 
 
-TINY_TOL = {(8, 8): 0.02, (4, 4): 0.2, (2, 2): 1.0}
+TINY_TOL = {(8, 8): 0.02, (4, 4): 0.3, (2, 2): 1.0}
 
 
 @pytest.mark.parametrize("bits", BITS.values(), ids=BITS.keys())
 def test_tiny_gradients_match_adam(bits):
   """|g| ~ 1e-30: g**2 underflows, so v is 0 (scales 0) as in optax and u = m_hat / eps;
   updates match float32 optax within the m quantization error (max error over max|u|
-  measured 0.008 at 8 bits, 0.11 at 4, 0.68 at 2) and never exceed 1.5 max|u_optax|."""
+  measured with the default stochastic rounding 0.012 at 8 bits, 0.24 at 4, 0.79 at 2:
+  up to one level gap, where round-to-nearest errs by at most half a gap: 0.008, 0.11,
+  0.68) and never exceed 1.5 max|u_optax| (measured 1.00, 1.03, 1.39)."""
   grads = [g * np.float32(1e-30) for g in _normal(6, steps=3)]
   ours, ref = _run(bits, grads), _run(None, grads)
   for (u, s), (ur, _) in zip(ours, ref):
@@ -348,35 +353,35 @@ RAGGED_TOL = {2: 2.5, 3: 0.8, 4: 0.4, 5: 0.2, 6: 0.1, 7: 0.05, 8: 0.03}
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_ragged_shapes_every_width(bits):
   """(3, 7), (129,), (1000, 3) at every width: the zero-padded tail of the last block
-  never leaks (each leaf equals the same values padded to whole blocks, and the
-  padding decodes to m = 0), and updates match float32 Adam within a bits-dependent
-  relative RMS error."""
+  never leaks (each leaf equals the same values padded to whole blocks, in a twin
+  state whose leaves have the same tree positions, so stochastic rounding draws the
+  same numbers; and the padding decodes to m = 0), and updates match float32 Adam
+  within a bits-dependent relative RMS error."""
   rng = np.random.default_rng(bits)
-  shapes = dict(RAGGED, **{k + "_pad": (-(-int(np.prod(s)) // 128) * 128,)
-                           for k, s in RAGGED.items()})
-  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  padded = {k: (-(-int(np.prod(s)) // 128) * 128,) for k, s in RAGGED.items()}
   tx = sq.scale_by_stquant(policy=sq.FixedBits(bits, bits, min_size=0))
   ref = optax.scale_by_adam()
-  state, rstate = tx.init(params), ref.init(params)
+  params = {k: jnp.zeros(s) for k, s in RAGGED.items()}
+  pparams = {k: jnp.zeros(s) for k, s in padded.items()}
+  state, pstate, rstate = tx.init(params), tx.init(pparams), ref.init(params)
   step, ref_step = jax.jit(tx.update), _step(None)[1]  # the reference compiles once
   for _ in range(4):
     g = {k: rng.standard_normal(s).astype(np.float32) for k, s in RAGGED.items()}
-    for k, s in RAGGED.items():
-      n = int(np.prod(s))
-      g[k + "_pad"] = np.pad(g[k].reshape(-1), (0, shapes[k + "_pad"][0] - n))
-    g = jax.tree.map(jnp.asarray, g)
+    gp = {k: np.pad(g[k].reshape(-1), (0, padded[k][0] - g[k].size)) for k in RAGGED}
+    g, gp = jax.tree.map(jnp.asarray, g), jax.tree.map(jnp.asarray, gp)
     u, state = step(g, state, params)
+    up, pstate = step(gp, pstate, pparams)
     ur, rstate = ref_step(g, rstate, params)
     for k, s in RAGGED.items():
       n = int(np.prod(s))
       assert u[k].shape == s
-      np.testing.assert_allclose(u[k].reshape(-1), u[k + "_pad"][:n], rtol=1e-6, atol=1e-7)
-      np.testing.assert_array_equal(state.mu[k].scales, state.mu[k + "_pad"].scales)
+      np.testing.assert_allclose(u[k].reshape(-1), up[k][:n], rtol=1e-6, atol=1e-7)
+      np.testing.assert_array_equal(state.mu[k].scales, pstate.mu[k].scales)
       uk, urk = np.asarray(u[k]), np.asarray(ur[k])
       err = float(np.linalg.norm(uk - urk) / np.linalg.norm(urk))
       assert err <= RAGGED_TOL[bits], (k, err)
   for k, s in RAGGED.items():  # the padding of the last block holds m = 0
-    assert not np.asarray(_dequantize(state.mu[k + "_pad"]))[int(np.prod(s)):].any()
+    assert not np.asarray(_dequantize(pstate.mu[k]))[int(np.prod(s)):].any()
 
 
 # --- params / updates trees that differ from the state's ----------------------

@@ -67,7 +67,7 @@ def u_ulps(u, ru):
 
 
 def run_steps(shape, mu_map, nu_map, *, dtype=jnp.float32, steps=2, block=128,
-              tiling=None, adamw=False, hp=HP, poison=False):
+              tiling=None, adamw=False, hp=HP, poison=False, rounding=("nearest", "nearest")):
   """Steps both paths from the same state (the reference's); returns |du| per step in ulps."""
   rmu, rnu = moments(shape, mu_map, nu_map, block)
   key = jax.random.key(sum(shape) + mu_map.bits * 10 + nu_map.bits)
@@ -75,6 +75,7 @@ def run_steps(shape, mu_map, nu_map, *, dtype=jnp.float32, steps=2, block=128,
   if adamw:
     extra = dict(param=jax.random.normal(key, shape).astype(dtype), weight_decay=0.1,
                  learning_rate=1e-3)
+  extra["rounding"] = rounding
   ref = jax.jit(functools.partial(pk.adam_update_reference, **hp, **extra))
   diffs = []
   for t in range(1, steps + 1):
@@ -83,9 +84,10 @@ def run_steps(shape, mu_map, nu_map, *, dtype=jnp.float32, steps=2, block=128,
       g.reshape(-1)[1:3] = np.nan, np.inf
     g = jnp.asarray(g, dtype)
     bc = bias_corrections(t)
-    u, mu, nu = pk.adam_update_leaf(g, rmu, rnu, **hp, **bc, **extra,
+    ctr = dict(step=jnp.int32(t), leaf=7)
+    u, mu, nu = pk.adam_update_leaf(g, rmu, rnu, **hp, **bc, **extra, **ctr,
                                     interpret=INTERPRET, tiling=tiling)
-    ru, rmu, rnu = ref(g, rmu, rnu, **bc)
+    ru, rmu, rnu = ref(g, rmu, rnu, **bc, **ctr)
     assert u.shape == g.shape and u.dtype == g.dtype
     assert_q_equal(mu, rmu)
     assert_q_equal(nu, rnu)
@@ -98,6 +100,16 @@ def run_steps(shape, mu_map, nu_map, *, dtype=jnp.float32, steps=2, block=128,
 def test_every_bit_width_default_maps(bits):
   cm = lambda s: sq.default_map(bits, s)
   run_steps((3, 100), cm(True), cm(False))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("rounding", [("stochastic", "stochastic"), ("stochastic", "nearest")])
+def test_stochastic_rounding_matches_reference(bits, rounding):
+  """The kernel draws the same stochastic-rounding numbers as the jnp path (a hash of
+  step, leaf and global element index), so codes agree as for round-to-nearest."""
+  cm = lambda s: sq.default_map(bits, s)
+  run_steps((5, 90), cm(True), cm(False), rounding=rounding, steps=3,
+            tiling=pk.Tiling(blocks_per_program=2))
 
 
 @pytest.mark.parametrize("mu_map,nu_map", [

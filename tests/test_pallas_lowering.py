@@ -6,6 +6,8 @@ lowering on this CPU-only machine. Each Triton module is also run through the
 MLIR verifier (jax serializes it without verifying).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -64,10 +66,11 @@ def test_quantize_dequantize_lower(bits, signed):
     lowers(pk.dequantize_blocks_pallas, codes, scales, cmap=cmap)
 
 
-def _leaf_fn(g, mu, nu, p=None):
+def _leaf_fn(g, mu, nu, p=None, rounding=("nearest", "nearest")):
   extra = {} if p is None else dict(param=p, weight_decay=0.1, learning_rate=1e-3)
   return pk.adam_update_leaf(g, mu, nu, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-                             bc1=jnp.float32(0.1), bc2=jnp.float32(1e-3), **extra)
+                             bc1=jnp.float32(0.1), bc2=jnp.float32(1e-3), rounding=rounding,
+                             step=jnp.int32(3), leaf=2, **extra)
 
 
 def _state(shape, mu_map, nu_map, block=128):
@@ -84,6 +87,15 @@ def test_fused_update_lowers_every_width(bits):
                                      sq.default_map(bits, False)))
   assert "output_operand_aliases" in text  # codes and scales are updated in place
   lowers(_leaf_fn, g, *_state(g.shape, other_family(bits, True), other_family(bits, False)))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_fused_update_with_stochastic_rounding_lowers(bits):
+  """The counter hash (uint32 multiplies, shifts, xor) lowers to Triton."""
+  g = jnp.zeros((300, 70))
+  state = _state(g.shape, sq.default_map(bits, True), sq.default_map(bits, False))
+  text = lowers(functools.partial(_leaf_fn, rounding=("stochastic", "stochastic")), g, *state)
+  assert "output_operand_aliases" in text
 
 
 @pytest.mark.parametrize("mu_bits,nu_bits,dtype,adamw,block", [

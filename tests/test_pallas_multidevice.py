@@ -59,10 +59,11 @@ SCRIPT = textwrap.dedent("""
     hp = pk.adam_hparams(HP["b1"], HP["b2"], HP["eps"], HP["eps_root"], HP["bc1"], HP["bc2"])
     body = functools.partial(pk.adam_update_blocks_pallas, mu_map=mmap, nu_map=vmap_,
                              block_size=128, interpret=True)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (P("d"),) * 5,
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P()) + (P("d"),) * 5,
                       out_specs=(P("d"),) * 5, check_vma=False)
     hp = jax.device_put(hp, jax.NamedSharding(mesh, P()))
-    u, mc, ms, vc, vs = jax.jit(f)(hp, *shard(g, mu.codes, mu.scales, nu.codes, nu.scales))
+    ctr = jax.device_put(pk.adam_counter(1, 0), jax.NamedSharding(mesh, P()))
+    u, mc, ms, vc, vs = jax.jit(f)(hp, ctr, *shard(g, mu.codes, mu.scales, nu.codes, nu.scales))
     ru, rmu, rnu = jax.jit(functools.partial(pk.adam_update_reference, **HP))(g, mu, nu)
     close_u(u, ru)
     close_q(mc, ms, rmu.codes, rmu.scales, 4)

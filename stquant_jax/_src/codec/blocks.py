@@ -56,14 +56,16 @@ def group_view(x_NxB, bits: int):
   return x_NxB.reshape(n, b // gc, gc)
 
 
-def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap):
+def encode_blocks(x_NxGxC, scale_N, cmap: CodeMap, noise=None):
   """Encodes grouped blocks with given scales and packs them: -> codes ``[N, W]``.
 
-  Non-finite values are stored as zero.
+  Non-finite values are stored as zero. ``noise`` (uniform ``[0, 1)`` of
+  ``x``'s shape, or None for round-to-nearest) selects stochastic rounding
+  (:func:`stquant_jax._src.codec.maps.encode`).
   """
   inv_N = jnp.where(scale_N > 0, 1.0 / jnp.where(scale_N > 0, scale_N, 1.0), 0.0)
   x = jnp.where(jnp.isfinite(x_NxGxC), x_NxGxC, 0.0)
-  return pack_view(encode(x * inv_N[:, None, None], cmap), cmap.bits)
+  return pack_view(encode(x * inv_N[:, None, None], cmap, noise), cmap.bits)
 
 
 def decode_blocks(codes_NxW, scale_N, cmap: CodeMap):

@@ -118,11 +118,60 @@ def _float_encode_mag(a, n_levels: int, mant: int):
   return jnp.clip(k, 0, n_levels - 1)
 
 
-def encode(x, cmap: CodeMap):
+def _float_floor_mag(a, n_levels: int, mant: int):
+  """Index of the largest minifloat level ``<= a`` (may be ``< 0``: below the smallest)."""
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  k = (bits >> jnp.uint32(23 - mant)).astype(jnp.int32)
+  return k - jnp.int32((127 << mant) - (n_levels - 1))
+
+
+def _float_level(k, n_levels: int, mant: int):
+  return jax.lax.bitcast_convert_type(_float_level_bits(k, n_levels, mant), jnp.float32)
+
+
+def _round_up(a, lo, hi, noise, *, signed: bool, zero=None):
+  """Whether ``a`` in ``[lo, hi]`` goes to ``hi``: nearest (``noise`` None) or with
+  probability ``(a - lo) / (hi - lo)`` (``noise`` uniform in [0, 1)).
+
+  Stochastic rounding is unbiased, but where two levels are far apart (relative
+  to the value) one unlucky draw stores a value many times off, and for Adam
+  that is an update many times too large for that element. Two guards keep
+  a stored value from making an element's update more than about twice too
+  large, both where round-to-nearest would have done the same:
+
+  * signed maps (m), ``zero`` marks where ``lo`` is the zero level: magnitudes
+    under ``hi / 2`` round to zero instead of (rarely) up to the smallest
+    nonzero level. A value decaying from that level still reaches zero
+    (``0.9 * hi >= hi / 2`` goes down with probability 0.1 per step).
+  * zero-free maps (v): never down to a level below ``a / 4`` (so ``1 /
+    sqrt(v)`` is never more than twice too large); where the level below is
+    further away, ``a`` rounds up. This only happens among the lowest levels
+    of a power map (8 bits: below ``1e-14`` of the block's maximum; 4 bits,
+    ``p = 4``: below ``2.4e-4``), where a decaying v therefore stops.
+  """
+  if noise is None:
+    return a - lo > hi - a
+  up = noise * (hi - lo) < a - lo
+  if signed:
+    return up & (~zero | (a >= 0.5 * hi))
+  return up | (4.0 * lo < a)
+
+
+def encode(x, cmap: CodeMap, noise=None):
   """Encodes normalised float32 values into uint32 codes in ``[0, 2**bits)``.
 
   ``x`` must be finite and in ``[-1, 1]`` (signed) or ``[0, 1]`` (unsigned);
   values slightly outside are clamped.
+
+  Args:
+    x: the values.
+    cmap: the map.
+    noise: None for round-to-nearest; or float32 uniform numbers in ``[0, 1)``
+      of ``x``'s shape for unbiased stochastic rounding between the two
+      levels around each value (:mod:`stquant_jax._src.codec.rounding`).
+      Guards keep any element's update from becoming more than about twice
+      too large (:func:`_round_up`), and zero-free maps store values below
+      their smallest level as that level.
   """
   b = cmap.bits
   x = x.astype(jnp.float32)
@@ -134,26 +183,42 @@ def encode(x, cmap: CodeMap):
       k = jnp.clip(jnp.floor(_iroot(a, p) * half), 0, half - 1)
       lo = _ipow(k / half, p)
       hi = _ipow((k + 1) / half, p)
-      k = k + (a - lo > hi - a)
-    else:
+      k = k + _round_up(a, lo, hi, noise, signed=True, zero=k == 0)
+    elif noise is None:
       n = half  # nonzero magnitude levels; level index j -> magnitude code j + 1
       j = _float_encode_mag(a, n, cmap.param)
-      smallest = jax.lax.bitcast_convert_type(
-          _float_level_bits(jnp.zeros((), jnp.int32), n, cmap.param), jnp.float32)
+      smallest = _float_level(jnp.zeros((), jnp.int32), n, cmap.param)
       k = jnp.where(a < 0.5 * smallest, 0, j + 1).astype(jnp.float32)
+    else:
+      n = half
+      j = jnp.clip(_float_floor_mag(a, n, cmap.param), -1, n - 1)  # -1: below the smallest
+      lo = jnp.where(j < 0, 0.0, _float_level(jnp.maximum(j, 0), n, cmap.param))
+      hi = _float_level(jnp.minimum(j + 1, n - 1), n, cmap.param)
+      k = (j + 1 + _round_up(a, lo, hi, noise, signed=True, zero=j < 0)).astype(jnp.float32)
     k = k.astype(jnp.int32)
     code = jnp.where(x < 0, half - k, half + k)
     return code.astype(jnp.uint32)
   n = 2**b
   a = jnp.clip(x, 0.0, 1.0)
   if cmap.kind == "power":
-    # levels (j / n) ** p for j = 1..n; code = j - 1. Rounded to the nearest
-    # level in the root domain a ** (1 / p), which for v is closer to relative
-    # (log-domain) rounding and measured as good or better than value-domain
-    # rounding on real moments (docs/maps.md), at a fraction of the cost.
-    j = jnp.clip(jnp.floor(_iroot(a, cmap.param) * n + 0.5), 1, n)
+    p = cmap.param
+    if noise is None:
+      # levels (j / n) ** p for j = 1..n; code = j - 1. Rounded to the nearest
+      # level in the root domain a ** (1 / p), which for v is closer to relative
+      # (log-domain) rounding and measured as good or better than value-domain
+      # rounding on real moments (docs/maps.md), at a fraction of the cost.
+      j = jnp.clip(jnp.floor(_iroot(a, p) * n + 0.5), 1, n)
+      return (j - 1).astype(jnp.uint32)
+    j = jnp.clip(jnp.floor(_iroot(a, p) * n), 1, n - 1)
+    lo, hi = _ipow(j / n, p), _ipow((j + 1) / n, p)
+    j = j + _round_up(a, lo, hi, noise, signed=False)  # below the smallest level: stays
     return (j - 1).astype(jnp.uint32)
-  return _float_encode_mag(a, n, cmap.param).astype(jnp.uint32)
+  if noise is None:
+    return _float_encode_mag(a, n, cmap.param).astype(jnp.uint32)
+  j = jnp.clip(_float_floor_mag(a, n, cmap.param), 0, n - 1)
+  lo = _float_level(j, n, cmap.param)
+  hi = _float_level(jnp.minimum(j + 1, n - 1), n, cmap.param)
+  return (j + _round_up(a, lo, hi, noise, signed=False)).astype(jnp.uint32)
 
 
 def decode(codes, cmap: CodeMap):

@@ -3,7 +3,7 @@
 Per quantization block the kernel reads the gradient, the packed m and v codes
 and their scales (and the parameter, for fused AdamW), dequantizes, applies
 Adam in float32 with the same operations as ``stquant_jax``'s per-leaf update
-(IEEE-rounded division and sqrt on the GPU, see ``rounding``), writes the update
+(IEEE-rounded division and sqrt on the GPU, see ``exact_math``), writes the update
 and requantizes m and v with fresh block scales into the same buffers
 (``input_output_aliases``; truly in place when the caller donates the state).
 
@@ -35,23 +35,24 @@ import jax.experimental.pallas as pl
 
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
-from stquant_jax._src.kernels import rounding
+from stquant_jax._src.codec.rounding import uniform_noise
+from stquant_jax._src.kernels import exact_math
 from stquant_jax._src.kernels.dequantize import load_and_decode
 from stquant_jax._src.kernels.quantize import encode_and_store
 from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
-from stquant_jax._src.update.adam import adam_leaf
+from stquant_jax._src.update.adam import NEAREST, adam_leaf
 
 _B1, _C1, _B2, _C2, _EPS, _EPS_ROOT, _BC1, _BC2, _WD, _NEG_LR = range(10)
 _N_HPARAMS = 16  # padded to a power of two
 
 
-def _adam_kernel(hp_ref, g_ref, mc_ref, ms_ref, vc_ref, vs_ref, *refs,
+def _adam_kernel(hp_ref, ctr_ref, g_ref, mc_ref, ms_ref, vc_ref, vs_ref, *refs,
                  mu_map: CodeMap, nu_map: CodeMap, block: int, rows: int,
-                 size: int, adamw: bool, ieee: bool):
+                 size: int, adamw: bool, rounding: tuple[str, str], ieee: bool):
   p_ref = refs[0] if adamw else None
   u_ref, mc_out, ms_out, vc_out, vs_out = refs[1:] if adamw else refs
   hp = lambda k: hp_ref[k]
-  div = functools.partial(rounding.div, ieee=ieee)
+  div = functools.partial(exact_math.div, ieee=ieee)
   start = pl.program_id(0) * (rows * block)
   idx = (start + jax.lax.broadcasted_iota(jnp.int32, (rows, block), 0) * block
          + jax.lax.broadcasted_iota(jnp.int32, (rows, block), 1))
@@ -60,7 +61,7 @@ def _adam_kernel(hp_ref, g_ref, mc_ref, ms_ref, vc_ref, vs_ref, *refs,
   m = hp(_B1) * load_and_decode(mc_ref, ms_ref, mu_map, block, ieee=ieee) + hp(_C1) * g
   v = hp(_B2) * load_and_decode(vc_ref, vs_ref, nu_map, block, ieee=ieee) + hp(_C2) * (g * g)
   u = div(div(m, hp(_BC1)),
-          rounding.sqrt(div(v, hp(_BC2)) + hp(_EPS_ROOT), ieee=ieee) + hp(_EPS))
+          exact_math.sqrt(div(v, hp(_BC2)) + hp(_EPS_ROOT), ieee=ieee) + hp(_EPS))
   dt = u_ref.dtype
   if adamw:  # optax: u.astype(dt); u + wd * p; -lr * that, each rounded to dt.
     rnd = lambda x: x.astype(dt).astype(jnp.float32)
@@ -69,20 +70,26 @@ def _adam_kernel(hp_ref, g_ref, mc_ref, ms_ref, vc_ref, vs_ref, *refs,
   u_ref[...] = u.astype(dt).reshape(rows * block)
   # Where m or v is not finite both are stored as 0 (update.adam.finite_moments).
   keep = valid & jnp.isfinite(m) & jnp.isfinite(v)
-  encode_and_store(jnp.where(keep, m, 0.0), mc_out, ms_out, mu_map, ieee=ieee)
-  encode_and_store(jnp.where(keep, v, 0.0), vc_out, vs_out, nu_map, ieee=ieee)
+  # Stochastic rounding numbers of (step, leaf, global element index), as
+  # update.adam.moment_noise; ctr_ref[2] offsets the index of a shard's first element.
+  gidx = idx.astype(jnp.uint32) + ctr_ref[2]
+  noise = [None if r == "nearest" else uniform_noise(gidx, ctr_ref[0], 2 * ctr_ref[1] + k)
+           for k, r in enumerate(rounding)]
+  encode_and_store(jnp.where(keep, m, 0.0), mc_out, ms_out, mu_map, noise[0], ieee=ieee)
+  encode_and_store(jnp.where(keep, v, 0.0), vc_out, vs_out, nu_map, noise[1], ieee=ieee)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "mu_map", "nu_map", "block_size", "interpret", "tiling"))
-def adam_update_blocks_pallas(hparams, g, m_codes, m_scales, v_codes, v_scales,
+    "mu_map", "nu_map", "block_size", "rounding", "interpret", "tiling"))
+def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v_scales,
                               param=None, *, mu_map: CodeMap, nu_map: CodeMap,
-                              block_size: int, interpret: bool = False,
-                              tiling: Tiling | None = None):
+                              block_size: int, rounding: tuple[str, str] = NEAREST,
+                              interpret: bool = False, tiling: Tiling | None = None):
   """Launches the fused kernel on flat arrays (the layer under :func:`adam_update_leaf`).
 
   Args:
     hparams: float32 ``[16]`` from :func:`adam_hparams`.
+    counter: uint32 ``[4]`` from :func:`counter`: the stochastic rounding counter.
     g: gradient ``[size]``, any float dtype; the update has its dtype.
     m_codes, m_scales, v_codes, v_scales: the packed moments
       (``[n_blocks, words]`` and ``[n_blocks]``), updated in place.
@@ -91,6 +98,7 @@ def adam_update_blocks_pallas(hparams, g, m_codes, m_scales, v_codes, v_scales,
     mu_map, nu_map: static code maps of m and v (widths may differ).
     block_size: values per quantization block (power of two >= 32).
     interpret: Pallas interpret mode (CPU).
+    rounding: ``(m, v)`` rounding, ``"nearest"`` or ``"stochastic"``.
     tiling: launch configuration.
 
   Returns:
@@ -110,23 +118,25 @@ def adam_update_blocks_pallas(hparams, g, m_codes, m_scales, v_codes, v_scales,
   row_spec = pl.BlockSpec((rows,), lambda i: (i,))
   words = lambda c: pl.BlockSpec((rows, c.shape[1]), lambda i: (i, 0))
   state_specs = [words(m_codes), row_spec, words(v_codes), row_spec]
-  in_specs = [pl.BlockSpec((_N_HPARAMS,), lambda i: (0,)), flat, *state_specs] + [flat] * adamw
-  args = (hparams, g, m_codes, m_scales, v_codes, v_scales) + (param,) * adamw
+  in_specs = [pl.BlockSpec((_N_HPARAMS,), lambda i: (0,)), pl.BlockSpec((4,), lambda i: (0,)),
+              flat, *state_specs] + [flat] * adamw
+  args = (hparams, counter, g, m_codes, m_scales, v_codes, v_scales) + (param,) * adamw
   out_shape = [jax.ShapeDtypeStruct(g.shape, g.dtype)] + [
-      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[2:6]]
+      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[3:7]]
   kernel = functools.partial(
       _adam_kernel, mu_map=mu_map, nu_map=nu_map, block=block_size, rows=rows,
-      size=size, adamw=adamw, ieee=not interpret)
+      size=size, adamw=adamw, rounding=rounding, ieee=not interpret)
   return tuple(pl.pallas_call(
       kernel,
       grid=tiling.grid(n_blocks),
       in_specs=in_specs,
       out_specs=[flat, *state_specs],
       out_shape=out_shape,
-      input_output_aliases={2: 1, 3: 2, 4: 3, 5: 4},
+      input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4},
       compiler_params=tiling.compiler_params(),
       interpret=interpret,
-      name=f"stquant_adam_{mu_map.name}_{nu_map.name}",
+      name=f"stquant_adam_{mu_map.name}_{nu_map.name}" + (
+          "" if rounding == NEAREST else f"_{rounding[0][0]}{rounding[1][0]}"),
   )(*args))
 
 
@@ -173,10 +183,21 @@ def supports(mu, nu, *, tiling: Tiling | None = None) -> bool:
   return (mu.scales.shape[0] + rows) * block < 2**31
 
 
+def counter(step, leaf, offset=0):
+  """The kernel's uint32 ``[4]`` stochastic rounding counter: ``(step, leaf, offset, 0)``.
+
+  ``offset`` is the global flat index of the first element the kernel sees (0 for a
+  whole leaf; a shard's start when the kernel runs on one shard), so the numbers
+  match :func:`stquant_jax._src.update.adam.moment_noise` on the whole leaf.
+  """
+  u32 = lambda x: jnp.asarray(x).astype(jnp.uint32).reshape(())
+  return jnp.stack([u32(step), u32(leaf), u32(offset), jnp.uint32(0)])
+
+
 def adam_update_leaf(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2, eps,
-                     eps_root, bc1, bc2, param=None, weight_decay=None,
-                     learning_rate=None, interpret: bool = False,
-                     tiling: Tiling | None = None):
+                     eps_root, bc1, bc2, rounding=NEAREST, step=0, leaf: int = 0,
+                     param=None, weight_decay=None, learning_rate=None,
+                     interpret: bool = False, tiling: Tiling | None = None):
   """One fused Adam step for one leaf with quantized moments (Pallas/Triton).
 
   Same operations as ``stquant_jax.scale_by_stquant``'s per-leaf update. Results
@@ -191,6 +212,8 @@ def adam_update_leaf(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2, eps,
       as ``g``; bit-widths and maps may differ).
     b1, b2, eps, eps_root: Adam hyperparameters (Python floats or traced).
     bc1, bc2: bias corrections ``1 - b1**t`` and ``1 - b2**t`` (traced ok).
+    rounding, step, leaf: ``(m, v)`` rounding and the stochastic rounding
+      counter, as :func:`stquant_jax._src.update.adam.adam_leaf`.
     param: optional parameter: fuses optax's ``add_decayed_weights`` and
       ``scale_by_learning_rate``; then ``weight_decay`` and ``learning_rate``
       are required and the returned update is ``-lr * (u + wd * param)``.
@@ -223,16 +246,16 @@ def adam_update_leaf(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2, eps,
                     0.0 if learning_rate is None else learning_rate)
   flat_p = None if param is None else param.reshape(-1)
   u, mc, ms, vc, vs = adam_update_blocks_pallas(
-      hp, g.reshape(-1), mu.codes, mu.scales, nu.codes, nu.scales, flat_p,
-      mu_map=mu.code_map, nu_map=nu.code_map, block_size=mu.block_size,
-      interpret=interpret, tiling=tiling)
+      hp, counter(step, leaf), g.reshape(-1), mu.codes, mu.scales, nu.codes, nu.scales,
+      flat_p, mu_map=mu.code_map, nu_map=nu.code_map, block_size=mu.block_size,
+      rounding=tuple(rounding), interpret=interpret, tiling=tiling)
   return (u.reshape(g.shape), dataclasses.replace(mu, codes=mc, scales=ms),
           dataclasses.replace(nu, codes=vc, scales=vs))
 
 
 def adam_update_reference(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2,
-                          eps, eps_root, bc1, bc2, param=None, weight_decay=None,
-                          learning_rate=None):
+                          eps, eps_root, bc1, bc2, rounding=NEAREST, step=0, leaf: int = 0,
+                          param=None, weight_decay=None, learning_rate=None):
   """The jnp reference: :func:`stquant_jax._src.update.adam.adam_leaf` (+ optax's AdamW tail).
 
   Exactly the per-leaf update of ``scale_by_stquant``'s jnp path; with
@@ -243,7 +266,7 @@ def adam_update_reference(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2,
   """
   _check_leaf(g, mu, nu, param)
   u, new_mu, new_nu = adam_leaf(g, mu, nu, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                                bc1=bc1, bc2=bc2)
+                                bc1=bc1, bc2=bc2, rounding=rounding, step=step, leaf=leaf)
   if param is not None:
     u = (-1 * learning_rate) * (u + weight_decay * param)
   return u, new_mu, new_nu

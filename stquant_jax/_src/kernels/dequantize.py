@@ -29,7 +29,7 @@ def _dequantize_kernel(codes_ref, scales_ref, x_ref, *, cmap: CodeMap, block: in
 @functools.partial(jax.jit, static_argnames=("cmap", "block_size", "interpret", "tiling"))
 def dequantize_blocks_pallas(codes, scales, cmap: CodeMap, *, block_size: int | None = None,
                              interpret: bool = False, tiling: Tiling | None = None):
-  """Pallas twin of ``stquant_jax._quantize.dequantize_blocks`` (bit-exact).
+  """Pallas twin of ``stquant_jax._src.codec.blocks.dequantize_blocks`` (bit-exact).
 
   Args:
     codes: uint32 ``[n_blocks, block_size * bits // 32]``.
@@ -78,5 +78,5 @@ def dequantize_blocks_pallas(codes, scales, cmap: CodeMap, *, block_size: int | 
 
 @functools.partial(jax.jit, static_argnames=("cmap",))
 def dequantize_blocks_reference(codes, scales, cmap: CodeMap):
-  """The jnp reference (jitted): ``stquant_jax._quantize.dequantize_blocks``."""
+  """The jnp reference (jitted): ``stquant_jax._src.codec.blocks.dequantize_blocks``."""
   return _dequantize_blocks_jnp(codes, scales, cmap)

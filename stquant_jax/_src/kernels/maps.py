@@ -5,7 +5,7 @@ The maps are closed-form, so a map is fully identified by the static
 and no level table is passed as an input (there is none to pass).
 
 The kernels call ``stquant_jax.codec_maps.encode``/``decode`` themselves, not a copy,
-through :func:`pallas_kernels.rounding.correctly_rounded`, which swaps float32
+through :func:`pallas_kernels.exact_math.correctly_rounded`, which swaps float32
 division and square root for IEEE-rounded versions on the GPU (Triton's default
 division is approximate). Whatever the library's maps become, the kernels follow,
 as long as the maps keep to element-wise ops that Triton lowers (the lowering
@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import functools
 
-from stquant_jax._src.kernels import rounding
+from stquant_jax._src.kernels import exact_math
 from stquant_jax._src.codec import maps as codec_maps
 from stquant_jax._src.codec.maps import CodeMap
 
 
-def encode(x, cmap: CodeMap, *, ieee: bool):
-  """``stquant_jax.codec_maps.encode`` (float32 -> uint32 codes), kernel-safe."""
-  return rounding.correctly_rounded(functools.partial(codec_maps.encode, cmap=cmap), ieee=ieee)(x)
+def encode(x, cmap: CodeMap, noise=None, *, ieee: bool):
+  """``stquant_jax._src.codec.maps.encode`` (float32 -> uint32 codes), kernel-safe;
+  ``noise`` as there (None: round to nearest)."""
+  if noise is None:
+    fn = functools.partial(codec_maps.encode, cmap=cmap)
+    return exact_math.correctly_rounded(fn, ieee=ieee)(x)
+  fn = lambda x, u: codec_maps.encode(x, cmap, u)
+  return exact_math.correctly_rounded(fn, ieee=ieee)(x, noise)
 
 
 def decode(codes, cmap: CodeMap, *, ieee: bool):
-  """``stquant_jax.codec_maps.decode`` (uint32 codes -> float32), kernel-safe."""
-  return rounding.correctly_rounded(functools.partial(codec_maps.decode, cmap=cmap), ieee=ieee)(codes)
+  """``stquant_jax._src.codec.maps.decode`` (uint32 codes -> float32), kernel-safe."""
+  fn = functools.partial(codec_maps.decode, cmap=cmap)
+  return exact_math.correctly_rounded(fn, ieee=ieee)(codes)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.experimental.pallas as pl
 
-from stquant_jax._src.kernels import bitpack, maps, rounding
+from stquant_jax._src.kernels import bitpack, exact_math, maps
 from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.blocks import quantize_blocks as _quantize_blocks_jnp
@@ -17,20 +17,22 @@ from stquant_jax._src.codec.blocks import quantize_blocks as _quantize_blocks_jn
 def block_scales(x_RxB, *, ieee: bool):
   """Zeroes non-finite values; returns (x, scale ``[R]``, 1/scale or 0 ``[R]``).
 
-  Same rule as ``stquant_jax._quantize.quantize_blocks``: the scale is the
+  Same rule as ``stquant_jax._src.codec.blocks.quantize_blocks``: the scale is the
   largest finite magnitude of the row, and non-finite values are stored as 0.
   """
   x_RxB = jnp.where(jnp.isfinite(x_RxB), x_RxB, 0.0)
   scale_R = jnp.max(jnp.abs(x_RxB), axis=1)
   pos = scale_R > 0
-  inv_R = jnp.where(pos, rounding.div(1.0, jnp.where(pos, scale_R, 1.0), ieee=ieee), 0.0)
+  inv_R = jnp.where(pos, exact_math.div(1.0, jnp.where(pos, scale_R, 1.0), ieee=ieee), 0.0)
   return x_RxB, scale_R, inv_R
 
 
-def encode_and_store(x_RxB, codes_ref, scales_ref, cmap: CodeMap, *, ieee: bool):
-  """Quantizes float32 rows ``[R, B]`` and writes their codes and scales."""
+def encode_and_store(x_RxB, codes_ref, scales_ref, cmap: CodeMap, noise_RxB=None, *,
+                     ieee: bool):
+  """Quantizes float32 rows ``[R, B]`` and writes their codes and scales
+  (``noise_RxB``: stochastic rounding numbers, or None for round-to-nearest)."""
   x_RxB, scale_R, inv_R = block_scales(x_RxB, ieee=ieee)
-  codes_RxB = maps.encode(x_RxB * inv_R[:, None], cmap, ieee=ieee)
+  codes_RxB = maps.encode(x_RxB * inv_R[:, None], cmap, noise_RxB, ieee=ieee)
   bitpack.store_packed(codes_ref, codes_RxB, cmap.bits)
   scales_ref[...] = scale_R
 
@@ -43,7 +45,7 @@ def _quantize_kernel(x_ref, codes_ref, scales_ref, *, cmap: CodeMap, ieee: bool)
 @functools.partial(jax.jit, static_argnames=("cmap", "interpret", "tiling"))
 def quantize_blocks_pallas(x_NxB, cmap: CodeMap, *, interpret: bool = False,
                            tiling: Tiling | None = None):
-  """Pallas twin of ``stquant_jax._quantize.quantize_blocks`` (bit-exact).
+  """Pallas twin of ``stquant_jax._src.codec.blocks.quantize_blocks`` (bit-exact).
 
   Args:
     x_NxB: float array ``[n_blocks, block_size]``; ``block_size`` a power of
@@ -90,5 +92,5 @@ def quantize_blocks_pallas(x_NxB, cmap: CodeMap, *, interpret: bool = False,
 
 @functools.partial(jax.jit, static_argnames=("cmap",))
 def quantize_blocks_reference(x_NxB, cmap: CodeMap):
-  """The jnp reference (jitted): ``stquant_jax._quantize.quantize_blocks``."""
+  """The jnp reference (jitted): ``stquant_jax._src.codec.blocks.quantize_blocks``."""
   return _quantize_blocks_jnp(x_NxB, cmap)

@@ -44,6 +44,7 @@ def adam(
     *,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    rounding="stochastic",
     backend: str = "auto",
 ) -> optax.GradientTransformation:
   """Adam with block-wise quantized moments (see :func:`scale_by_stquant`).
@@ -60,7 +61,7 @@ def adam(
   """
   return optax.chain(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
-                       backend=backend),
+                       rounding=rounding, backend=backend),
       _floating_only(optax.scale_by_learning_rate(learning_rate)),
   )
 
@@ -76,6 +77,7 @@ def adamw(
     eps_root: float = 0.0,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    rounding="stochastic",
     backend: str = "auto",
 ) -> optax.GradientTransformation:
   """AdamW with block-wise quantized moments: a drop-in for :func:`optax.adamw`.
@@ -94,6 +96,8 @@ def adamw(
       default: every floating-point leaf.
     policy: bit allocation; default ``FixedBits()`` (8-bit m and v).
     block_size: values per quantization block (multiple of 32).
+    rounding: ``"stochastic"`` (default), ``"nearest"`` or an ``(m, v)`` pair
+      (see :func:`scale_by_stquant`).
     backend: ``"auto"`` (Pallas kernels on GPU, jnp elsewhere), ``"jnp"`` or
       ``"pallas"`` (forced; interpret mode on CPU).
 
@@ -114,7 +118,7 @@ def adamw(
     mask = _float_leaves
   return optax.chain(
       scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
-                       backend=backend),
+                       rounding=rounding, backend=backend),
       # Integer leaves keep their exact zero update even if a user mask selects
       # them for decay (float32 -wd * p would truncate integer params).
       _floating_only(optax.add_decayed_weights(weight_decay, mask)),

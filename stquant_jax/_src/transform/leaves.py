@@ -114,7 +114,12 @@ def replicated_update(leaf_fn, g, mu, nu, hparams) -> LeafUpdate:
 
 
 def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps) -> LeafUpdate:
-  """One leaf of ``scale_by_stquant``'s update, every special case included."""
+  """One leaf of ``scale_by_stquant``'s update, every special case included.
+
+  ``hparams`` are the keyword arguments of the per-leaf update
+  (:func:`~stquant_jax._src.update.adam.adam_leaf`): Adam's scalars, the
+  rounding and the stochastic rounding counter (step, leaf index).
+  """
   if not jnp.issubdtype(g.dtype, jnp.floating):
     return LeafUpdate(non_float_update(g, param), mu, nu, (g, mu, nu))
   mu = typed_moment(mu, g.shape, True, block_size, maps)

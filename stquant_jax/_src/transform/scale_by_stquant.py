@@ -8,6 +8,7 @@ import optax
 
 from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
 from stquant_jax._src.codec.maps import resolve_map
+from stquant_jax._src.codec.rounding import check_rounding
 from stquant_jax._src.distributed.mesh import replicated_on_params_mesh
 from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.state.opt_state import ScaleByStquantState
@@ -22,7 +23,7 @@ def _adam_scalars(b1, b2, eps, eps_root, count):
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   b1, b2 = f32(b1), f32(b2)
   return dict(b1=b1, b2=b2, eps=f32(eps), eps_root=f32(eps_root),
-              bc1=1 - b1 ** count, bc2=1 - b2 ** count)
+              bc1=1 - b1 ** count, bc2=1 - b2 ** count, step=count)
 
 
 def _aligned_params(treedef, params, n):
@@ -45,6 +46,7 @@ def scale_by_stquant(
     block_size: int = DEFAULT_BLOCK_SIZE,
     mu_map=None,
     nu_map=None,
+    rounding="stochastic",
     backend: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's rule, keeping m and v as quantized low-bit codes.
@@ -91,6 +93,12 @@ def scale_by_stquant(
       declare it in ``static_args`` when using :func:`optax.inject_hyperparams`.
     mu_map: optional ``callable(bits) -> CodeMap`` overriding the m map.
     nu_map: optional ``callable(bits) -> CodeMap`` overriding the v map.
+    rounding: how new moments round to code levels: ``"stochastic"``
+      (unbiased: a value between two levels goes up with probability
+      ``(x - lo) / (hi - lo)``, so a decaying moment keeps decaying; the
+      random numbers are a hash of (step, leaf, element), so runs are
+      reproducible and checkpoints resume bit-identically), ``"nearest"``,
+      or an ``(m, v)`` pair of them. See ``docs/rounding.md``.
     backend: ``"auto"`` (the fused Pallas kernel on GPU, the jnp path
       elsewhere), ``"jnp"``, or ``"pallas"`` (forced; interpret mode on CPU,
       for tests). Leaves whose m and v are not both quantized always use jnp.
@@ -113,6 +121,7 @@ def scale_by_stquant(
   block_size = static_block_size(block_size)
   policy = FixedBits() if policy is None else policy
   check_options(policy, backend, mu_map, nu_map)
+  rounding = check_rounding(rounding)
 
   def maps(bits, signed):
     return resolve_map(mu_map if signed else nu_map, bits, signed,
@@ -143,9 +152,10 @@ def scale_by_stquant(
     leaves, treedef = jax.tree.flatten(updates)
     mu, nu = moments_for_updates(updates, treedef, leaves, state.mu, state.nu, block_size)
     hparams = _adam_scalars(b1, b2, eps, eps_root, count_inc)
-    out = [update_leaf(g, m, v, p, hparams=hparams, backend=backend,
-                       block_size=block_size, maps=maps)
-           for g, m, v, p in zip(leaves, mu, nu, _aligned_params(treedef, params, len(leaves)))]
+    params = _aligned_params(treedef, params, len(leaves))
+    out = [update_leaf(g, m, v, p, hparams=dict(hparams, rounding=rounding, leaf=i),
+                       backend=backend, block_size=block_size, maps=maps)
+           for i, (g, m, v, p) in enumerate(zip(leaves, mu, nu, params))]
     tree = lambda xs: treedef.unflatten(list(xs))
     seen_g, seen_mu, seen_nu = zip(*(o.seen for o in out)) if out else ((), (), ())
     policy_state = policy.update_state(state.policy_state, tree(seen_g), tree(seen_mu),

@@ -8,11 +8,16 @@ Pallas kernel (:mod:`stquant_jax._src.kernels.adam_update`) is tested against;
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from stquant_jax._src.codec.blocks import decode_blocks, encode_blocks, finite_absmax
 from stquant_jax._src.codec.packing import group_shape
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.rounding import uniform_noise
+
+NEAREST = ("nearest", "nearest")
 
 
 def finite_moments(m, v):
@@ -29,7 +34,16 @@ def finite_moments(m, v):
   return jnp.where(ok, m, 0.0), jnp.where(ok, v, 0.0)
 
 
-def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
+def moment_noise(shape, step, leaf: int, moment: int):
+  """The stochastic-rounding numbers of one moment (0: m, 1: v) of leaf ``leaf`` at
+  ``step``, for values laid out row-major in ``shape`` (element ``i`` of the flat
+  leaf gets number ``i``), as :func:`~stquant_jax._src.codec.rounding.uniform_noise`."""
+  index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+  return uniform_noise(index, step, 2 * leaf + moment)
+
+
+def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, rounding=NEAREST, step=0,
+              leaf: int = 0):
   """One leaf of the update: dequantize -> Adam in float32 -> requantize.
 
   ``mu`` and ``nu`` are each a :class:`~stquant_jax.QuantizedArray` or a
@@ -40,6 +54,10 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
   fuses unpacking, decoding, the Adam math, encoding and packing into a few
   loops: one variadic reduction for the block maxima of m and v, then one
   loop per output.
+
+  ``rounding`` is the ``(m, v)`` pair of ``"nearest"`` / ``"stochastic"``
+  (:mod:`~stquant_jax._src.codec.rounding`); stochastic rounding draws its
+  numbers from ``(step, leaf, element index)``.
   """
   g32 = g.astype(jnp.float32)
   quantized = [q for q in (mu, nu) if is_quantized(q)]
@@ -75,13 +93,16 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2):
   pairs = [(x, q) for x, q in ((m, mu), (v, nu)) if is_quantized(q)]
   scales = finite_absmax(*(x for x, _ in pairs))
 
-  def write(x, q, scale):
+  def write(x, q, scale, k):
     if not is_quantized(q):
       return x.reshape(-1)[:n].reshape(g.shape)
     qc = group_shape(q.bits)[0]
-    codes = encode_blocks(x.reshape(nb, bs).reshape(nb, bs // qc, qc), scale, q.code_map)
+    x = x.reshape(nb, bs).reshape(nb, bs // qc, qc)
+    noise = None if rounding[k] == "nearest" else moment_noise(x.shape, step, leaf, k)
+    codes = encode_blocks(x, scale, q.code_map, noise)
     return QuantizedArray(codes, scale, q.code_map, q.block_size, q.shape, q.dtype)
 
   it = iter(scales)
-  new = [write(x, q, next(it) if is_quantized(q) else None) for x, q in ((m, mu), (v, nu))]
+  new = [write(x, q, next(it) if is_quantized(q) else None, k)
+         for k, (x, q) in enumerate(((m, mu), (v, nu)))]
   return u, new[0], new[1]
