@@ -45,7 +45,7 @@ class TrainConfig:
   steps: int = 200
   batch_size: int = 16
   seq_len: int | None = None  # gpt2 only; None = model context length.
-  tokenizer: str = "gpt2"  # gpt2 only: "gpt2" (BPE) or "bytes".
+  tokenizer: str = "bytes"  # gpt2 only: "bytes" (256 tokens) or "gpt2" (BPE, 50257).
   max_bytes: int | None = None  # gpt2 only: source bytes per split.
   learning_rate: float = 1e-3
   warmup_steps: int = 20
@@ -56,8 +56,10 @@ class TrainConfig:
   grad_clip: float | None = 1.0
   compute_dtype: str = "float32"
   seed: int = 0
+  data_options: dict = dataclasses.field(default_factory=dict)  # vit: load_mnist5k kwargs
   eval_interval: int = 50
   eval_batches: int = 4
+  final_eval_batches: int | None = None  # None: eval_batches; 0: the whole split.
   log_path: str | None = None
   progress: bool = True
 
@@ -102,24 +104,31 @@ def _make_tx_cached(key: str) -> optax.GradientTransformation:
 
 
 def make_data(cfg: TrainConfig, context_len: int | None):
-  """Returns ``(train_iterator, eval_batches, overrides)`` for the model."""
+  """Returns ``(train_iterator, eval_batches, final_eval_batches, overrides)``.
+
+  ``final_eval_batches`` (the last evaluation's data) is ``cfg.final_eval_batches``
+  batches, or the whole validation split when that is 0 (every image for ViT;
+  non-overlapping windows covering the text for GPT-2).
+  """
+  final = cfg.eval_batches if cfg.final_eval_batches is None else cfg.final_eval_batches
   if cfg.model == "gpt2":
     seq_len = cfg.seq_len or context_len
     train_T = data.load_text_tokens("train", cfg.tokenizer, cfg.max_bytes)
     val_T = data.load_text_tokens("validation", cfg.tokenizer, cfg.max_bytes)
     vocab = data.VOCAB_SIZES[cfg.tokenizer]
+    whole = (len(val_T) - 1) // (seq_len * cfg.batch_size)
+    evals = lambda n: data.text_eval_batches(val_T, cfg.batch_size, seq_len, n)
     return (data.text_batches(train_T, cfg.batch_size, seq_len, cfg.seed),
-            data.text_eval_batches(val_T, cfg.batch_size, seq_len,
-                                   cfg.eval_batches),
+            evals(cfg.eval_batches), evals(min(final, whole) if final else whole),
             {"vocab_size": vocab, "context_len": max(context_len, seq_len)})
   if cfg.model == "vit":
-    train_ds, val_ds = data.load_mnist5k()  # Same split for every seed.
+    train_ds, val_ds = data.load_mnist5k(**cfg.data_options)  # same split every seed
     if cfg.batch_size > len(val_ds.y_N):
       raise ValueError(f"{cfg.batch_size=} exceeds the {len(val_ds.y_N)} "
                        "validation images")
+    val = data.image_eval_batches(val_ds, cfg.batch_size)
     return (data.image_batches(train_ds, cfg.batch_size, cfg.seed),
-            data.image_eval_batches(val_ds, cfg.batch_size)[:cfg.eval_batches],
-            {})
+            val[:cfg.eval_batches], val[:final] if final else val, {})
   raise ValueError(f"{cfg.model=} must be 'gpt2' or 'vit'")
 
 
@@ -273,7 +282,7 @@ def train(cfg: TrainConfig,
   model_cfg = dataclasses.replace(models.MODELS[cfg.model][1][cfg.preset],
                                   **cfg.model_overrides)
   context_len = getattr(model_cfg, "context_len", None)
-  train_it, eval_batches, overrides = make_data(cfg, context_len)
+  train_it, eval_batches, final_batches, overrides = make_data(cfg, context_len)
   model = models.make_model(
       cfg.model, cfg.preset, cfg.seed,
       **{"dtype": cfg.compute_dtype, **overrides, **cfg.model_overrides})
@@ -288,6 +297,7 @@ def train(cfg: TrainConfig,
       nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
     put = lambda b: jax.device_put(b, batch_sh)
     eval_batches = [put(b) for b in eval_batches]
+    final_batches = [put(b) for b in final_batches]
   else:
     put = jax.device_put
   train_step, eval_step = make_steps(models.LOSSES[cfg.model])
@@ -320,6 +330,9 @@ def train(cfg: TrainConfig,
     if step % cfg.eval_interval == 0 or step == cfg.steps:
       log["eval"].append({"step": step,
                           **evaluate(eval_step, model, eval_batches)})
+    if step == cfg.steps:
+      log["final_eval"] = {"step": step, "batches": len(final_batches),
+                           **evaluate(eval_step, model, final_batches)}
     if every and step % every == 0:
       t0 = time.perf_counter()
       template, changed = relayout(optimizer, template, policy)
@@ -363,22 +376,77 @@ def _progress(cfg: TrainConfig):
               desc=f"{cfg.model}-{cfg.preset} {cfg.optimizer}")
 
 
-def main(argv=None) -> dict[str, Any]:
-  """Parses flags named like the :class:`TrainConfig` fields and trains."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_HELP = {
+    "model": "which model to train",
+    "preset": "model size preset: " + "; ".join(
+        f"{m}: {', '.join(presets)}" for m, (_, presets) in models.MODELS.items()),
+    "model_overrides": "JSON dict of model config fields, e.g. '{\"num_layers\": 2}'",
+    "optimizer": ("optimizer name: " + ", ".join(optimizers.OPTIMIZERS)
+                  + "; or " + optimizers.GRAMMAR),
+    "optimizer_kwargs": ("JSON dict of stquant policy arguments, e.g. "
+                         "'{\"every\": 50, \"target_bits\": 4.5}'"),
+    "data_options": "JSON dict of data options (vit: load_mnist5k kwargs, e.g. "
+                    "'{\"val_per_class\": 100}')",
+    "steps": "training steps",
+    "batch_size": "examples per step",
+    "seq_len": "gpt2: tokens per example (None: the model's context length)",
+    "tokenizer": "gpt2: byte-level (fast on a CPU) or GPT-2 BPE",
+    "max_bytes": "gpt2: bound on source bytes read per split",
+    "final_eval_batches": "batches of the last evaluation (0: the whole validation split)",
+    "log_path": "write the JSON log here",
+}
+_CHOICES = {"model": ("gpt2", "vit"), "tokenizer": ("bytes", "gpt2"),
+            "compute_dtype": ("float32", "bfloat16")}
+
+
+def _positive(kind):
+  def parse(text):
+    value = kind(text)
+    if value <= 0:
+      raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+  return parse
+
+
+def parser() -> argparse.ArgumentParser:
+  """The CLI: one flag per :class:`TrainConfig` field, with defaults and choices."""
+  ap = argparse.ArgumentParser(
+      prog="python -m experiments.train", description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   for f in dataclasses.fields(TrainConfig):
     flag = "--" + f.name.replace("_", "-")
-    if f.name in ("optimizer_kwargs", "model_overrides"):
-      parser.add_argument(flag, type=json.loads, default={},
-                          help="JSON dict, e.g. '{\"num_layers\": 2}'")
+    help_ = _HELP.get(f.name, f.name.replace("_", " "))
+    if f.name in ("optimizer_kwargs", "model_overrides", "data_options"):
+      ap.add_argument(flag, type=json.loads, default={}, help=help_)
     elif f.name == "progress":
-      parser.add_argument("--no-progress", dest="progress",
-                          action="store_false")
+      ap.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bar")
     else:
       kind = {"int | None": int, "float | None": float,
               "str | None": str}.get(str(f.type), f.type)
-      parser.add_argument(flag, type=kind, default=f.default)
-  log = train(TrainConfig(**vars(parser.parse_args(argv))))
+      if f.name in ("steps", "batch_size", "eval_interval", "eval_batches",
+                    "learning_rate", "seq_len"):
+        kind = _positive(kind)
+      ap.add_argument(flag, type=kind, default=f.default, help=help_,
+                      choices=_CHOICES.get(f.name))
+  return ap
+
+
+def main(argv=None) -> dict[str, Any]:
+  """Parses flags named like the :class:`TrainConfig` fields and trains."""
+  ap = parser()
+  args = ap.parse_args(argv)
+  presets = models.MODELS[args.model][1]
+  if args.preset not in presets:
+    ap.error(f"argument --preset: invalid choice for --model {args.model}: "
+             f"{args.preset!r} (choose from {', '.join(map(repr, presets))})")
+  if not optimizers.is_known(args.optimizer):
+    ap.error(f"argument --optimizer: invalid choice {args.optimizer!r} (choose from "
+             f"{', '.join(optimizers.OPTIMIZERS)}; or {optimizers.GRAMMAR})")
+  try:
+    log = train(TrainConfig(**vars(args)))
+  except (ValueError, TypeError) as e:  # a bad combination of valid values
+    ap.exit(2, f"{ap.prog}: error: {e}\n")
   print(json.dumps({k: log[k] for k in ("param_count", "opt_state_bytes",
                                         "median_step_time_s", "eval")}))
   return log

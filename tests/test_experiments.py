@@ -177,7 +177,7 @@ def test_state_bytes_adamw_vs_bf16():
   abstract = jax.eval_shape(optimizers.make_optimizer("adamw", 1e-3).init,
                             params)
   assert optimizers.state_bytes(abstract) == optimizers.state_bytes(fp32)
-  with pytest.raises(ValueError, match="name='sgd'"):
+  with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
     optimizers.make_optimizer("sgd", 1e-3)
 
 
@@ -330,8 +330,8 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
   assert on_disk["config"] == cfg and on_disk["train_loss"] == log["train_loss"]
   n = log["param_count"]
   nbytes = log["final_memory"]["opt_state_bytes"]
-  if optimizer in ("adamw", "adamw_bf16"):
-    per_param = 8 if optimizer == "adamw" else 6
+  if optimizer in ("adamw", "adamw_bf16", "adamw_control"):
+    per_param = 6 if optimizer == "adamw_bf16" else 8
     assert nbytes == log["opt_state_bytes"] and log["bit_history"] == []
     assert per_param * n <= nbytes <= per_param * n + 16  # + step counters
     return
@@ -362,7 +362,7 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
 def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
   out = tmp_path / "results"
   (out / "runs").mkdir(parents=True)
-  names = ("adamw", "stquant4", "stquant_adaptive")
+  names = ("adamw", "adamw_control", "stquant4", "stquant_adaptive")
   for seed in (0, 1):
     for name in names:
       log = _smoke_log("gpt2", name, seed, smoke_dir)
@@ -370,13 +370,18 @@ def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
   report.main([str(out)])  # python -m experiments.report <out>
   stdout = capsys.readouterr().out
   for png in ("val_loss_gpt2.png", "bits_gpt2.png", "memory.png",
-              "tradeoff.png"):
+              "frontier.png"):
     assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
   table = (out / "results.md").read_text()
-  rows = [l for l in table.splitlines() if l.startswith("| gpt2 |")]
-  assert len(rows) == len(names) and "(n=2)" in rows[0]
-  assert "reference" in rows[0] and "stquant 4-bit" in rows[1]
+  rows = [l for l in table.splitlines() if l.count("|") == 7 and "---" not in l
+          and not l.startswith("| Optimizer")]  # the paired table (6 columns)
+  assert len(rows) == len(names)
+  assert "reference" in rows[0] and "stquant 4-bit" in rows[2]
+  assert "**Noise floor:" in table  # the control ran: deltas are judged against it
   summary = json.loads((out / "summary.json").read_text())
+  floor = summary["models"]["gpt2"]["noise_floor_pct"]
+  control = summary["models"]["gpt2"]["optimizers"]["adamw_control"]["delta_pct"]
+  assert floor == pytest.approx(max(abs(d) for d in control.values()))
   gpt2 = summary["models"]["gpt2"]["optimizers"]
   assert gpt2["adamw"]["average_bits"] == pytest.approx(32, abs=0.1)
   assert gpt2["stquant4"]["opt_state_mb"] < gpt2["adamw"]["opt_state_mb"]
@@ -390,8 +395,11 @@ def test_compare_quick_suite_covers_the_demo_optimizers(tmp_path):
   quick = compare.SUITES["quick"]
   assert {"adamw", "stquant8", "stquant4", "stquant_adaptive"} <= set(
       quick.optimizers)
-  assert len(compare.SUITES["full"].seeds) >= 3
-  assert set(compare.SUITES["full"].optimizers) == set(optimizers.OPTIMIZERS)
+  full = compare.SUITES["full"]
+  assert len(full.seeds) >= 5 and {"adamw", "adamw_control"} <= set(full.optimizers)
+  assert {"stquant8", "stquant4", "stquant3", "stquant_adaptive", "stquant_t4",
+          "stquant_t3.5"} <= set(full.optimizers)
+  assert all(optimizers.is_known(n) for n in full.optimizers)
   configs = compare.run_configs(quick, tmp_path)
   assert [c.seed for c in configs] == [0] * len(configs)
   assert len({c.log_path for c in configs}) == len(configs)

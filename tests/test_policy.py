@@ -418,3 +418,37 @@ def test_step_copies_no_more_large_buffers_than_fixed_bits():
   fixed = _big_copies(sq.adamw(1e-2, policy=sq.FixedBits(8, 8)), params)
   adaptive = _big_copies(sq.adamw(1e-2, policy=_policy(every=4)), params)
   assert adaptive <= fixed, (adaptive, fixed)
+
+
+def test_degenerate_leaf_does_not_move_the_others():
+  """A leaf whose moments stay all zero (a LoRA factor whose partner is still zero,
+  an unused branch) keeps its zone and bits and stays out of the geometric mean: the
+  other leaves' statistics, zones and proposals are exactly those of a run without it.
+  Before the fix its log2(1e-30) factors pushed every other leaf into the critical zone."""
+  pol = _policy(critical=(8, 8), magnitude=(6, 8), structure=(6, 6), redundant=(4, 5))
+  base = _params()
+
+  def run(params):
+    tx = sq.scale_by_stquant(policy=pol)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(6):
+      g = _grads({k: v for k, v in params.items() if k != "z_lora"}, i)
+      if "z_lora" in params:
+        g["z_lora"] = jnp.zeros_like(params["z_lora"])
+      _, state = step(g, state, params)
+    return state.policy_state
+
+  # named to sort last, so the other leaves keep their indices (and their stochastic
+  # rounding numbers, which depend on the leaf index)
+  with_zero = run(dict(base, z_lora=jnp.zeros((64, 128))))
+  without = run(base)
+  names = sorted(dict(base, z_lora=0))  # leaf order of the params with the zero leaf
+  keep = [names.index(k) for k in sorted(base)]
+  for field in ("n_ema", "r_ema", "zone", "proposed"):
+    np.testing.assert_array_equal(np.asarray(getattr(with_zero, field))[keep],
+                                  np.asarray(getattr(without, field)), err_msg=field)
+  z = names.index("z_lora")
+  assert int(with_zero.zone[z, 0]) == 0  # never left its initial zone
+  assert tuple(np.asarray(with_zero.proposed[z]).tolist()) == pol.initial_bits()
+  assert len(set(np.asarray(without.zone)[:3, 0].tolist())) > 1  # the others do differ

@@ -371,28 +371,34 @@ class STQuantPolicy(Policy):
                      factor_values(sums, self.nu_factors[0], 1)], axis=1)
     x_r = jnp.stack([factor_values(sums, self.mu_factors[1], 0),
                      factor_values(sums, self.nu_factors[1], 1)], axis=1)
-    x_n = jnp.where(ad, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
-    x_r = jnp.where(ad, jnp.log2(jnp.maximum(x_r, tiny)), 0.0)
-    first = st.decisions == 0
+    # Degenerate statistics (an all-zero moment: a LoRA factor whose partner is still
+    # zero, an unused branch) carry no information: such a moment keeps its zone and
+    # bits and stays out of the geometric mean, so it cannot move the others' zones.
+    live = ad & (x_n > tiny) & (x_r > tiny)
+    x_n = jnp.where(live, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
+    x_r = jnp.where(live, jnp.log2(jnp.maximum(x_r, tiny)), 0.0)
+    # EMAs start at a moment's first live decision (both log2 EMAs exactly 0 means
+    # "never live": a live moment has them at log2 of its factors).
+    first = (st.decisions == 0) | ((st.n_ema == 0) & (st.r_ema == 0))
     b = jnp.float32(self.ema)
     n_ema = jnp.where(first, x_n, b * st.n_ema + (1 - b) * x_n)
     r_ema = jnp.where(first, x_r, b * st.r_ema + (1 - b) * x_r)
 
-    def rel(x):  # log2 of the factor relative to the geometric mean of adaptive leaves
-      mean = jnp.sum(jnp.where(ad, x, 0.0), axis=0) / jnp.maximum(jnp.sum(ad, axis=0), 1)
+    def rel(x):  # log2 of the factor relative to the geometric mean of live leaves
+      mean = jnp.sum(jnp.where(live, x, 0.0), axis=0) / jnp.maximum(jnp.sum(live, axis=0), 1)
       return x - mean
 
     # Instability: how far the leaves' relative standing moved since the last decision.
-    n_ad = jnp.maximum(jnp.sum(ad), 1)
+    n_live = jnp.maximum(jnp.sum(live & ~first), 1)
     moved = jnp.abs(rel(x_n) - rel(st.n_ema)) + jnp.abs(rel(x_r) - rel(st.r_ema))
-    drift = jnp.where(first, 0.0, jnp.sum(jnp.where(ad, moved, 0.0)) / n_ad)
+    drift = jnp.sum(jnp.where(live & ~first, moved, 0.0)) / n_live
     n_rel, r_rel = rel(n_ema), rel(r_ema)
     z = st.zone
     n_was_hi, r_was_hi = z < 2, (z % 2) == 0
     lg = lambda t: jnp.float32(math.log2(t))
     n_hi = jnp.where(n_was_hi, n_rel >= lg(self.n_thresholds[0]), n_rel > lg(self.n_thresholds[1]))
     r_hi = jnp.where(r_was_hi, r_rel >= lg(self.r_thresholds[0]), r_rel > lg(self.r_thresholds[1]))
-    zone = jnp.where(ad, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
+    zone = jnp.where(live, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
 
     t = count.astype(jnp.float32)
     decay = jnp.exp(-t / self.anneal_steps) if self.anneal_steps else jnp.float32(0)
@@ -403,7 +409,7 @@ class STQuantPolicy(Policy):
     desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
 
     since = count - st.last_change
-    free = ad & (since >= self.min_interval)
+    free = live & (since >= self.min_interval)
     if self.max_changes is not None:
       free = free & (st.changes < self.max_changes)
     if self.target_bits is not None:
@@ -421,7 +427,7 @@ class STQuantPolicy(Policy):
     proposed = jnp.where(free, desired, st.proposed)
     changed = proposed != st.proposed
     return STQuantPolicyState(
-        n_ema=jnp.where(ad, n_ema, st.n_ema), r_ema=jnp.where(ad, r_ema, st.r_ema),
+        n_ema=jnp.where(live, n_ema, st.n_ema), r_ema=jnp.where(live, r_ema, st.r_ema),
         zone=zone, proposed=proposed.astype(jnp.int32), actual=st.actual,
         last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
         changes=(st.changes + changed).astype(jnp.int32),
