@@ -12,9 +12,10 @@ The protocol (``docs/quality.md``):
   perturbation does to the final loss (the trajectory's own sensitivity); the
   **noise floor** is the largest of them in absolute value.
 * A difference is claimed only above that floor: an optimizer *matches* fp32
-  AdamW when the upper end of the 95% confidence interval of its mean delta is
-  at most the floor (it is then indistinguishable from the control); it is
-  *worse* when the lower end exceeds the floor; otherwise *unresolved*.
+  AdamW when the 95% confidence interval of its mean delta lies within ± the
+  floor (it is then indistinguishable from the control); it is *worse* when the
+  lower end exceeds the floor; otherwise *unresolved*. It is *within 1%* when
+  the upper end is at most +1% and the floor is below 1%.
 
 The frontier compares, at equal memory (average bits, metadata included), the
 fixed-width optimizers (``stquant<M>``, ``stquant<M>v<V>``: the *uniform*
@@ -122,6 +123,20 @@ def verdict(row: dict[str, Any], floor: float | None) -> str:
   return "unresolved"
 
 
+WITHIN_PCT = 1.0
+
+
+def within(row: dict[str, Any], pct: float = WITHIN_PCT, floor: float | None = None) -> bool:
+  """Whether the optimizer is at most ``pct`` % worse than fp32 AdamW: the upper end of
+  the 95% interval of its mean delta is at most ``pct`` (a claim the noise floor
+  allows only when it is below ``pct``)."""
+  if not row["delta_pct"] or row["kind"] == "reference":
+    return False
+  if floor is not None and floor > pct:
+    return False
+  return row["delta_mean"] + row["delta_ci95"] <= pct
+
+
 def envelope(points: list[tuple[float, float]], bits: float) -> float | None:
   """The uniform curve at ``bits``: the best (lowest) delta among fixed-width points
   using at most ``bits``, or None when every fixed point uses more."""
@@ -156,9 +171,11 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
       cmp.update(uniform=best[1], uniform_bits=best[2], uniform_delta=best[0],
                  at_or_below=d <= best[0] + (floor or 0.0))
     comparisons.append(cmp)
-  matching = [(bits[n], n) for n, r in stats.items()
-              if r["kind"] in ("fixed", "adaptive") and n in bits
-              and verdict(r, floor) in ("matches", "better")]
+  def lowest(ok):
+    found = [(bits[n], n) for n, r in stats.items()
+             if r["kind"] in ("fixed", "adaptive") and n in bits and ok(r)]
+    return {"optimizer": min(found)[1], "average_bits": min(found)[0]} if found else None
+
   return {"uniform": uniform, "adaptive": adaptive, "comparisons": comparisons,
-          "lowest_matching": ({"optimizer": min(matching)[1], "average_bits": min(matching)[0]}
-                              if matching else None)}
+          "lowest_matching": lowest(lambda r: verdict(r, floor) in ("matches", "better")),
+          "lowest_within_1pct": lowest(lambda r: within(r, WITHIN_PCT, floor))}

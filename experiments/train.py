@@ -127,8 +127,9 @@ def make_data(cfg: TrainConfig, context_len: int | None):
       raise ValueError(f"{cfg.batch_size=} exceeds the {len(val_ds.y_N)} "
                        "validation images")
     val = data.image_eval_batches(val_ds, cfg.batch_size)
+    whole = data.image_eval_batches(val_ds, cfg.batch_size, remainder=True)
     return (data.image_batches(train_ds, cfg.batch_size, cfg.seed),
-            val[:cfg.eval_batches], val[:final] if final else val, {})
+            val[:cfg.eval_batches], val[:final] if final else whole, {})
   raise ValueError(f"{cfg.model=} must be 'gpt2' or 'vit'")
 
 
@@ -253,9 +254,11 @@ def make_steps(loss_fn):
 
 
 def evaluate(eval_step, model, batches) -> dict[str, float]:
-  """Mean of each metric over the fixed evaluation batches."""
+  """Mean of each metric over the evaluation batches, weighted by their sizes (a
+  smaller last batch counts for its examples)."""
   metrics = [jax.device_get(eval_step(model, b)) for b in batches]
-  return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+  sizes = [len(b[0]) for b in batches]
+  return {k: float(np.average([m[k] for m in metrics], weights=sizes)) for k in metrics[0]}
 
 
 def train(cfg: TrainConfig,

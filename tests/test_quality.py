@@ -82,3 +82,13 @@ def test_kinds_and_names():
   with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
     optimizers.parse_stquant("sgd")
   assert math.isinf(quality.ci95([1.0])[1])
+
+
+def test_within_one_percent_needs_the_whole_interval_and_a_floor_below_it():
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.01, -0.02, 0.0, 0.01, 0.0]),
+                "ok": _scaled([0.3, 0.5, 0.4, 0.6, 0.4]), "far": _scaled([0.9, 1.4, 0.5, 1.2, 0.8])})
+  st = quality.paired(runs)
+  floor = quality.noise_floor(st)
+  assert quality.verdict(st["ok"], floor) == "worse"  # resolved, and small
+  assert quality.within(st["ok"], 1.0, floor) and not quality.within(st["far"], 1.0, floor)
+  assert not quality.within(st["ok"], 1.0, floor=1.5)  # a floor above 1%: no such claim
