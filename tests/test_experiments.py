@@ -373,8 +373,9 @@ def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
               "frontier.png"):
     assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
   table = (out / "results.md").read_text()
-  rows = [l for l in table.splitlines() if l.count("|") == 8 and "---" not in l
-          and not l.startswith("| Optimizer")]  # the paired table (7 columns)
+  paired_table = table.split("**Noise floor")[0]  # the first table, before its footnote
+  rows = [l for l in paired_table.splitlines() if l.startswith("| ") and "---" not in l
+          and not l.startswith("| Optimizer")]
   assert len(rows) == len(names)
   assert "reference" in rows[0] and "stquant 4-bit" in rows[2]
   assert "**Noise floor:" in table  # the control ran: deltas are judged against it
