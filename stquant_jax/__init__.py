@@ -8,6 +8,7 @@ Public API:
 * :class:`Policy`, :class:`FixedBits`, :class:`STQuantPolicy`: bit allocation
   (fixed, or adaptive per layer, state and training phase).
 * :func:`relayout`: applies an adaptive policy's proposed bit-widths (outside jit).
+* :func:`abstract_state`: the abstract state (``ShapeDtypeStruct`` s) of a bit layout.
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting.
 * :func:`state_shardings`: shardings of the optimizer state for sharded
@@ -20,6 +21,7 @@ from stquant_jax._src.checkpoint.orbax_io import checkpoint_args, restore_state,
 from stquant_jax._src.codec.maps import CodeMap, default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, quantize
 from stquant_jax._src.distributed.state_shardings import state_shardings
+from stquant_jax._src.layout.abstract import abstract_state
 from stquant_jax._src.layout.accounting import average_bits, state_nbytes
 from stquant_jax._src.layout.relayout import relayout
 from stquant_jax._src.layout.telemetry import BitHistory, bit_widths
@@ -41,6 +43,7 @@ __all__ = [
     "STQuantPolicyState",
     "ScaleByStquantState",
     "adam",
+    "abstract_state",
     "adamw",
     "average_bits",
     "bit_widths",
