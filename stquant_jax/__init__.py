@@ -9,6 +9,8 @@ Public API:
   (fixed, or adaptive per layer, state and training phase).
 * :func:`relayout`: applies an adaptive policy's proposed bit-widths (outside jit).
 * :func:`abstract_state`: the abstract state (``ShapeDtypeStruct`` s) of a bit layout.
+* :func:`adaptive_jit`: a jitted train step that compiles proposed layouts ahead of
+  time and switches without a compile stall (plain jit, flax.nnx, sharded, pmap).
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting.
 * :func:`state_shardings`: shardings of the optimizer state for sharded
@@ -28,12 +30,14 @@ from stquant_jax._src.layout.telemetry import BitHistory, bit_widths
 from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.policy.stquant import STQuantPolicy, STQuantPolicyState
 from stquant_jax._src.state.opt_state import ScaleByStquantState
+from stquant_jax._src.stepping.adaptive_jit import AdaptiveJit, adaptive_jit
 from stquant_jax._src.transform.alias import adam, adamw
 from stquant_jax._src.transform.scale_by_stquant import scale_by_stquant
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveJit",
     "BitHistory",
     "CodeMap",
     "FixedBits",
@@ -45,6 +49,7 @@ __all__ = [
     "adam",
     "abstract_state",
     "adamw",
+    "adaptive_jit",
     "average_bits",
     "bit_widths",
     "checkpoint_args",

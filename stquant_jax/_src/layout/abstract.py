@@ -18,17 +18,19 @@ from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.trees import path_names
 from stquant_jax._src.distributed.state_shardings import state_shardings
 from stquant_jax._src.layout.access import replace_states
-from stquant_jax._src.layout.relayout import apply_bits
+from stquant_jax._src.layout.relayout import apply_bits, is_stacked
 from stquant_jax._src.state.opt_state import NO_MOMENT, current_bits, find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_state, typed_states
 
 
 def to_abstract(x):
   """``x`` (arrays, nnx objects...) with every array a ``ShapeDtypeStruct`` carrying its
-  sharding; other leaves (Python scalars, ShapeDtypeStructs) as they are."""
+  sharding (none for uncommitted arrays, which jit may place anywhere); other leaves
+  (Python scalars, ShapeDtypeStructs) as they are."""
   def leaf(a):
     if isinstance(a, jax.Array):
-      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+      return jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                  sharding=a.sharding if a.committed else None)
     return a
   return jax.tree.map(leaf, x)
 
@@ -83,7 +85,8 @@ def with_layouts(opt_state, layouts, *, param_shardings=None):
   new = {}
   for st, target in zip(find_states(opt_state_of(opt_state)), layouts):
     typed = typed_state(st)
-    out = apply_bits(typed, target, param_shardings=param_shardings)
+    out = apply_bits(typed, target, param_shardings=param_shardings,
+                     stacked=is_stacked(typed))
     if out is not typed:
       new[id(st)] = out
   return replace_states(opt_state, new) if new else opt_state

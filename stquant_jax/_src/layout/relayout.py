@@ -73,6 +73,11 @@ def settle_proposal(state, prop: np.ndarray) -> tuple[np.ndarray, bool]:
   return prop, stacked
 
 
+def is_stacked(state) -> bool:
+  """A ``jax.pmap`` state: every array has a leading replica axis (the count too)."""
+  return np.ndim(state.count) == 1
+
+
 def target_bits(cur: np.ndarray, prop: np.ndarray) -> np.ndarray:
   """The layout a proposal asks for: the proposal wherever both it and the layout have a
   moment (leaves without moments never change)."""
@@ -197,7 +202,8 @@ def _abstract_output(x, ch: repack.Change):
           jax.ShapeDtypeStruct(lead + (nb,), jnp.float32, sharding=ss))
 
 
-def _wrap(out, ch: repack.Change):
+def as_moment(out, ch: repack.Change):
+  """A re-pack program's output for one change, as a moment (QuantizedArray or array)."""
   if ch.dst is None:
     return out
   codes, scales = out
@@ -242,7 +248,7 @@ def run_plan(changes, inputs, *, donate: bool = False):
     with warnings.catch_warnings():  # donated codes of another width cannot be reused
       warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
       outs = repack.program(tuple(changes), donate)(list(inputs))
-  return [_wrap(o, ch) for o, ch in zip(outs, changes)]
+  return [as_moment(o, ch) for o, ch in zip(outs, changes)]
 
 
 def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = False):

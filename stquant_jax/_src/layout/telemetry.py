@@ -62,14 +62,20 @@ def bit_widths(opt_state, index: int = 0) -> dict:
       "nu_bits": {names[i]: _bits_value(cur[i, 1]) for i in keep},
   }
   ps = st.policy_state
-  if field(ps, "proposed", None) is not None:
-    host = {k: host_value(field(ps, k)) for k in ("proposed", "zone", "anneal", "decisions")}
-    prop, zone = np.asarray(host["proposed"]), np.asarray(host["zone"])
+  host = {k: np.asarray(host_value(field(ps, k))) for k in ("proposed", "zone", "anneal",
+                                                            "decisions")
+          if field(ps, k, None) is not None}  # what the policy keeps (STQuantPolicy: all)
+  if "proposed" in host:
+    prop = host["proposed"]
     out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
     out["nu_proposed"] = {names[i]: _bits_value(prop[i, 1]) for i in keep}
+  if "zone" in host:
+    zone = host["zone"]
     out["mu_zone"] = {names[i]: ZONES[int(zone[i, 0])] for i in keep}
     out["nu_zone"] = {names[i]: ZONES[int(zone[i, 1])] for i in keep}
+  if "anneal" in host:
     out["anneal"] = float(host["anneal"])
+  if "decisions" in host:
     out["decisions"] = int(host["decisions"])
   return out
 
