@@ -248,7 +248,19 @@ def run_plan(changes, inputs, *, donate: bool = False):
     with warnings.catch_warnings():  # donated codes of another width cannot be reused
       warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
       outs = repack.program(tuple(changes), donate)(list(inputs))
+    if donate:
+      release(inputs, outs)
   return [as_moment(o, ch) for o, ch in zip(outs, changes)]
+
+
+def release(inputs, outs) -> None:
+  """Deletes the replaced moments' arrays once the re-pack has read them: jit reuses a
+  donated buffer only for an output of its shape (the scales), the old codes would
+  otherwise live as long as a reference to the old state does."""
+  jax.block_until_ready(outs)
+  for a in jax.tree.leaves(inputs):
+    if isinstance(a, jax.Array) and not a.is_deleted():
+      a.delete()
 
 
 def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = False):

@@ -48,7 +48,7 @@ from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.abstract import layouts_of, to_abstract, with_layouts
 from stquant_jax._src.layout.access import replace_states, write_into
 from stquant_jax._src.layout.relayout import (
-    as_moment, is_stacked, plan, rebuild, run_plan, target_bits)
+    as_moment, is_stacked, plan, rebuild, release, run_plan, target_bits)
 from stquant_jax._src.state.opt_state import find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_state
 from stquant_jax._src.stepping.signals import Pending, layout_signal, state_positions
@@ -287,9 +287,12 @@ class AdaptiveJit:
         outs = None
         if prog is not None and tuple(changes) == tuple(pre_changes):
           try:
-            outs = [as_moment(o, ch) for o, ch in zip(prog(list(inputs)), changes)]
+            raw = prog(list(inputs))
           except (TypeError, ValueError):  # placed otherwise than planned (checked first)
-            outs = None
+            raw = None
+          if raw is not None:
+            release(inputs, raw)
+            outs = [as_moment(o, ch) for o, ch in zip(raw, changes)]
         if outs is None:  # compile here
           self.stats["fallback_compiles"] += 1
           outs = run_plan(changes, inputs, donate=True)

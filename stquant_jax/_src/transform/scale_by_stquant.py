@@ -101,8 +101,9 @@ def scale_by_stquant(
     eps_root: added to the second moment inside the square root.
     mu_dtype: accepted for optax's signature; only None (or float32) is
       supported: m is stored as codes of the policy's width, or float32.
-    nesterov: Nesterov momentum, exactly as ``optax.scale_by_adam(nesterov=True)``
-      (on the fresh float32 m; runs on the jnp path, never the fused kernel).
+    nesterov: Nesterov momentum, ``optax.scale_by_adam(nesterov=True)``'s
+      formula on the fresh float32 m (runs on the jnp path, never the fused
+      kernel).
     policy: a :class:`~stquant_jax.Policy`; default ``FixedBits()`` (8-bit m
       and v for leaves with >= 4096 values).
     block_size: values per quantization block (a multiple of 32). It shapes

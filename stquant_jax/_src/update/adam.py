@@ -31,7 +31,7 @@ def finite_moments(m, v):
 
 def _first_moment_hat(m, g32, b1, bc1, bc1_next):
   """Bias-corrected m; with ``bc1_next`` (``1 - b1**(t+1)``) Nesterov's look-ahead
-  ``b1 * m / bc1_next + (1 - b1) * g / bc1``, exactly as ``optax.scale_by_adam(nesterov=True)``."""
+  ``b1 * m / bc1_next + (1 - b1) * g / bc1``, ``optax.scale_by_adam(nesterov=True)``'s formula."""
   if bc1_next is None:
     return m / bc1
   return b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
