@@ -12,7 +12,8 @@ Public API:
 * :func:`adaptive_jit`: a jitted train step that compiles proposed layouts ahead of
   time and switches without a compile stall (plain jit, flax.nnx, sharded, pmap).
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
-* :func:`state_nbytes`, :func:`average_bits`: memory accounting.
+* :func:`state_nbytes`, :func:`average_bits`: memory accounting; :func:`summary`: a
+  per-leaf table (shape, bits, zone, bytes) of a state.
 * :func:`state_shardings`: shardings of the optimizer state for sharded
   params (FSDP), each quantized moment sharded like its parameter.
 * :func:`save_state`, :func:`restore_state`, :func:`checkpoint_args`: orbax
@@ -26,6 +27,7 @@ from stquant_jax._src.distributed.state_shardings import state_shardings
 from stquant_jax._src.layout.abstract import abstract_state
 from stquant_jax._src.layout.accounting import average_bits, state_nbytes
 from stquant_jax._src.layout.relayout import relayout
+from stquant_jax._src.layout.summary import summary
 from stquant_jax._src.layout.telemetry import BitHistory, bit_widths
 from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.policy.stquant import STQuantPolicy, STQuantPolicyState
@@ -62,4 +64,5 @@ __all__ = [
     "scale_by_stquant",
     "state_nbytes",
     "state_shardings",
+    "summary",
 ]

@@ -154,3 +154,23 @@ def test_state_shardings_has_the_optimizers_structure():
   placed = jax.device_put(opt.opt_state, out)
   assert jax.tree.structure(placed) == jax.tree.structure(opt.opt_state)
   assert out == sq.state_shardings(opt.opt_state, pshard)
+
+
+def test_summary_of_the_optimizer_lists_every_leaf_with_bits_zones_and_bytes():
+  model, opt = make(_policy())
+  text = sq.summary(opt)
+  lines = text.splitlines()
+  assert lines[0].split() == ["leaf", "shape", "m", "bits", "v", "bits", "zone", "(m/v)",
+                              "moment", "bytes"]
+  rows = {l.split()[0]: l.split() for l in lines[2:-1]}
+  widths = sq.bit_widths(opt)
+  assert set(rows) == set(widths["mu_bits"])
+  for name, row in rows.items():
+    m, v = widths["mu_bits"][name], widths["nu_bits"][name]
+    assert row[-4:-2] == [("f32" if m == 32 else str(m)), ("f32" if v == 32 else str(v))]
+    assert row[-2] == f"{widths['mu_zone'][name]}/{widths['nu_zone'][name]}"
+  assert lines[-1].startswith(f"total: {sq.state_nbytes(opt):,} bytes")
+  assert f"{sq.average_bits(opt):.2f} bits" in lines[-1]
+  assert sq.summary(plain_twin(model, opt)) == text
+  abstract = sq.abstract_state(opt.tx, nnx.as_pure(nnx.state(model, nnx.Param)))
+  assert sq.summary(abstract).splitlines()[-1] == lines[-1]   # no zones to read there

@@ -62,9 +62,10 @@ def bit_widths(opt_state, index: int = 0) -> dict:
       "nu_bits": {names[i]: _bits_value(cur[i, 1]) for i in keep},
   }
   ps = st.policy_state
+  # What the policy keeps (STQuantPolicy: all four); nothing to read in an abstract state.
   host = {k: np.asarray(host_value(field(ps, k))) for k in ("proposed", "zone", "anneal",
                                                             "decisions")
-          if field(ps, k, None) is not None}  # what the policy keeps (STQuantPolicy: all)
+          if hasattr(field(ps, k, None), "__array__")}
   if "proposed" in host:
     prop = host["proposed"]
     out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
