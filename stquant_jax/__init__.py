@@ -14,6 +14,8 @@ Public API:
 * :class:`BitHistory`, :func:`bit_widths`: bit-width telemetry.
 * :func:`state_nbytes`, :func:`average_bits`: memory accounting; :func:`summary`: a
   per-leaf table (shape, bits, zone, bytes) of a state.
+* :func:`plain_state`: a ``flax.nnx.Optimizer``'s state in optax's own form (typed
+  :class:`QuantizedArray` moments, no ``nnx.Variable`` wrappers).
 * :func:`state_shardings`: shardings of the optimizer state for sharded
   params (FSDP), each quantized moment sharded like its parameter.
 * :func:`save_state`, :func:`restore_state`, :func:`checkpoint_args`: orbax
@@ -32,6 +34,7 @@ from stquant_jax._src.layout.telemetry import BitHistory, bit_widths
 from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.policy.stquant import STQuantPolicy, STQuantPolicyState
 from stquant_jax._src.state.opt_state import ScaleByStquantState
+from stquant_jax._src.state.typed import typed_tree as plain_state
 from stquant_jax._src.stepping.adaptive_jit import AdaptiveJit, adaptive_jit
 from stquant_jax._src.transform.alias import adam, adamw
 from stquant_jax._src.transform.scale_by_stquant import scale_by_stquant
@@ -57,6 +60,7 @@ __all__ = [
     "checkpoint_args",
     "default_map",
     "dequantize",
+    "plain_state",
     "quantize",
     "relayout",
     "restore_state",

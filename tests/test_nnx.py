@@ -174,3 +174,15 @@ def test_summary_of_the_optimizer_lists_every_leaf_with_bits_zones_and_bytes():
   assert sq.summary(plain_twin(model, opt)) == text
   abstract = sq.abstract_state(opt.tx, nnx.as_pure(nnx.state(model, nnx.Param)))
   assert sq.summary(abstract).splitlines()[-1] == lines[-1]   # no zones to read there
+
+
+def test_plain_state_is_the_optax_form_of_the_optimizers_state():
+  model, opt = make(_policy())
+  plain = sq.plain_state(opt)
+  assert_same = lambda a, b: [np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+                              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  twin = plain_twin(model, opt)
+  assert jax.tree.structure(plain) == jax.tree.structure(twin)
+  assert_same(plain, twin)
+  assert all(_is_q(x) for x in jax.tree.leaves(plain[0].mu, is_leaf=_is_q)
+             if getattr(x, "ndim", 2) == 2)

@@ -81,8 +81,7 @@ def require_stquant(opt_state, fn: str, what: str) -> None:
     raise TypeError(
         f"{fn}: {what} ({type(opt_state).__name__}) contains no stquant_jax "
         "ScaleByStquantState; pass the whole optimizer state (e.g. tx.init(params) of "
-        "stquant_jax.adamw). With flax.nnx.Optimizer, rebuild the typed state first "
-        "(docs/checkpoints.md).")
+        "stquant_jax.adamw, or the flax.nnx.Optimizer holding it).")
 
 
 def _dtype_name(dtype) -> str:

@@ -108,6 +108,19 @@ def typed_states(x) -> list:
 
 def typed_tree(x):
   """``x``'s optimizer state with ``nnx.Variable`` wrappers removed and every stquant
-  state typed; the same tree structure a plain ``tx.init`` gives."""
+  state typed; the same tree structure a plain ``tx.init`` gives.
+
+  Public as :func:`stquant_jax.plain_state`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> from flax import nnx
+    >>> model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+    >>> opt = nnx.Optimizer(model, sq.adamw(1e-3), wrt=nnx.Param)
+    >>> state = sq.plain_state(opt)   # optax's form: QuantizedArray moments, plain arrays
+    >>> type(state[0].mu["kernel"]).__name__, state[0].mu["kernel"].bits
+    ('QuantizedArray', 8)
+  """
   fix = lambda s: typed_state(s) if is_stquant_state(s) else s
   return jax.tree.map(fix, unwrap_variables(opt_state_of(x)), is_leaf=is_stquant_state)

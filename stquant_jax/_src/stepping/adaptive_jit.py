@@ -23,7 +23,9 @@ Compiled layouts are kept in process (a layout seen again costs nothing), and
 loads its executables from disk instead of compiling them.
 
 When to switch: with ``delay=None``, at the first call after the compile is
-done (never waits; the step of the switch depends on machine load). With
+done (never waits; the step of the switch depends on machine load; a proposal
+that arrives while an older one still waits for the compile thread replaces
+it). With
 ``delay=k``, exactly ``k`` calls after the call whose input state first shows
 the proposal, waiting for the compile if it is not done: reproducible, and the
 same step in every process, which multi-process runs need (every process must
@@ -143,7 +145,7 @@ class AdaptiveJit:
     self._abstract = None   # abstract arguments at the current layout
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                        thread_name_prefix="stquant-compile")
-    self.stats = {"compiles": [], "switches": [], "fallback_compiles": 0,
+    self.stats = {"compiles": [], "switches": [], "fallback_compiles": 0, "skipped_layouts": 0,
                   "persistent_cache_hits": 0, "persistent_cache_misses": 0}
 
   # ---- compiling -------------------------------------------------------------
@@ -222,7 +224,9 @@ class AdaptiveJit:
     while self._pending:
       p = self._pending[0]
       must = drain or (self._delay is not None and p.call + self._delay <= self._call)
-      if not (must or p.ready()):
+      # Several processes read a signal at the same call only (reading a global array
+      # may gather across processes), never "when ready".
+      if not (must or (p.ready() and jax.process_count() == 1)):
         return
       self._pending.popleft()
       targets = [target_bits(lay, prop) for lay, prop in zip(p.layouts, p.proposals())]
@@ -242,6 +246,15 @@ class AdaptiveJit:
     return abstract
 
   def _schedule(self, asked: int, targets, args=None):
+    if self._delay is None:
+      # No fixed switch steps: a newer proposal replaces the layouts whose compile has
+      # not started yet (compiles are slower than decisions can be; skip the stale ones).
+      kept = [sw for sw in self._scheduled if not sw.future.cancel()]
+      self.stats["skipped_layouts"] += len(self._scheduled) - len(kept)
+      self._scheduled = kept
+      latest = self._scheduled[-1].target if self._scheduled else self._layout
+      if _same(targets, latest):
+        return
     # The arguments of this call give the placement the step's outputs really have
     # (the first call's inputs may differ: e.g. uncommitted vs pmap-sharded).
     base = self._abstract if args is None else args
@@ -337,10 +350,8 @@ class AdaptiveJit:
       if "compiled" not in str(e) and "does not match" not in str(e):
         raise
       out, signal = self._fallback(args)(*args)
-    try:
+    if getattr(signal, "is_fully_addressable", False):
       signal.copy_to_host_async()
-    except AttributeError:  # pragma: no cover
-      pass
     self._pending.append(Pending(self._call, signal, list(self._layout)))
     self._call += 1
     return out

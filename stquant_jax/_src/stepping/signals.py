@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._src.core.trees import field
+from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.state.opt_state import current_bits, find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_state
 
@@ -77,7 +78,7 @@ class Pending:
     """Per state, the full proposal ``[L, 2]`` (blocking until the step is done).
 
     A ``pmap`` step returns one signal per replica; they must agree."""
-    sig = np.asarray(self.array)
+    sig = host_value(self.array)  # global arrays of several processes included
     if sig.ndim == 3:  # pmap: [replicas, L, 2]
       if not (sig == sig[:1]).all():
         raise ValueError("adaptive_jit: the pmap replicas propose different bits; give the "
