@@ -46,6 +46,7 @@ import warnings
 import jax
 import numpy as np
 
+from stquant_jax._src.core.trees import has_variables
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.abstract import layouts_of, to_abstract, with_layouts
 from stquant_jax._src.layout.access import replace_states, write_into
@@ -204,7 +205,7 @@ class AdaptiveJit:
       raise ValueError("adaptive_jit: no argument holds a stquant_jax optimizer state; use "
                        "jax.jit for steps without one")
     for i in self._positions:  # nnx: moments in the form nnx keeps after a step
-      if _is_nnx_node(args[i]) or opt_state_of(args[i]) is not args[i]:
+      if has_variables(opt_state_of(args[i])):
         for st in find_states(opt_state_of(args[i])):
           write_into(st, typed_state(st))
     self._layout = self._layouts(args)
@@ -349,7 +350,8 @@ class AdaptiveJit:
     except (TypeError, ValueError) as e:
       if "compiled" not in str(e) and "does not match" not in str(e):
         raise
-      out, signal = self._fallback(args)(*args)
+      self._exec = self._fallback(args)
+      out, signal = self._exec(*args)
     if getattr(signal, "is_fully_addressable", False):
       signal.copy_to_host_async()
     self._pending.append(Pending(self._call, signal, list(self._layout)))
