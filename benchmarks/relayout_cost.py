@@ -65,8 +65,8 @@ def run(mode: str, args) -> dict:
   median = float(log["median_step_time_s"])
   changes = []
   for e in log["relayouts"]:
-    if e["step"] > len(times):
-      continue  # switched after the last step
+    if e.get("after_last_step") or e["step"] > len(times):
+      continue  # applied after the last step: no step ran at that layout
     # the relayout mode re-packs between steps, outside the timed step: count it too
     t = float(times[e["step"] - 1]) + (e["repack_s"] if mode == "relayout" else 0.0)
     changes.append({"step": e["step"], "proposal_step": e["proposal_step"],

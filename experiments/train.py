@@ -328,6 +328,18 @@ def train(cfg: TrainConfig,
     train_step.close()
     log["compiles"] = train_step.stats["compiles"]
     log["fallback_compiles"] = train_step.stats["fallback_compiles"]
+    # Proposals still waiting for their switch (e.g. a decision at the last step) are
+    # applied now, so the final state is the policy's last decision (no step follows,
+    # so nothing compiles).
+    import stquant_jax
+    before = stquant_jax.bit_widths(optimizer)
+    t0 = time.perf_counter()
+    stquant_jax.relayout(optimizer)
+    after = stquant_jax.bit_widths(optimizer)
+    if (before["mu_bits"], before["nu_bits"]) != (after["mu_bits"], after["nu_bits"]):
+      log["relayouts"].append({"step": cfg.steps, "after_last_step": True,
+                               "repack_s": time.perf_counter() - t0,
+                               **_memory(optimizer, cfg)})
   times = [t for i, t in enumerate(log["step_time_s"], 1)
            if i not in compile_steps] or log["step_time_s"]
   log["compile_steps"] = sorted(compile_steps)
