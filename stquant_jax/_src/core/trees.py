@@ -66,14 +66,15 @@ def is_variable(x) -> bool:
 
 
 def unwrap_variables(tree):
-  """``tree`` with every ``flax.nnx.Variable`` replaced by its value.
+  """``tree`` with every ``flax.nnx.Variable`` replaced by its value (``tree`` itself
+  when it holds none).
 
   Example:
     >>> unwrap_variables({"a": 1, "b": (2, 3)})
     {'a': 1, 'b': (2, 3)}
   """
-  if _nnx() is None:
-    return tree
+  if not has_variables(tree):
+    return tree  # the same object: callers rely on identity for "nothing changed"
   return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree,
                       is_leaf=is_variable)
 
