@@ -180,8 +180,10 @@ def bit_record(optimizer: nnx.Optimizer, step: int,
   return {"step": step, **_memory(optimizer, cfg), **stquant_jax.bit_widths(optimizer)}
 
 
+@functools.cache
 def train_step_fn(loss_fn):
-  """The (unjitted) ``train_step(model, optimizer, batch) -> metrics``."""
+  """The (unjitted) ``train_step(model, optimizer, batch) -> metrics``; one function
+  per loss, so ``adaptive_jit`` reuses its compiled layouts across runs (seeds)."""
   def train_step(model, optimizer, batch):
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(model, *batch)

@@ -331,3 +331,23 @@ def test_persistent_cache_lets_a_rerun_load_instead_of_compile(tmp_path):
   assert first["persistent_cache_misses"] >= 3 and first["persistent_cache_hits"] == 0
   assert second["persistent_cache_misses"] == 0
   assert second["persistent_cache_hits"] == first["persistent_cache_misses"]
+
+
+def test_the_same_step_wrapped_again_reuses_every_compiled_layout():
+  """A second run (another seed) of the same step function compiles nothing: the
+  executables of every layout are kept in the process."""
+  tx = sq.adamw(1e-2, policy=SCHEDULE)
+  fn = make_step(tx)
+  stats = []
+  for _ in range(2):
+    step = sq.adaptive_jit(fn, delay=2)
+    params = make_params()
+    state = tx.init(params)
+    for i in range(12):
+      params, state = step(params, state, *batch(i))
+    step.close()
+    stats.append(step.stats)
+  # three layouts (8/8, 4/5, 6/3); re-pack programs may come from earlier tests
+  assert [c["what"] for c in stats[0]["compiles"]].count("step") == 3
+  assert stats[1]["compiles"] == []
+  assert [s["call"] for s in stats[0]["switches"]] == [s["call"] for s in stats[1]["switches"]]

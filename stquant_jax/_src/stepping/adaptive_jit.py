@@ -18,7 +18,8 @@ owns the step and the switch instead:
 3. The switch re-packs the state with the precompiled program (donating the
    replaced moments) and calls the step compiled for the new layout.
 
-Compiled layouts are kept in process (a layout seen again costs nothing), and
+Compiled steps are kept in process (a layout seen again, or the same step function
+wrapped again for another run, costs nothing), and
 ``cache_dir=`` turns on JAX's persistent compilation cache, so a resumed run
 loads its executables from disk instead of compiling them.
 
@@ -92,8 +93,23 @@ def use_persistent_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def _key(layouts) -> tuple:
-  return tuple(np.asarray(l, np.int32).tobytes() for l in layouts)
+# Compiled steps of every AdaptiveJit in the process, by what they were compiled for (the
+# step function, how it is jitted, and its abstract arguments): a layout seen again, or
+# the same step wrapped again for another run, costs no compile.
+_COMPILED: dict = {}
+
+
+def _placement(x):
+  """A sharding as the compiled step sees it: one device (committed or not) is one."""
+  s = getattr(x, "sharding", None)
+  return None if isinstance(s, jax.sharding.SingleDeviceSharding) else s
+
+
+def _signature(fn, jit, donate, abstract_args) -> tuple:
+  leaves, treedef = jax.tree.flatten(tuple(abstract_args))
+  avals = tuple((tuple(x.shape), str(x.dtype), _placement(x))
+                if hasattr(x, "shape") else type(x).__name__ for x in leaves)
+  return (fn, jit, donate, treedef, avals)
 
 
 def _same(a, b) -> bool:
@@ -138,8 +154,6 @@ class AdaptiveJit:
     self._positions = ()
     self._layout: list = []
     self._exec = None
-    self._execs: dict = {}        # layout key -> compiled step (in-process cache)
-    self._by_signature: dict = {}  # fallback compiles for other argument shapes
     self._pending: collections.deque = collections.deque()
     self._scheduled: list[_Switch] = []
     self._call = 0
@@ -169,10 +183,16 @@ class AdaptiveJit:
     return jit(step_with_signal, donate_argnums=self._donate)
 
   def _compile(self, abstract_args, layouts, background: bool):
-    """The step compiled for ``abstract_args`` (recorded in ``stats``)."""
+    """The step compiled for ``abstract_args`` (recorded in ``stats`` unless it was
+    in the process-wide cache)."""
+    sig = _signature(self._fn, self._jit_option, self._donate, abstract_args)
+    exe = _COMPILED.get(sig)
+    if exe is not None:
+      return exe
     t0 = time.perf_counter()
     with _counting(self.stats):
       exe = self._jitted.lower(*abstract_args).compile()
+    _COMPILED[sig] = exe
     self.stats["compiles"].append({
         "what": "step", "layout": [l.tolist() for l in layouts], "background": background,
         "seconds": time.perf_counter() - t0})
@@ -180,21 +200,23 @@ class AdaptiveJit:
 
   def _job(self, abstract_args, layouts, repacks):
     """Background: the step for ``layouts`` and each state's re-pack program."""
-    exe = self._execs.get(_key(layouts))
-    if exe is None:
-      exe = self._compile(abstract_args, layouts, background=True)
+    exe = self._compile(abstract_args, layouts, background=True)
     programs = []
     for changes, inputs in repacks:
       if not changes:
         programs.append((changes, None))
         continue
-      t0 = time.perf_counter()
-      with warnings.catch_warnings(), _counting(self.stats):
-        # donated codes of another width cannot be reused: jax warns, nothing is wrong
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        prog = repack.program(tuple(changes), True).lower(list(inputs)).compile()
-      self.stats["compiles"].append({"what": "repack", "background": True,
-                                     "seconds": time.perf_counter() - t0})
+      sig = _signature("repack", tuple(changes), True, inputs)
+      prog = _COMPILED.get(sig)
+      if prog is None:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(), _counting(self.stats):
+          # donated codes of another width cannot be reused: jax warns, nothing is wrong
+          warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+          prog = repack.program(tuple(changes), True).lower(list(inputs)).compile()
+        _COMPILED[sig] = prog
+        self.stats["compiles"].append({"what": "repack", "background": True,
+                                       "seconds": time.perf_counter() - t0})
       programs.append((changes, prog))
     return exe, programs
 
@@ -212,7 +234,6 @@ class AdaptiveJit:
     self._jitted = self._make_jitted(args)
     self._abstract = to_abstract(args)
     self._exec = self._compile(self._abstract, self._layout, background=False)
-    self._execs[_key(self._layout)] = self._exec
 
   def _layouts(self, args):
     return [l for i in self._positions for l in layouts_of(args[i])]
@@ -314,7 +335,7 @@ class AdaptiveJit:
       args[i] = replace_states(args[i], new)
     self._scheduled.pop(0)
     self._layout, self._abstract = sw.target, sw.abstract
-    self._exec = self._execs.setdefault(_key(sw.target), exe)
+    self._exec = exe
     self.stats["switches"].append({"call": self._call, "asked": sw.asked, "waited_s": waited,
                                    "repack_s": time.perf_counter() - t0 - waited,
                                    "layout": [l.tolist() for l in sw.target]})
@@ -326,16 +347,10 @@ class AdaptiveJit:
     """The arguments do not fit the current executable (other shapes, or a state the
     caller re-laid out itself): compile for them here."""
     abstract = to_abstract(args)
-    self._abstract = abstract
-    leaves, treedef = jax.tree.flatten(abstract)
-    sig = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))),
-                           getattr(x, "sharding", None)) for x in leaves))
-    exe = self._by_signature.get(sig)
-    if exe is None:
-      self.stats["fallback_compiles"] += 1
-      exe = self._compile(abstract, self._layouts(args), background=False)
-      self._by_signature[sig] = exe
-    self._layout = self._layouts(args)
+    self._abstract, self._layout = abstract, self._layouts(args)
+    before = len(self.stats["compiles"])
+    exe = self._compile(abstract, self._layout, background=False)
+    self.stats["fallback_compiles"] += len(self.stats["compiles"]) - before
     return exe
 
   def __call__(self, *args):
