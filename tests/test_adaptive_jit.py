@@ -119,9 +119,9 @@ def test_stquant_policy_in_the_loop_needs_no_relayout_call():
   """The adaptive policy's own decisions are applied (bits follow its proposal)."""
   policy = sq.STQuantPolicy(every=4, min_interval=0, anneal_steps=2, min_size=1024)
   tx = sq.adamw(1e-2, policy=policy)
-  params, state, stats = run_helper(tx, 14, delay=1)
+  params, state, stats = run_helper(tx, 10, delay=1)
   assert stats["switches"], stats
-  want_params, want_state = run_reference(tx, 14, {s["call"] for s in stats["switches"]})
+  want_params, want_state = run_reference(tx, 10, {s["call"] for s in stats["switches"]})
   assert_trees_equal(params, want_params)
   assert sq.bit_widths(state) == sq.bit_widths(want_state)
 
