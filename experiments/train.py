@@ -28,7 +28,6 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from flax.nnx.training.optimizer import to_opt_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import data, models, optimizers
@@ -62,6 +61,15 @@ class TrainConfig:
   final_eval_batches: int | None = None  # None: eval_batches; 0: the whole split.
   log_path: str | None = None
   progress: bool = True
+  # Adaptive policies (stquant_jax.adaptive_jit): steps between a proposal and its
+  # layout switch. None: as soon as the new layout's step is compiled in the background
+  # (no stall; the step depends on compile speed); an int: that many steps later
+  # (reproducible; waits for the compile if it is not done).
+  switch_delay: int | None = None
+  compile_cache_dir: str | None = None  # JAX's persistent compilation cache
+  # "adaptive_jit" (above), or "relayout": stquant_jax.relayout at each decision and
+  # nnx.jit retracing for the new layout (the stalling way; benchmarks compare them).
+  layout_switch: str = "adaptive_jit"
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -165,70 +173,33 @@ def data_sharding(batch_size: int):
   return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
-def settle_opt_state(optimizer: nnx.Optimizer) -> None:
-  """Gives ``opt_state`` the structure ``Optimizer.update`` leaves behind.
-
-  ``update`` stores ``nnx.state(new_opt_state)``, which turns custom pytree
-  nodes (e.g. ``stquant_jax.QuantizedArray``) into ``nnx.State`` dicts; doing
-  it once up front avoids a second trace and compile of the train step.
-  """
-  nnx.update(optimizer.opt_state, nnx.state(nnx.as_pure(optimizer.opt_state)))
-
-
-def abstract_opt_state(tx: optax.GradientTransformation, model: nnx.Module):
-  """``tx.init(params)`` as ``jax.ShapeDtypeStruct`` leaves, for accounting.
-
-  The state's structure and dtypes never change between steps, so its size at
-  init is its size throughout; ``nnx.Optimizer`` would hide its pytree types.
-  """
-  return jax.eval_shape(tx.init, nnx.state(model, nnx.Param))
-
-
-def typed_opt_state(optimizer: nnx.Optimizer, template):
-  """``optimizer.opt_state``'s arrays in ``template``'s pytree types."""
-  leaves = jax.tree.leaves(optimizer.opt_state)
-  return jax.tree.unflatten(jax.tree.structure(template), leaves)
-
-
-def relayout(optimizer: nnx.Optimizer, template, policy):
-  """Applies an adaptive stquant policy's proposed bit-widths (outside jit).
-
-  Returns:
-    ``(template, changed)``: the abstract state of the (new) layout, and
-    whether it changed (then the train step retraces once).
-  """
-  import stquant_jax
-  typed = typed_opt_state(optimizer, template)
-  new = stquant_jax.relayout(typed, policy=policy)
-  if new is typed:
-    return template, False
-  optimizer.opt_state = nnx.data(to_opt_state(new))
-  settle_opt_state(optimizer)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), new), True
-
-
-def _memory(opt_state, cfg: TrainConfig) -> dict[str, Any]:
+def _memory(optimizer: nnx.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
+  """Optimizer-state bytes and, for stquant optimizers, average bits (both read
+  the ``nnx.Optimizer`` directly)."""
   quantized = cfg.optimizer.startswith("stquant")
-  return {"opt_state_bytes": optimizers.state_bytes(opt_state),
-          "average_bits": (optimizers.average_bits(opt_state) if quantized
+  return {"opt_state_bytes": optimizers.state_bytes(optimizer),
+          "average_bits": (optimizers.average_bits(optimizer) if quantized
                            else None)}
 
 
-def bit_record(optimizer: nnx.Optimizer, template, step: int,
+def bit_record(optimizer: nnx.Optimizer, step: int,
                cfg: TrainConfig) -> dict[str, Any]:
   """``stquant_jax.bit_widths`` of the current layout (and the policy's
-  proposals and zones, when it keeps them), with the step and memory.
-
-  Leaf names drop nnx's trailing ``/value``.
-  """
+  proposals and zones, when it keeps them), with the step and memory."""
   import stquant_jax
-  typed = typed_opt_state(optimizer, template)
-  record = {"step": step, **_memory(typed, cfg)}
-  for key, value in stquant_jax.bit_widths(typed).items():
-    if isinstance(value, dict):
-      value = {k.removesuffix("/value"): v for k, v in value.items()}
-    record[key] = value
-  return record
+  return {"step": step, **_memory(optimizer, cfg), **stquant_jax.bit_widths(optimizer)}
+
+
+@functools.cache
+def train_step_fn(loss_fn):
+  """The (unjitted) ``train_step(model, optimizer, batch) -> metrics``; one function
+  per loss, so ``adaptive_jit`` reuses its compiled layouts across runs (seeds)."""
+  def train_step(model, optimizer, batch):
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(model, *batch)
+    optimizer.update(model, grads)
+    return metrics
+  return train_step
 
 
 @functools.cache
@@ -240,17 +211,19 @@ def make_steps(loss_fn):
   """
 
   @nnx.jit
-  def train_step(model, optimizer, batch):
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(model, *batch)
-    optimizer.update(model, grads)
-    return metrics
-
-  @nnx.jit
   def eval_step(model, batch):
     return loss_fn(model, *batch)[1]
 
-  return train_step, eval_step
+  return nnx.jit(train_step_fn(loss_fn)), eval_step
+
+
+def adaptive_train_step(loss_fn, cfg: TrainConfig):
+  """The train step of an adaptive stquant policy: ``stquant_jax.adaptive_jit``
+  compiles each proposed layout in the background and switches without a stall
+  (no ``relayout`` call in the loop)."""
+  import stquant_jax
+  return stquant_jax.adaptive_jit(train_step_fn(loss_fn), delay=cfg.switch_delay,
+                                  cache_dir=cfg.compile_cache_dir)
 
 
 def evaluate(eval_step, model, batches) -> dict[str, float]:
@@ -277,9 +250,11 @@ def train(cfg: TrainConfig,
 
   Returns:
     The log: config, per-step train loss and step time, evaluations,
-    optimizer-state bytes and average bits, relayout events and, for stquant
-    optimizers, ``bit_history`` (per-leaf bit-widths at step 0, at each
-    policy decision and at the end).
+    optimizer-state bytes and average bits, relayout events (the first step
+    at each new layout, seconds waited for its compile and to re-pack, and
+    the memory after) and, for stquant optimizers, ``bit_history`` (per-leaf
+    bit-widths at step 0, at each policy decision and at the end), and
+    ``compiles`` (every compile of the train step, background or not).
   """
   t_start = time.perf_counter()
   model_cfg = dataclasses.replace(models.MODELS[cfg.model][1][cfg.preset],
@@ -291,7 +266,6 @@ def train(cfg: TrainConfig,
       **{"dtype": cfg.compute_dtype, **overrides, **cfg.model_overrides})
   tx = make_tx(cfg)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  settle_opt_state(optimizer)
   policy = optimizers.make_policy(cfg.optimizer, **cfg.optimizer_kwargs)
   every = getattr(policy, "every", None)  # Adaptive policies re-decide bits.
   batch_sh, replicated = data_sharding(cfg.batch_size)
@@ -303,10 +277,14 @@ def train(cfg: TrainConfig,
     final_batches = [put(b) for b in final_batches]
   else:
     put = jax.device_put
+  if cfg.layout_switch not in ("adaptive_jit", "relayout"):
+    raise ValueError(f"{cfg.layout_switch=} must be 'adaptive_jit' or 'relayout'")
   train_step, eval_step = make_steps(models.LOSSES[cfg.model])
+  helper = bool(every) and cfg.layout_switch == "adaptive_jit"
+  if helper:
+    train_step = adaptive_train_step(models.LOSSES[cfg.model], cfg)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  template = abstract_opt_state(tx, model)
-  memory = _memory(template, cfg)
+  memory = _memory(optimizer, cfg)
   log = {
       "config": dataclasses.asdict(cfg),
       "model_config": dataclasses.asdict(model.cfg),
@@ -321,8 +299,9 @@ def train(cfg: TrainConfig,
   }
   quantized = cfg.optimizer.startswith("stquant")
   if quantized:
-    log["bit_history"].append(bit_record(optimizer, template, 0, cfg))
-  compile_steps = {1}  # Steps that (re)traced the train step.
+    log["bit_history"].append(bit_record(optimizer, 0, cfg))
+  compile_steps = {1}  # Steps that compiled the train step in the loop.
+  switches_seen = 0
   bar = _progress(cfg)
   for step in range(1, cfg.steps + 1):
     batch = put(next(train_it))
@@ -336,18 +315,26 @@ def train(cfg: TrainConfig,
     if step == cfg.steps:
       log["final_eval"] = {"step": step, "batches": len(final_batches),
                            **evaluate(eval_step, model, final_batches)}
-    if every and step % every == 0:
-      t0 = time.perf_counter()
-      template, changed = relayout(optimizer, template, policy)
-      if changed:
-        if replicated is not None:
-          nnx.update(optimizer, jax.device_put(nnx.state(optimizer), replicated))
+    if helper:
+      for sw in train_step.stats["switches"][switches_seen:]:  # this step switched
         log["relayouts"].append({
-            "step": step, "relayout_time_s": time.perf_counter() - t0,
-            **_memory(typed_opt_state(optimizer, template), cfg)})
+            "step": step, "proposal_step": sw["asked"], "waited_s": sw["waited_s"],
+            "repack_s": sw["repack_s"], **_memory(optimizer, cfg)})
+      switches_seen = len(train_step.stats["switches"])
+    elif every and step % every == 0:  # layout_switch="relayout"
+      import stquant_jax
+      before = stquant_jax.bit_widths(optimizer)
+      t0 = time.perf_counter()
+      stquant_jax.relayout(optimizer)
+      after = stquant_jax.bit_widths(optimizer)
+      if (before["mu_bits"], before["nu_bits"]) != (after["mu_bits"], after["nu_bits"]):
+        log["relayouts"].append({"step": step + 1, "proposal_step": step,
+                                 "repack_s": time.perf_counter() - t0,
+                                 **_memory(optimizer, cfg)})
         if step < cfg.steps:
-          compile_steps.add(step + 1)
-      log["bit_history"].append(bit_record(optimizer, template, step, cfg))
+          compile_steps.add(step + 1)  # nnx.jit retraces for the new layout
+    if every and step % every == 0:
+      log["bit_history"].append(bit_record(optimizer, step, cfg))
     bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}",
                     val=f"{log['eval'][-1]['loss']:.3f}" if log["eval"] else "-",
                     refresh=False)
@@ -355,17 +342,35 @@ def train(cfg: TrainConfig,
     if on_step is not None:
       on_step(step, log)
   bar.close()
+  if helper:
+    train_step.close()
+    log["compiles"] = train_step.stats["compiles"]
+    log["fallback_compiles"] = train_step.stats["fallback_compiles"]
+    # Proposals still waiting for their switch (e.g. a decision at the last step) are
+    # applied now, so the final state is the policy's last decision (no step follows,
+    # so nothing compiles).
+    import stquant_jax
+    before = stquant_jax.bit_widths(optimizer)
+    t0 = time.perf_counter()
+    stquant_jax.relayout(optimizer)
+    after = stquant_jax.bit_widths(optimizer)
+    if (before["mu_bits"], before["nu_bits"]) != (after["mu_bits"], after["nu_bits"]):
+      log["relayouts"].append({"step": cfg.steps, "after_last_step": True,
+                               "repack_s": time.perf_counter() - t0,
+                               **_memory(optimizer, cfg)})
   times = [t for i, t in enumerate(log["step_time_s"], 1)
            if i not in compile_steps] or log["step_time_s"]
   log["compile_steps"] = sorted(compile_steps)
   log["median_step_time_s"] = float(np.median(times)) if times else None
   log["total_time_s"] = time.perf_counter() - t_start
-  log["final_memory"] = _memory(template, cfg)
+  log["final_memory"] = _memory(optimizer, cfg)
   if quantized and (not log["bit_history"]
                     or log["bit_history"][-1]["step"] != cfg.steps):
-    log["bit_history"].append(bit_record(optimizer, template, cfg.steps, cfg))
+    log["bit_history"].append(bit_record(optimizer, cfg.steps, cfg))
   if on_end is not None:
-    on_end(model, typed_opt_state(optimizer, template))
+    import stquant_jax
+    on_end(model, stquant_jax.plain_state(optimizer) if quantized
+           else nnx.as_pure(optimizer.opt_state))
   if cfg.log_path:
     path = pathlib.Path(cfg.log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,9 +402,15 @@ _HELP = {
     "max_bytes": "gpt2: bound on source bytes read per split",
     "final_eval_batches": "batches of the last evaluation (0: the whole validation split)",
     "log_path": "write the JSON log here",
+    "switch_delay": ("adaptive policies: steps from a proposal to its layout switch "
+                     "(None: when compiled in the background; an int: reproducible)"),
+    "compile_cache_dir": "JAX's persistent compilation cache directory",
+    "layout_switch": ("adaptive policies: adaptive_jit (no stall) or relayout (retrace "
+                      "at each change)"),
 }
 _CHOICES = {"model": ("gpt2", "vit"), "tokenizer": ("bytes", "gpt2"),
-            "compute_dtype": ("float32", "bfloat16")}
+            "compute_dtype": ("float32", "bfloat16"),
+            "layout_switch": ("adaptive_jit", "relayout")}
 
 
 def _positive(kind):

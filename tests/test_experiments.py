@@ -233,21 +233,20 @@ def test_quantized_state_bytes_ordering():
 
 
 @needs_stquant
-def test_stquant4_memory_and_typed_state_roundtrip():
+def test_stquant4_memory_read_from_the_nnx_optimizer():
+  """The library reads an nnx.Optimizer directly (no typed copy, no params)."""
   import stquant_jax  # Training with stquant4 is in the smoke tests below.
   model = models.make_model("gpt2", "tiny", vocab_size=256, num_layers=1)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tx = optimizers.make_optimizer("stquant4", 1e-3)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  train.settle_opt_state(optimizer)
-  template = train.abstract_opt_state(tx, model)
-  assert optimizers.state_bytes(template) < 2 * n
-  assert 4 < optimizers.average_bits(template) < 6
-  typed = train.typed_opt_state(optimizer, template)
+  assert optimizers.state_bytes(optimizer) < 2 * n
+  assert 4 < optimizers.average_bits(optimizer) < 6
+  plain = stquant_jax.plain_state(optimizer)
   assert any(isinstance(x, stquant_jax.QuantizedArray) for x in jax.tree.leaves(
-      typed, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
-  assert optimizers.state_bytes(typed) == optimizers.state_bytes(template)
-  assert stquant_jax.relayout(typed) is typed  # Fixed bits: nothing to do.
+      plain, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
+  assert optimizers.state_bytes(plain) == optimizers.state_bytes(optimizer)
+  assert stquant_jax.relayout(optimizer) is optimizer  # Fixed bits: nothing to do.
 
 
 @needs_stquant
@@ -256,12 +255,13 @@ def test_stquant4_memory_and_typed_state_roundtrip():
 @pytest.mark.parametrize("optimizer", ["stquant_adaptive", "stquant_budget"])
 def test_train_adaptive_relayout(optimizer, tmp_path):
   cfg = dataclasses.replace(
-      _tiny_config("gpt2", optimizer, tmp_path), steps=7,
+      _tiny_config("gpt2", optimizer, tmp_path), steps=8, switch_delay=1,
       optimizer_kwargs={"every": 5, "min_interval": 5})
   log = train.train(cfg)
   assert all(map(math.isfinite, log["train_loss"]))
+  # decided by step 5, seen in step 6's input state, switched (delay 1) before step 7
   for event in log["relayouts"]:
-    assert event["step"] == 5 and 0 < event["average_bits"] < 32
+    assert event["step"] == 7 and 0 < event["average_bits"] < 32
 
 
 # ---------------------------------------------------------------- smoke: every pair
@@ -349,8 +349,9 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
     assert [h["step"] for h in history] == [0, cfg["steps"]]
     assert history[0]["decisions"] == 0 and history[1]["decisions"] == 1
     assert set(history[1]["mu_zone"]) == set(history[1]["mu_bits"])
-    for event in log["relayouts"]:
-      assert event["step"] == cfg["steps"] and 2 < event["average_bits"] < 32
+    for event in log["relayouts"]:  # the last step's decision, applied after it
+      assert event["step"] == cfg["steps"] and event["after_last_step"]
+      assert 2 < event["average_bits"] < 32
     if optimizer == "stquant_budget":
       assert bits <= cfg["optimizer_kwargs"]["target_bits"] + 1e-6
 

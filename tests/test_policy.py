@@ -117,11 +117,18 @@ def test_unreachable_budget_fails_at_init_with_the_floor():
   sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=floor + 0.01)).init(params)  # fits
 
 
-def test_block_size_mismatch_is_reported():
+def test_policy_takes_the_transforms_block_size():
+  """One source of truth: the transform binds its block size into the policy (stated
+  once); a policy that sets another one is an error naming both values."""
   tx = sq.scale_by_stquant(policy=_policy(), block_size=256)
   params = _params()
-  with pytest.raises(ValueError, match="same block_size"):
-    jax.eval_shape(tx.update, _grads(params, 0), tx.init(params))  # fails while tracing
+  state = tx.init(params)
+  assert {x.block_size for x in jax.tree.leaves(state.mu, is_leaf=lambda x: isinstance(
+      x, sq.QuantizedArray)) if isinstance(x, sq.QuantizedArray)} == {256}
+  jax.eval_shape(tx.update, _grads(params, 0), state)  # the policy samples 256-value blocks
+  with pytest.raises(ValueError, match="block_size=128.*block_size=256"):
+    sq.scale_by_stquant(policy=_policy(block_size=128), block_size=256)
+  sq.scale_by_stquant(policy=_policy(block_size=256), block_size=256)  # agreeing is fine
 
 
 # --- decisions ---------------------------------------------------------------
