@@ -58,7 +58,7 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
                 batch_size=128, learning_rate=5e-4, min_lr_ratio=0.01,
                 eval_batches=8, final_eval_batches=0),
 }
-BASELINES = ("adamw", "adamw_control", "adamw_bf16")
+BASELINES = ("adamw", "adamw_control", "adamw_jitter", "adamw_bf16")
 FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3")
 ROUNDING = ("stquant8_nearest", "stquant4_nearest")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
