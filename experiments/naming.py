@@ -43,7 +43,9 @@ def label(name: str, stats: dict | None = None) -> str:
     text = (f"stquant {fb[0]}-bit" if fb[0] == fb[1] else f"stquant m{fb[0]}/v{fb[1]}")
     return text + nearest
   target = (stats or {}).get("target_bits")
-  if name.startswith("stquant_t") or (name == "stquant_budget" and target):
+  if target is None and name.startswith("stquant_t"):  # the name says it: stquant_t4.5
+    target = float(name.removeprefix("stquant_t").removesuffix("_nearest"))
+  if target is not None and (name.startswith("stquant_t") or name == "stquant_budget"):
     return f"STQuant budget ≤ {target:g} bits" + nearest
   return LABELS.get(name, name) + nearest
 
