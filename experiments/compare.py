@@ -114,6 +114,21 @@ def budget_bits(cfg: train.TrainConfig, match: str = "stquant4") -> float:
   return round(optimizers.average_bits(state), 4)
 
 
+def reachable(cfg: train.TrainConfig, name: str, kw: dict) -> dict[str, int]:
+  """``{"min_bits": 2}`` when a budget is below what ``min_bits=3`` can reach on this
+  model (e.g. 3.5 bits: the policy's state and float32 small leaves cost a little
+  over 3.5 at 3 bits everywhere), else ``{}``: the allocator may then put the
+  moments that its damage model finds cheapest at 2 bits."""
+  policy = optimizers.make_policy(name, **kw)
+  target = getattr(policy, "target_bits", None)
+  if target is None:
+    return {}
+  params = train.abstract_params(cfg)
+  if target >= policy.min_average_bits(params):
+    return {}
+  return {"min_bits": 2}
+
+
 def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
   """The suite's runs, seed-major, each with its log path under ``out/runs``."""
   configs = []
@@ -133,6 +148,7 @@ def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
             if model not in budgets:
               budgets[model] = budget_bits(cfg)
             kw["target_bits"] = budgets[model]
+          kw.update(reachable(cfg, name, kw))
           # A fixed delay from proposal to layout switch makes the run reproducible
           # (the default switches when the background compile is done).
           cfg = dataclasses.replace(cfg, optimizer_kwargs=kw, switch_delay=SWITCH_DELAY)
@@ -168,7 +184,7 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
   from tqdm.auto import tqdm
   configs = run_configs(suite, out)
   total = sum(c.steps for c in configs)
-  logs = []
+  logs, failed = [], []
   bar = tqdm(total=total, disable=not progress, unit="step", mininterval=0.5,
              desc=f"{suite.name}: {len(configs)} runs", dynamic_ncols=True)
   for i, cfg in enumerate(configs, 1):
@@ -185,8 +201,16 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
       bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}", val=ev, refresh=False)
       bar.update()
 
-    logs.append(train.train(cfg, on_step=on_step))
+    try:
+      logs.append(train.train(cfg, on_step=on_step))
+    except Exception as e:  # pylint: disable=broad-except  (one bad run keeps the rest)
+      failed.append(f"{cfg.model} {cfg.optimizer} seed {cfg.seed}: "
+                    f"{type(e).__name__}: {e}")
+      print(f"\nFAILED {failed[-1]}", file=sys.stderr, flush=True)
   bar.close()
+  if failed:
+    raise RuntimeError(f"{len(failed)} of {len(configs)} runs failed (the others are "
+                       "logged; rerun with --resume):\n" + "\n".join(failed))
   return logs
 
 
