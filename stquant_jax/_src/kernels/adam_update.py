@@ -6,6 +6,9 @@ Adam in float32 with the same operations as ``stquant_jax``'s per-leaf update
 (IEEE-rounded division and sqrt on the GPU, see ``exact_math``), writes the update
 and requantizes m and v with fresh block scales into the same buffers
 (``input_output_aliases``; truly in place when the caller donates the state).
+The update is written into the gradient's buffer: inside a train step the
+gradient is a temporary, so no parameter-sized update buffer is allocated
+(XLA copies the gradient first only when something reads it afterwards).
 
 .. math::
   m = \\beta_1 \\hat m + (1 - \\beta_1) g,\\quad
@@ -90,7 +93,8 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
   Args:
     hparams: float32 ``[16]`` from :func:`adam_hparams`.
     counter: uint32 ``[4]`` from :func:`counter`: the stochastic rounding counter.
-    g: gradient ``[size]``, any float dtype; the update has its dtype.
+    g: gradient ``[size]``, any float dtype; the update has its dtype and is
+      written into its buffer.
     m_codes, m_scales, v_codes, v_scales: the packed moments
       (``[n_blocks, words]`` and ``[n_blocks]``), updated in place.
     param: optional parameter ``[size]``: fuses AdamW's decoupled weight decay
@@ -132,7 +136,7 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
       in_specs=in_specs,
       out_specs=[flat, *state_specs],
       out_shape=out_shape,
-      input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4},
+      input_output_aliases={2: 0, 3: 1, 4: 2, 5: 3, 6: 4},
       compiler_params=tiling.compiler_params(),
       interpret=interpret,
       name=f"stquant_adam_{mu_map.name}_{nu_map.name}" + (

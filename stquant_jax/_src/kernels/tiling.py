@@ -36,7 +36,10 @@ class Tiling:
     blocks_per_program: quantization blocks (rows) per program; a power of two
       (Triton tensors must have power-of-two sizes). Clamped down for small
       arrays so a one-block leaf does not run a 16-row tile.
-    num_warps: warps per program (Triton ``num_warps``).
+    num_warps: warps per program (Triton ``num_warps``). 8 by default: with 4,
+      the 7-bit stochastic-rounding update spills registers on an H100 (compiled
+      with spilling as an error, ``tests/test_cuda_compile.py``); 8 warps hold
+      16 x 128 values at 8 per thread with no spill at any width.
     num_stages: software-pipelining stages (Triton ``num_stages``); the kernels
       have no inner loop, so 1 is enough.
 
@@ -48,7 +51,7 @@ class Tiling:
   """
 
   blocks_per_program: int = 16
-  num_warps: int = 4
+  num_warps: int = 8
   num_stages: int = 1
 
   def __post_init__(self):
