@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import stquant_jax as sq
 from experiments import models
 
 
@@ -53,3 +54,37 @@ def abstract_args(cfg: models.GPT2Config, tx: optax.GradientTransformation, batc
   opt_state = jax.eval_shape(tx.init, params)
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
   return make_train_step(graphdef, tx), (params, opt_state, tokens)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def with_layout(opt_state, bits_of):
+  """``opt_state`` (abstract) with each quantized moment re-laid at ``bits_of(name, signed)``
+  bits (``name`` like ``"blocks/0/fc/kernel"``; None keeps the moment as it is).
+
+  Builds an adaptive policy's layout without training: the step's program
+  depends only on the layout (static metadata), not on the moments' values.
+  """
+  def relay(signed):
+    def leaf(path, q):
+      if not isinstance(q, sq.QuantizedArray):
+        return q
+      bits = bits_of(_path_name(path), signed)
+      if bits is None or bits == q.bits:
+        return q
+      return jax.eval_shape(lambda: sq.quantize(
+          jnp.zeros(q.shape, jnp.float32), bits, signed=signed, block_size=q.block_size))
+    return leaf
+
+  def fix(st):
+    if not isinstance(st, sq.ScaleByStquantState):
+      return st
+    is_q = lambda x: isinstance(x, sq.QuantizedArray)
+    return st._replace(
+        mu=jax.tree_util.tree_map_with_path(relay(True), st.mu, is_leaf=is_q),
+        nu=jax.tree_util.tree_map_with_path(relay(False), st.nu, is_leaf=is_q))
+
+  return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, sq.ScaleByStquantState))
