@@ -78,9 +78,9 @@ def _shard_map_call(fn, replicated, blocks, mesh):
     outs, sums = fn(first, rep, blk)
     return outs, _psum(sums, axes)
 
-  out_shape = jax.eval_shape(lambda r, b: fn(jnp.int32(0), r, b), replicated, blocks)
-  out_specs = ([P(spec[0], *([None] * (len(o.shape) - 1))) for o in out_shape[0]],
-               jax.tree.map(lambda _: P(), out_shape[1]))
+  # Prefix specs: every block output is split along its leading axis, sums replicated
+  # (fn cannot be traced here to see its outputs: Pallas needs manual axes).
+  out_specs = (spec, P())
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=out_specs,
                        check_vma=False)(replicated, blocks)
 
@@ -166,6 +166,14 @@ def _auto_multi_device() -> bool:
   if not ctx.empty and ctx.manual_axes:
     return False  # inside shard_map: already local
   return jax.device_count() > 1 or (not ctx.empty and ctx.size > 1)
+
+
+def may_be_block_sharded(blocks) -> bool:
+  """Whether arrays with a leading block axis may be split over devices here: some have
+  it on Explicit mesh axes, or (no Explicit axes) several devices run under GSPMD."""
+  if any(_explicit_mesh(b) is not None for b in blocks):
+    return any(_lead_axes(b) for b in blocks if _explicit_mesh(b) is not None)
+  return _auto_multi_device()
 
 
 def replicated_call(fn, *args):

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from stquant_jax._src.codec.blocks import decode_blocks, dequantize_blocks, quantize_blocks
 from stquant_jax._src.codec.maps import default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.distributed.local_blocks import map_local_blocks, may_be_block_sharded
 from stquant_jax._src.distributed.mesh import explicit_shards, replicated
 
 MAGNITUDE_FACTORS = ("grad_rms", "moment_rms", "snr", "update_rms")
@@ -208,18 +209,27 @@ def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None,
   """
   needed = frozenset(SUMS) if needed is None else frozenset(needed) | {"n", "blocks"}
   ref = mu if is_quantized(mu) else (nu if is_quantized(nu) else None)
+  if stride > 1 and _sample_per_shard(g, mu, nu, ref, block_size):
+    return _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride, slot)
   rows = None
   if stride > 1:
     rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
   m, valid = _blocks(mu, ref, block_size, rows, stride, slot)
   v, _ = _blocks(nu, ref, block_size, rows, stride, slot)
+  return _sums(m, v, valid, lambda: _blocks(g, ref, block_size, rows, stride, slot)[0],
+               needed, probe_bits)
+
+
+def _sums(m, v, valid, g_blocks, needed, probe_bits: int):
+  """The :data:`SUMS` of decoded blocks ``m``, ``v`` ``[r, bs]`` (``g_blocks()``: the
+  gradient's, read only when needed) over the elements where ``valid``."""
   f = lambda x: jnp.where(valid, x, 0.0)
   v = jnp.maximum(v, 0.0)
   pos = valid & (v > 0)
   inv_v = lambda: jnp.where(pos, 1.0 / jnp.where(pos, v, 1.0), 0.0)
 
   def gsq():
-    gb, _ = _blocks(g, ref, block_size, rows, stride, slot)
+    gb = g_blocks()
     return jnp.sum(f(gb * gb))
 
   def perr_m():
@@ -245,6 +255,61 @@ def leaf_sums(g, mu, nu, *, block_size: int, probe_bits: int = 4, needed=None,
   }
   return jnp.stack([compute[k]().astype(jnp.float32) if k in needed else jnp.float32(0)
                     for k in SUMS])
+
+
+def _sample_per_shard(g, mu, nu, ref, block_size: int) -> bool:
+  """Whether the sampled statistics should run shard by shard: the leaf is a whole
+  number of blocks and its block axis may be sharded (Explicit axes, or several
+  devices under GSPMD)."""
+  bs = ref.block_size if ref is not None else block_size
+  if g.size == 0 or g.size % bs:
+    return False
+  return may_be_block_sharded(_block_arrays(g, mu, nu, bs, needed=frozenset()))
+
+
+def _block_arrays(g, mu, nu, bs: int, needed):
+  """The arrays of one leaf with a leading block axis: codes and scales of quantized
+  moments, the ``[nb, bs]`` view of float32 moments (and of ``g`` if ``g2`` is needed)."""
+  nb = g.size // bs
+  view = lambda x: jnp.ravel(x).astype(jnp.float32).reshape(nb, bs)
+  out = []
+  for x in (mu, nu):
+    out += [x.codes, x.scales] if is_quantized(x) else [view(x)]
+  return out + ([view(g)] if "g2" in needed else [])
+
+
+def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int, slot):
+  """:func:`leaf_sums`' subsample taken on each device's own blocks.
+
+  The global sample is the blocks ``b`` with ``b % stride == slot``; a device whose
+  first block is ``f`` holds those at local rows ``(slot - f) mod stride + k * stride``,
+  so it samples exactly its share of the global sample, and the sums (added over the
+  devices) equal the global ones. Only the ``[NUM_SUMS]`` sums cross devices.
+  """
+  bs = ref.block_size if ref is not None else block_size
+
+  def fn(first, rep, blk):
+    (slot_,) = rep
+    local = blk[0].shape[0]
+    r = -(-local // stride)
+    rows = jnp.mod(slot_ - first, stride) + stride * jnp.arange(r, dtype=jnp.int32)
+    take = lambda a: jnp.take(a, jnp.minimum(rows, local - 1), axis=0)
+    it = iter(blk)
+
+    def read(x):
+      if is_quantized(x):
+        d = decode_blocks(take(next(it)), take(next(it)), x.code_map)
+        return d.reshape(r, -1)
+      return take(next(it))
+
+    m, v = read(mu), read(nu)
+    gb = take(next(it)) if "g2" in needed else None
+    valid = jnp.broadcast_to((rows < local)[:, None], (r, bs))
+    return [], _sums(m, v, valid, lambda: gb, needed, probe_bits)
+
+  blocks = _block_arrays(g, mu, nu, bs, needed)
+  _, sums = map_local_blocks(fn, [jnp.asarray(slot, jnp.int32)], blocks)
+  return sums
 
 
 def reduce_sums(sums, axis_name):
