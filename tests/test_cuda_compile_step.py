@@ -96,3 +96,64 @@ def test_train_step_compiles_with_kernels_and_saves_peak_memory():
     drop = base["peak_bytes"] - r["peak_bytes"]
     assert saved > 0 and drop >= 0.95 * saved, (name, drop, saved, base, r)
   assert len(res["adaptive"]["widths"]) >= 4, res["adaptive"]["widths"]
+
+
+FSDP_SCRIPT = r"""
+import math, re
+import jax, jax.numpy as jnp, optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import pallas_kernels as pk
+import stquant_jax as sq
+from stquant_jax._src.policy.scores import NUM_SUMS
+
+SHAPES = {"w1": ((1024, 256), P("d")), "w2": ((512, 128), P("d")), "b": ((256,), P())}
+params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, (s, _) in SHAPES.items()}
+pspecs = {k: s for k, (_, s) in SHAPES.items()}
+cpu_mesh = jax.make_mesh((8,), ("d",))  # only to derive the state's specs (FSDP rule)
+
+def run(policy, axis_type):
+  tx = sq.adamw(1e-2, policy=policy)
+  state = jax.eval_shape(tx.init, params)
+  sshard = sq.state_shardings(state, {k: NamedSharding(cpu_mesh, s) for k, s in pspecs.items()})
+  sspecs = jax.tree.map(lambda s: s.spec, sshard)
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  c = pk.compile_for_target(step, params, state, params, specs=(pspecs, sspecs, pspecs),
+                            mesh_shape=(8,), mesh_axes=("d",), axis_types=(axis_type,),
+                            donate_argnums=(0, 1), out_specs=(pspecs, sspecs))
+  hlo = c.as_text()
+  moved = []
+  for line in hlo.splitlines():
+    mt = re.search(r"=\s*(.*?)\s(all-gather|all-reduce|all-to-all|collective-permute|"
+                   r"reduce-scatter)(-start)?\(", line)
+    if mt:  # elements of the result ("-start" ops: (operands, results), count the results)
+      shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
+      shapes = shapes[len(shapes) // 2:] if mt.group(3) else shapes
+      moved.append((mt.group(2), sum(math.prod(int(d) for d in sh.split(",") if d)
+                                     for sh in shapes)))
+  return {"kernels": hlo.count('custom_call_target="' + pk.TRITON_CALL), "collectives": moved,
+          "limit": len(SHAPES) * NUM_SUMS, **pk.memory_summary(c)}
+
+CASES = {f"{p}-{t}": (lambda p=p, t=t: run(
+            sq.FixedBits(8, 4, min_size=1024) if p == "fixed" else
+            sq.STQuantPolicy(every=100, min_size=1024), getattr(AxisType, t)))
+         for p in ("fixed", "adaptive") for t in ("Auto", "Explicit")}
+"""
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_fsdp_step_compiles_for_8_h100s_and_stays_sharded(axis_type):
+  """The FSDP update compiled for 8 H100s (a deviceless 1x1x8 topology): one kernel per
+  quantized leaf, run on each device's blocks, and no collective but the adaptive
+  policy's sums (leaves x NUM_SUMS elements)."""
+  names = [f"fixed-{axis_type}", f"adaptive-{axis_type}"]
+  res = run_cases(FSDP_SCRIPT, names, case_timeout=600, devices=8)
+  assert_all_ok(res)
+  for name in names:
+    r = res[name]
+    assert r["kernels"] == 2, r
+    if name.startswith("fixed"):
+      assert r["collectives"] == [], r["collectives"]
+    else:
+      assert all(op == "all-reduce" and n <= r["limit"] for op, n in r["collectives"]), r

@@ -71,27 +71,9 @@ def _abstract_mesh(shape, names, axis_types, target: CudaTarget) -> AbstractMesh
                                                      platform="gpu"))
 
 
-def lower_for_target(fn, *args, specs=None, mesh_shape=None, mesh_axes=("d",),
-                     axis_types=None, donate_argnums=(), out_specs=None,
-                     target: CudaTarget = H100):
-  """``jax.jit(fn)`` traced and lowered for CUDA devices of ``target`` (not compiled).
-
-  Args:
-    fn: the function.
-    *args: arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are used).
-    specs: with ``mesh_shape``: a pytree of ``PartitionSpec`` matching ``args``.
-    mesh_shape: compile for ``prod(mesh_shape)`` devices laid out as a mesh with
-      ``mesh_axes`` (default: one device).
-    mesh_axes: the mesh's axis names.
-    axis_types: the mesh's axis types (default ``Explicit`` for one device, as
-      Pallas needs an abstract device, ``Auto`` for several).
-    donate_argnums: donated arguments (their buffers may hold outputs).
-    out_specs: with ``mesh_shape``: output ``PartitionSpec`` pytree (or None).
-    target: the GPU.
-
-  Returns:
-    The ``jax.stages.Lowered``.
-  """
+def _lower(fn, *args, specs=None, mesh_shape=None, mesh_axes=("d",), axis_types=None,
+           donate_argnums=(), out_specs=None, target: CudaTarget = H100):
+  """:func:`lower_for_target`'s work; returns ``(lowered, abstract mesh)``."""
   if mesh_shape is None:
     dev = target_devices(1, target)[0]
     sh = jax.sharding.SingleDeviceSharding(dev)
@@ -106,16 +88,45 @@ def lower_for_target(fn, *args, specs=None, mesh_shape=None, mesh_axes=("d",),
     shardings = jax.tree.map(named, specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         args, shardings)
-    amesh = _abstract_mesh(mesh_shape, mesh_axes, types, target)
+    amesh = _abstract_mesh(mesh_shape, mesh_axes, types, dataclasses.replace(
+        target, device_kind=devs.flat[0].device_kind))  # must match the devices' mesh
     out = None if out_specs is None else jax.tree.map(
         named, out_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out)
   with jax.sharding.use_abstract_mesh(amesh):
-    return jitted.trace(*args).lower(lowering_platforms=("cuda",))
+    return jitted.trace(*args).lower(lowering_platforms=("cuda",)), amesh
+
+
+def lower_for_target(fn, *args, **kwargs):
+  """``jax.jit(fn)`` traced and lowered for CUDA devices of ``target`` (not compiled).
+
+  Args:
+    fn: the function.
+    *args: arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are used).
+    **kwargs: ``specs``, ``mesh_shape``, ``mesh_axes``, ``axis_types``,
+      ``donate_argnums``, ``out_specs``, ``target``: see :func:`compile_for_target`.
+
+  Returns:
+    The ``jax.stages.Lowered``.
+  """
+  return _lower(fn, *args, **kwargs)[0]
 
 
 def compile_for_target(fn, *args, **kwargs):
-  """:func:`lower_for_target`, then compiled for the target (Triton, PTX, ``ptxas``).
+  """``jax.jit(fn)`` compiled for CUDA devices of ``target`` (Triton, PTX, ``ptxas``).
+
+  Args:
+    fn: the function.
+    *args: arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are used).
+    specs: with ``mesh_shape``: a pytree of ``PartitionSpec`` matching ``args``.
+    mesh_shape: compile for ``prod(mesh_shape)`` devices laid out as a mesh with
+      ``mesh_axes`` (default: one device).
+    mesh_axes: the mesh's axis names.
+    axis_types: the mesh's axis types (default ``Explicit`` for one device, as
+      Pallas needs an abstract device, ``Auto`` for several).
+    donate_argnums: donated arguments (their buffers may hold outputs).
+    out_specs: with ``mesh_shape``: output ``PartitionSpec`` pytree (or None).
+    target: the GPU.
 
   Example (needs the ``cuda-compile`` extra, so not run here)::
 
@@ -125,7 +136,11 @@ def compile_for_target(fn, *args, **kwargs):
   Returns:
     The ``jax.stages.Compiled`` (not runnable here: there is no GPU).
   """
-  return lower_for_target(fn, *args, **kwargs).compile()
+  lowered, amesh = _lower(fn, *args, **kwargs)
+  # Partitioning several devices lowers custom_partitioning's per-shard kernels during
+  # the compile: Pallas needs the abstract GPU then as well.
+  with jax.sharding.use_abstract_mesh(amesh):
+    return lowered.compile()
 
 
 def memory_summary(compiled) -> dict:
