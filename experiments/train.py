@@ -31,7 +31,7 @@ from flax import nnx
 from flax.nnx.training.optimizer import to_opt_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import data, models, optimizers
+from experiments import data, fsdp, models, optimizers
 
 
 @dataclasses.dataclass
@@ -60,6 +60,7 @@ class TrainConfig:
   eval_batches: int = 4
   log_path: str | None = None
   progress: bool = True
+  fsdp: bool = False  # several devices: params, grads, opt state split (experiments.fsdp)
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -283,16 +284,21 @@ def train(cfg: TrainConfig,
   policy = optimizers.make_policy(cfg.optimizer, **cfg.optimizer_kwargs)
   every = getattr(policy, "every", None)  # Adaptive policies re-decide bits.
   batch_sh, replicated = data_sharding(cfg.batch_size)
-  if replicated is not None:  # Data parallel: replicate state, shard batch.
+  train_step, eval_step = make_steps(models.LOSSES[cfg.model])
+  template = abstract_opt_state(tx, model)
+  sharded = None  # FSDP: params, gradients and optimizer state split over "data"
+  if replicated is not None and cfg.fsdp:
+    sharded = fsdp.FSDP(batch_sh.mesh, model, optimizer, models.LOSSES[cfg.model], template)
+    train_step = sharded.train_step
+  elif replicated is not None:  # Data parallel: replicate state, shard batch.
     for obj in (model, optimizer):
       nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
+  if replicated is not None:
     put = lambda b: jax.device_put(b, batch_sh)
     eval_batches = [put(b) for b in eval_batches]
   else:
     put = jax.device_put
-  train_step, eval_step = make_steps(models.LOSSES[cfg.model])
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  template = abstract_opt_state(tx, model)
   memory = _memory(template, cfg)
   log = {
       "config": dataclasses.asdict(cfg),
@@ -302,6 +308,7 @@ def train(cfg: TrainConfig,
       "opt_state_average_bits": memory["average_bits"],
       "devices": [str(d) for d in jax.devices()],
       "data_parallel": 1 if batch_sh is None else batch_sh.mesh.size,
+      "fsdp": sharded is not None,
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
       "train_loss": [], "step_time_s": [], "eval": [], "relayouts": [],
       "bit_history": [],  # stquant only: layout (and proposals) over steps.
@@ -324,7 +331,9 @@ def train(cfg: TrainConfig,
       t0 = time.perf_counter()
       template, changed = relayout(optimizer, template, policy)
       if changed:
-        if replicated is not None:
+        if sharded is not None:
+          sharded.place(optimizer, template)
+        elif replicated is not None:
           nnx.update(optimizer, jax.device_put(nnx.state(optimizer), replicated))
         log["relayouts"].append({
             "step": step, "relayout_time_s": time.perf_counter() - t0,
@@ -374,6 +383,8 @@ def main(argv=None) -> dict[str, Any]:
     elif f.name == "progress":
       parser.add_argument("--no-progress", dest="progress",
                           action="store_false")
+    elif f.type is bool:
+      parser.add_argument(flag, action="store_true")
     else:
       kind = {"int | None": int, "float | None": float,
               "str | None": str}.get(str(f.type), f.type)

