@@ -11,6 +11,10 @@ CLI::
 
   python -m experiments.train --model gpt2 --preset tiny --optimizer adamw \
       --steps 200 --log runs/gpt2_tiny_adamw.json
+
+On several devices the batch is split over them (data parallel, params and
+optimizer state replicated); ``--fsdp`` splits params, gradients and optimizer
+state too (``experiments/fsdp.py``).
 """
 
 import argparse
