@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

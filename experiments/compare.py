@@ -1,15 +1,19 @@
-"""Every optimizer side by side: GPT-2 on stdlib text and ViT on MNIST-5k.
+"""Every optimizer side by side, with a measured noise floor: GPT-2 on stdlib text, ViT on MNIST-5k.
 
-Trains each model with each optimizer (``optax.adamw`` in float32 and with a
-bfloat16 first moment; ``stquant_jax.adamw`` with fixed 8-bit and 4-bit
-moments, the adaptive ``STQuantPolicy``, and the adaptive policy held to a
-memory budget) for several seeds, writes every run's JSON log, then renders
-the table and the plots with :mod:`experiments.report`.
+Trains each model with each optimizer for several seeds: ``optax.adamw`` in
+float32 (the reference), its control (m perturbed by 1e-6 each step: the noise
+floor), with a bfloat16 first moment; ``stquant_jax.adamw`` at fixed widths
+(the uniform curve: 8, 6, 5, 4, m4/v3 and 3 bits; 8 and 4 bits also with
+round-to-nearest moments), the default adaptive ``STQuantPolicy`` and the
+adaptive policy held to memory budgets of 5, 4.5, 4 and 3.5 bits. Writes every
+run's JSON log, then the paired table, the frontier and the plots with
+:mod:`experiments.report` (protocol: ``docs/quality.md``).
 
 Usage::
 
   python -m experiments.compare --quick   # the demo: a few minutes on a CPU
-  python -m experiments.compare           # 6 optimizers x 2 models x 3 seeds
+  python -m experiments.compare           # the protocol: 16 optimizers x 2 models x 5 seeds
+  python -m experiments.compare --models gpt2 --optimizers stquant_t4,stquant4
   python -m experiments.report results/   # re-render table and plots only
 
 Runs are ordered seed by seed, and within a seed model by model, so the
@@ -28,24 +32,36 @@ from typing import Any
 
 import jax
 
-from experiments import optimizers, report, train
+from experiments import optimizers, quality, report, train
 
 # Per model: the TrainConfig fields of the comparison, sized for a 2-core CPU
 # (about 15 min for the full suite): byte-level GPT-2 and a 7x7-patch ViT,
 # 2 layers each. Depth costs twice here: step time, and the compile time of
 # every new bit layout of the adaptive policies (it grows with the number of
 # quantized leaves).
+# The final loss is evaluated on the whole validation split: 1.27M byte tokens
+# (1236 batches) for GPT-2; the 1000 images (100 per class, MNIST-5k split
+# 4000/1000) for ViT (7 batches of 128 and one of 104). Curves use the first 8
+# batches.
 MODEL_RUNS: dict[str, dict[str, Any]] = {
     "gpt2": dict(model="gpt2", preset="tiny", tokenizer="bytes",
                  model_overrides={"d_model": 128, "num_layers": 2,
                                   "num_heads": 4, "context_len": 64},
                  seq_len=64, batch_size=16, learning_rate=3e-3,
-                 eval_batches=8),
+                 eval_batches=8, final_eval_batches=0),
+    # lr 5e-4, batch 128, decay to 1% of lr: at 2e-3 / batch 64 the run was chaotic
+    # (the control moved the final loss by up to 10-19%); here by < 0.001%.
     "vit": dict(model="vit", preset="tiny",
                 model_overrides={"d_model": 96, "num_layers": 2,
                                  "num_heads": 4},
-                batch_size=64, learning_rate=2e-3, eval_batches=7),
+                data_options={"val_per_class": 100},
+                batch_size=128, learning_rate=5e-4, min_lr_ratio=0.01,
+                eval_batches=8, final_eval_batches=0),
 }
+BASELINES = ("adamw", "adamw_control", "adamw_bf16")
+FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3")
+ROUNDING = ("stquant8_nearest", "stquant4_nearest")
+ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +73,29 @@ class Suite:
   steps: dict[str, int]  # model -> training steps
   evals: int = 10  # evaluations per run (evenly spaced)
   out: str = "results"
+  models: tuple[str, ...] = ("gpt2", "vit")
 
 
 SUITES = {
-    "full": Suite("full", optimizers.OPTIMIZERS, (0, 1, 2),
-                  {"gpt2": 200, "vit": 400}),
-    "quick": Suite("quick", ("adamw", "stquant8", "stquant4",
+    "full": Suite("full", BASELINES + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
+                  {"gpt2": 1000, "vit": 600}),
+    "quick": Suite("quick", ("adamw", "adamw_control", "stquant8", "stquant4",
                              "stquant_adaptive"), (0,),
-                   {"gpt2": 100, "vit": 200}, evals=5, out="results/quick"),
+                   {"gpt2": 200, "vit": 200}, evals=4, out="results/quick"),
 }
 
 
 def adaptive_kwargs(steps: int) -> dict[str, int]:
-  """``STQuantPolicy`` timing scaled to a short run.
-
-  The library defaults (decide every 100 steps, at most one change per moment
-  per 300 steps, anneal over 1000 steps) suit runs of thousands of steps.
-  Here a run is a few hundred steps, and every new bit layout recompiles the
-  train step (on this 2-core CPU, 5-25 s for a mixed layout), so the policy
-  decides 4 times (the last one at the final step is logged, not trained
-  with), a moment changes at most once per two decisions, and the annealing
-  boost fades over the first quarter.
+  """``STQuantPolicy`` timing for a run of ``steps``: the library defaults (decide
+  every 100 steps, at most one change per moment per 300 steps, anneal over 1000
+  steps) from 1000 steps on; scaled down for the short demo runs, where every new
+  bit layout recompiles the train step (on this 2-core CPU, 5-25 s for a mixed
+  layout): 4 decisions (the last one, at the final step, is logged, not trained
+  with), a moment changes at most once per two decisions, the annealing boost
+  fades over the first quarter.
   """
+  if steps >= 1000:
+    return {}
   every = max(steps // 4, 1)
   return {"every": every, "min_interval": 2 * every, "anneal_steps": every}
 
@@ -99,20 +116,22 @@ def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
   configs = []
   budgets = {}
   for seed in suite.seeds:
-    for model, fields in MODEL_RUNS.items():
+    for model in suite.models:
+      fields = MODEL_RUNS[model]
       steps = suite.steps[model]
       for name in suite.optimizers:
         cfg = train.TrainConfig(
             **fields, optimizer=name, steps=steps, seed=seed,
             eval_interval=max(steps // suite.evals, 1), progress=False,
             log_path=str(out / "runs" / f"{model}__{name}__s{seed}.json"))
-        if name.startswith("stquant_"):  # the adaptive policies
+        if quality.kind(name) == "adaptive":
           kw = adaptive_kwargs(steps)
-          if name == "stquant_budget":
+          if name == "stquant_budget":  # the memory of fixed 4-bit moments
             if model not in budgets:
               budgets[model] = budget_bits(cfg)
             kw["target_bits"] = budgets[model]
-          cfg = dataclasses.replace(cfg, optimizer_kwargs=kw)
+          if kw:
+            cfg = dataclasses.replace(cfg, optimizer_kwargs=kw)
         configs.append(cfg)
   return configs
 
@@ -154,9 +173,8 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
                         f"seed {cfg.seed}")
 
     def on_step(step, log, bar=bar):
-      ev = log["eval"][-1]["loss"] if log["eval"] else float("nan")
-      bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}", val=f"{ev:.3f}",
-                      refresh=False)
+      ev = f"{log['eval'][-1]['loss']:.3f}" if log["eval"] else "-"
+      bar.set_postfix(loss=f"{log['train_loss'][-1]:.3f}", val=ev, refresh=False)
       bar.update()
 
     logs.append(train.train(cfg, on_step=on_step))
@@ -166,18 +184,23 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
 
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
+      prog="python -m experiments.compare", description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
-                      help="1 seed, 4 optimizers, half the steps (a few minutes)")
+                      help="the demo: 1 seed, 5 optimizers, 200 steps (a few minutes)")
   parser.add_argument("--out", default=None,
                       help="output folder (default: results/ or results/quick/)")
   parser.add_argument("--seeds", type=int, default=None,
-                      help="number of seeds (default: 3, or 1 with --quick)")
+                      help="number of seeds (default: 5, or 1 with --quick)")
   parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run, both models")
+                      help="training steps per run, both models (default: 1000, 200 "
+                           "with --quick)")
+  parser.add_argument("--models", default=None,
+                      help="comma-separated subset of " + ",".join(MODEL_RUNS))
   parser.add_argument("--optimizers", default=None,
-                      help=f"comma-separated subset of {','.join(optimizers.OPTIMIZERS)}")
+                      help="comma-separated optimizers (default: the suite's "
+                           f"{len(SUITES['full'].optimizers)}); names: "
+                           f"{', '.join(optimizers.OPTIMIZERS)}, or {optimizers.GRAMMAR}")
   parser.add_argument("--resume", action="store_true",
                       help="keep finished runs whose log has the same config")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -191,14 +214,21 @@ def main(argv=None) -> dict[str, Any]:
     changes["seeds"] = tuple(range(args.seeds))
   if args.steps:
     changes["steps"] = {m: args.steps for m in suite.steps}
+  if args.models:
+    models = tuple(args.models.split(","))
+    unknown = sorted(set(models) - set(MODEL_RUNS))
+    if unknown:
+      parser.error(f"unknown models {unknown}; choose from {', '.join(MODEL_RUNS)}")
+    changes["models"] = models
   if args.optimizers:
     names = tuple(args.optimizers.split(","))
-    unknown = set(names) - set(optimizers.OPTIMIZERS)
+    unknown = sorted(n for n in names if not optimizers.is_known(n))
     if unknown:
-      parser.error(f"unknown optimizers {sorted(unknown)}; choose from "
-                   f"{optimizers.OPTIMIZERS}")
-    if "adamw" not in names:
-      names = ("adamw", *names)  # The reference every delta is taken against.
+      parser.error(f"unknown optimizers {unknown}; choose from "
+                   f"{', '.join(optimizers.OPTIMIZERS)}, or {optimizers.GRAMMAR}")
+    # The reference every delta is taken against, and the control that gives the
+    # noise floor: always run.
+    names = tuple(n for n in ("adamw", "adamw_control") if n not in names) + names
     changes["optimizers"] = names
   suite = dataclasses.replace(suite, **changes)
   out = pathlib.Path(suite.out)

@@ -256,9 +256,10 @@ def image_batches(data: ImageSplit, batch_size: int,
       yield data.x_NxHxWxC[idx_B], data.y_N[idx_B]
 
 
-def image_eval_batches(data: ImageSplit,
-                       batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """The whole split in order, in full batches (remainder dropped)."""
-  n = len(data.y_N) - len(data.y_N) % batch_size
-  return [(data.x_NxHxWxC[i:i + batch_size], data.y_N[i:i + batch_size])
+def image_eval_batches(data: ImageSplit, batch_size: int,
+                       remainder: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The whole split in order, in full batches; with ``remainder`` the images left
+  over form a last, smaller batch (every image evaluated)."""
+  n = len(data.y_N) if remainder else len(data.y_N) - len(data.y_N) % batch_size
+  return [(data.x_NxHxWxC[i:min(i + batch_size, n)], data.y_N[i:min(i + batch_size, n)])
           for i in range(0, n, batch_size)]

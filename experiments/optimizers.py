@@ -8,6 +8,7 @@ Example:
 """
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -22,7 +23,51 @@ STQUANT_POLICIES = {
     "stquant_adaptive": ("STQuantPolicy", {}),
     "stquant_budget": ("STQuantPolicy", {"target_bits": 4.5}),
 }
-OPTIMIZERS = ("adamw", "adamw_bf16", *STQUANT_POLICIES)
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_control", *STQUANT_POLICIES)
+GRAMMAR = ("stquant<M> / stquant<M>v<V> (fixed bits for m and v, e.g. stquant4v3), "
+           "stquant_t<X> (STQuantPolicy(target_bits=X), e.g. stquant_t4.5); "
+           "a trailing _nearest selects round-to-nearest moments")
+CONTROL_PERTURBATION = 1e-6
+
+
+def parse_stquant(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """``(policy class name, policy kwargs, optimizer kwargs)`` of a quantized name.
+
+  Besides :data:`STQUANT_POLICIES`, names follow :data:`GRAMMAR`.
+
+  Example:
+    >>> parse_stquant("stquant4v3_nearest")
+    ('FixedBits', {'mu_bits': 4, 'nu_bits': 3}, {'rounding': 'nearest'})
+    >>> parse_stquant("stquant_t4.5")
+    ('STQuantPolicy', {'target_bits': 4.5}, {})
+  """
+  opt_kw = {}
+  base = name
+  if base.endswith("_nearest"):
+    base, opt_kw = base[:-len("_nearest")], {"rounding": "nearest"}
+  if base in STQUANT_POLICIES:
+    cls, kw = STQUANT_POLICIES[base]
+    return cls, dict(kw), opt_kw
+  m = re.fullmatch(r"stquant(\d)(?:v(\d))?", base)
+  if m:
+    mu = int(m.group(1))
+    return "FixedBits", {"mu_bits": mu, "nu_bits": int(m.group(2) or mu)}, opt_kw
+  m = re.fullmatch(r"stquant_t(\d+(?:\.\d+)?)", base)
+  if m:
+    return "STQuantPolicy", {"target_bits": float(m.group(1))}, opt_kw
+  raise ValueError(f"unknown optimizer {name!r}: choose from {', '.join(OPTIMIZERS)} "
+                   f"or {GRAMMAR}")
+
+
+def is_known(name: str) -> bool:
+  """Whether ``name`` is an optimizer this module can build."""
+  if name in ("adamw", "adamw_bf16", "adamw_control"):
+    return True
+  try:
+    parse_stquant(name)
+  except ValueError:
+    return False
+  return True
 
 
 def _import_stquant():
@@ -37,34 +82,65 @@ def _import_stquant():
   return stquant_jax
 
 
+def perturbed_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                   perturbation: float = CONTROL_PERTURBATION,
+                   seed: int = 0) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` whose stored m is multiplied by ``1 + perturbation * u``
+  after every step, ``u`` uniform in [-1, 1] (a fresh draw per element and step).
+
+  The quality protocol's control: a change a thousand times below bfloat16's
+  rounding, so the spread it causes in the final loss is the noise floor of a
+  comparison (the trajectory's own sensitivity), not an optimizer effect.
+  """
+  inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def update_fn(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    key = jax.random.fold_in(jax.random.key(seed + 7919), state.count)
+    leaves, treedef = jax.tree.flatten(state.mu)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    mu = [m * (1 + perturbation * jax.random.uniform(k, m.shape, m.dtype, -1.0, 1.0))
+          for m, k in zip(leaves, keys)]
+    return updates, state._replace(mu=treedef.unflatten(mu))
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   weight_decay: float = 1e-4, mask: Any = None,
+                   weight_decay: float = 1e-4, mask: Any = None, seed: int = 0,
                    **policy_kw) -> optax.GradientTransformation:
   """Returns the AdamW variant called ``name``.
 
   Args:
-    name: One of :data:`OPTIMIZERS`: ``"adamw"`` (f32 moments),
-      ``"adamw_bf16"`` (bf16 first moment) or a quantized ``"stquant*"``.
+    name: ``"adamw"`` (f32 moments), ``"adamw_bf16"`` (bf16 first moment),
+      ``"adamw_control"`` (f32, m perturbed by 1e-6 each step: the noise-floor
+      control), or a quantized name (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
     learning_rate: Scalar or optax schedule.
     b1: First-moment decay.
     b2: Second-moment decay.
     eps: Denominator epsilon.
     weight_decay: Decoupled weight decay.
     mask: Optional weight-decay mask (pytree of bools or callable).
+    seed: The run's seed (the control's perturbations depend on it).
     **policy_kw: Overrides of the stquant policy's keyword arguments.
 
   Returns:
     An ``optax.GradientTransformation``.
   """
-  if name == "adamw" or name == "adamw_bf16":
+  if name in ("adamw", "adamw_bf16", "adamw_control"):
     if policy_kw:
       raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
+    if name == "adamw_control":
+      return optax.chain(perturbed_adam(b1, b2, eps, seed=seed),
+                         optax.add_decayed_weights(weight_decay, mask),
+                         optax.scale_by_learning_rate(learning_rate))
     mu_dtype = jnp.bfloat16 if name == "adamw_bf16" else None
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
                        weight_decay=weight_decay, mask=mask)
   policy = make_policy(name, **policy_kw)
   extra = {} if mask is None else {"mask": mask}
+  extra.update(parse_stquant(name)[2])
   return _import_stquant().adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                                  weight_decay=weight_decay, policy=policy,
                                  **extra)
@@ -76,12 +152,10 @@ def make_policy(name: str, **policy_kw):
   Returns:
     The policy, or None for the plain optax optimizers.
   """
-  if name in ("adamw", "adamw_bf16"):
+  if name in ("adamw", "adamw_bf16", "adamw_control"):
     return None
-  if name not in STQUANT_POLICIES:
-    raise ValueError(f"{name=} must be one of {OPTIMIZERS}")
+  policy_name, kw, _ = parse_stquant(name)
   stquant_jax = _import_stquant()
-  policy_name, kw = STQUANT_POLICIES[name]
   if not hasattr(stquant_jax, policy_name):
     raise ImportError(f"{name=} needs stquant_jax.{policy_name}, which this "
                       "version of stquant_jax does not provide.")

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ("core", "codec", "state", "distributed", "update", "kernels", "policy",
-          "transform", "layout", "checkpoint")
+          "transform", "layout", "checkpoint", "stepping")
 PROJECT = ("stquant_jax", "pallas_kernels", "experiments", "benchmarks", "tests")
 SRC = "stquant_jax._src"
 

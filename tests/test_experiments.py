@@ -177,7 +177,7 @@ def test_state_bytes_adamw_vs_bf16():
   abstract = jax.eval_shape(optimizers.make_optimizer("adamw", 1e-3).init,
                             params)
   assert optimizers.state_bytes(abstract) == optimizers.state_bytes(fp32)
-  with pytest.raises(ValueError, match="name='sgd'"):
+  with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
     optimizers.make_optimizer("sgd", 1e-3)
 
 
@@ -233,21 +233,20 @@ def test_quantized_state_bytes_ordering():
 
 
 @needs_stquant
-def test_stquant4_memory_and_typed_state_roundtrip():
+def test_stquant4_memory_read_from_the_nnx_optimizer():
+  """The library reads an nnx.Optimizer directly (no typed copy, no params)."""
   import stquant_jax  # Training with stquant4 is in the smoke tests below.
   model = models.make_model("gpt2", "tiny", vocab_size=256, num_layers=1)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tx = optimizers.make_optimizer("stquant4", 1e-3)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  train.settle_opt_state(optimizer)
-  template = train.abstract_opt_state(tx, model)
-  assert optimizers.state_bytes(template) < 2 * n
-  assert 4 < optimizers.average_bits(template) < 6
-  typed = train.typed_opt_state(optimizer, template)
+  assert optimizers.state_bytes(optimizer) < 2 * n
+  assert 4 < optimizers.average_bits(optimizer) < 6
+  plain = stquant_jax.plain_state(optimizer)
   assert any(isinstance(x, stquant_jax.QuantizedArray) for x in jax.tree.leaves(
-      typed, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
-  assert optimizers.state_bytes(typed) == optimizers.state_bytes(template)
-  assert stquant_jax.relayout(typed) is typed  # Fixed bits: nothing to do.
+      plain, is_leaf=lambda x: isinstance(x, stquant_jax.QuantizedArray)))
+  assert optimizers.state_bytes(plain) == optimizers.state_bytes(optimizer)
+  assert stquant_jax.relayout(optimizer) is optimizer  # Fixed bits: nothing to do.
 
 
 @needs_stquant
@@ -256,12 +255,13 @@ def test_stquant4_memory_and_typed_state_roundtrip():
 @pytest.mark.parametrize("optimizer", ["stquant_adaptive", "stquant_budget"])
 def test_train_adaptive_relayout(optimizer, tmp_path):
   cfg = dataclasses.replace(
-      _tiny_config("gpt2", optimizer, tmp_path), steps=7,
+      _tiny_config("gpt2", optimizer, tmp_path), steps=8, switch_delay=1,
       optimizer_kwargs={"every": 5, "min_interval": 5})
   log = train.train(cfg)
   assert all(map(math.isfinite, log["train_loss"]))
+  # decided by step 5, seen in step 6's input state, switched (delay 1) before step 7
   for event in log["relayouts"]:
-    assert event["step"] == 5 and 0 < event["average_bits"] < 32
+    assert event["step"] == 7 and 0 < event["average_bits"] < 32
 
 
 # ---------------------------------------------------------------- smoke: every pair
@@ -330,8 +330,8 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
   assert on_disk["config"] == cfg and on_disk["train_loss"] == log["train_loss"]
   n = log["param_count"]
   nbytes = log["final_memory"]["opt_state_bytes"]
-  if optimizer in ("adamw", "adamw_bf16"):
-    per_param = 8 if optimizer == "adamw" else 6
+  if optimizer in ("adamw", "adamw_bf16", "adamw_control"):
+    per_param = 6 if optimizer == "adamw_bf16" else 8
     assert nbytes == log["opt_state_bytes"] and log["bit_history"] == []
     assert per_param * n <= nbytes <= per_param * n + 16  # + step counters
     return
@@ -349,8 +349,9 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
     assert [h["step"] for h in history] == [0, cfg["steps"]]
     assert history[0]["decisions"] == 0 and history[1]["decisions"] == 1
     assert set(history[1]["mu_zone"]) == set(history[1]["mu_bits"])
-    for event in log["relayouts"]:
-      assert event["step"] == cfg["steps"] and 2 < event["average_bits"] < 32
+    for event in log["relayouts"]:  # the last step's decision, applied after it
+      assert event["step"] == cfg["steps"] and event["after_last_step"]
+      assert 2 < event["average_bits"] < 32
     if optimizer == "stquant_budget":
       assert bits <= cfg["optimizer_kwargs"]["target_bits"] + 1e-6
 
@@ -362,7 +363,7 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
 def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
   out = tmp_path / "results"
   (out / "runs").mkdir(parents=True)
-  names = ("adamw", "stquant4", "stquant_adaptive")
+  names = ("adamw", "adamw_control", "stquant4", "stquant_adaptive")
   for seed in (0, 1):
     for name in names:
       log = _smoke_log("gpt2", name, seed, smoke_dir)
@@ -370,13 +371,19 @@ def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
   report.main([str(out)])  # python -m experiments.report <out>
   stdout = capsys.readouterr().out
   for png in ("val_loss_gpt2.png", "bits_gpt2.png", "memory.png",
-              "tradeoff.png"):
+              "frontier.png"):
     assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
   table = (out / "results.md").read_text()
-  rows = [l for l in table.splitlines() if l.startswith("| gpt2 |")]
-  assert len(rows) == len(names) and "(n=2)" in rows[0]
-  assert "reference" in rows[0] and "stquant 4-bit" in rows[1]
+  paired_table = table.split("**Noise floor")[0]  # the first table, before its footnote
+  rows = [l for l in paired_table.splitlines() if l.startswith("| ") and "---" not in l
+          and not l.startswith("| Optimizer")]
+  assert len(rows) == len(names)
+  assert "reference" in rows[0] and "stquant 4-bit" in rows[2]
+  assert "**Noise floor:" in table  # the control ran: deltas are judged against it
   summary = json.loads((out / "summary.json").read_text())
+  floor = summary["models"]["gpt2"]["noise_floor_pct"]
+  control = summary["models"]["gpt2"]["optimizers"]["adamw_control"]["delta_pct"]
+  assert floor == pytest.approx(max(abs(d) for d in control.values()))
   gpt2 = summary["models"]["gpt2"]["optimizers"]
   assert gpt2["adamw"]["average_bits"] == pytest.approx(32, abs=0.1)
   assert gpt2["stquant4"]["opt_state_mb"] < gpt2["adamw"]["opt_state_mb"]
@@ -390,8 +397,11 @@ def test_compare_quick_suite_covers_the_demo_optimizers(tmp_path):
   quick = compare.SUITES["quick"]
   assert {"adamw", "stquant8", "stquant4", "stquant_adaptive"} <= set(
       quick.optimizers)
-  assert len(compare.SUITES["full"].seeds) >= 3
-  assert set(compare.SUITES["full"].optimizers) == set(optimizers.OPTIMIZERS)
+  full = compare.SUITES["full"]
+  assert len(full.seeds) >= 5 and {"adamw", "adamw_control"} <= set(full.optimizers)
+  assert {"stquant8", "stquant4", "stquant3", "stquant_adaptive", "stquant_t4",
+          "stquant_t3.5"} <= set(full.optimizers)
+  assert all(optimizers.is_known(n) for n in full.optimizers)
   configs = compare.run_configs(quick, tmp_path)
   assert [c.seed for c in configs] == [0] * len(configs)
   assert len({c.log_path for c in configs}) == len(configs)

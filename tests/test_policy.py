@@ -117,11 +117,18 @@ def test_unreachable_budget_fails_at_init_with_the_floor():
   sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=floor + 0.01)).init(params)  # fits
 
 
-def test_block_size_mismatch_is_reported():
+def test_policy_takes_the_transforms_block_size():
+  """One source of truth: the transform binds its block size into the policy (stated
+  once); a policy that sets another one is an error naming both values."""
   tx = sq.scale_by_stquant(policy=_policy(), block_size=256)
   params = _params()
-  with pytest.raises(ValueError, match="same block_size"):
-    jax.eval_shape(tx.update, _grads(params, 0), tx.init(params))  # fails while tracing
+  state = tx.init(params)
+  assert {x.block_size for x in jax.tree.leaves(state.mu, is_leaf=lambda x: isinstance(
+      x, sq.QuantizedArray)) if isinstance(x, sq.QuantizedArray)} == {256}
+  jax.eval_shape(tx.update, _grads(params, 0), state)  # the policy samples 256-value blocks
+  with pytest.raises(ValueError, match="block_size=128.*block_size=256"):
+    sq.scale_by_stquant(policy=_policy(block_size=128), block_size=256)
+  sq.scale_by_stquant(policy=_policy(block_size=256), block_size=256)  # agreeing is fine
 
 
 # --- decisions ---------------------------------------------------------------
@@ -418,3 +425,37 @@ def test_step_copies_no_more_large_buffers_than_fixed_bits():
   fixed = _big_copies(sq.adamw(1e-2, policy=sq.FixedBits(8, 8)), params)
   adaptive = _big_copies(sq.adamw(1e-2, policy=_policy(every=4)), params)
   assert adaptive <= fixed, (adaptive, fixed)
+
+
+def test_degenerate_leaf_does_not_move_the_others():
+  """A leaf whose moments stay all zero (a LoRA factor whose partner is still zero,
+  an unused branch) keeps its zone and bits and stays out of the geometric mean: the
+  other leaves' statistics, zones and proposals are exactly those of a run without it.
+  Before the fix its log2(1e-30) factors pushed every other leaf into the critical zone."""
+  pol = _policy(critical=(8, 8), magnitude=(6, 8), structure=(6, 6), redundant=(4, 5))
+  base = _params()
+
+  def run(params):
+    tx = sq.scale_by_stquant(policy=pol)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(6):
+      g = _grads({k: v for k, v in params.items() if k != "z_lora"}, i)
+      if "z_lora" in params:
+        g["z_lora"] = jnp.zeros_like(params["z_lora"])
+      _, state = step(g, state, params)
+    return state.policy_state
+
+  # named to sort last, so the other leaves keep their indices (and their stochastic
+  # rounding numbers, which depend on the leaf index)
+  with_zero = run(dict(base, z_lora=jnp.zeros((64, 128))))
+  without = run(base)
+  names = sorted(dict(base, z_lora=0))  # leaf order of the params with the zero leaf
+  keep = [names.index(k) for k in sorted(base)]
+  for field in ("n_ema", "r_ema", "zone", "proposed"):
+    np.testing.assert_array_equal(np.asarray(getattr(with_zero, field))[keep],
+                                  np.asarray(getattr(without, field)), err_msg=field)
+  z = names.index("z_lora")
+  assert int(with_zero.zone[z, 0]) == 0  # never left its initial zone
+  assert tuple(np.asarray(with_zero.proposed[z]).tolist()) == pol.initial_bits()
+  assert len(set(np.asarray(without.zone)[:3, 0].tolist())) > 1  # the others do differ

@@ -1,6 +1,7 @@
 """stquant-jax's implementation, in layers; each may import only the layers below it.
 
 ====  ===============  ===========================================================
+ 10   ``stepping``     ``adaptive_jit``: ahead-of-time compiles, stall-free layout switches
  9    ``checkpoint``   orbax save / restore of the whole state, bit layout included
  8    ``layout``       ``relayout``, telemetry (``bit_widths``), memory accounting
  7    ``transform``    ``scale_by_stquant`` and the ``adam`` / ``adamw`` aliases

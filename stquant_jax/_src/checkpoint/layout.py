@@ -9,6 +9,7 @@ caller restores into, and rebuilds the state from a layout and its arrays.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 
@@ -36,6 +37,19 @@ def _skeleton(opt_state):
   """Tree structure with every QuantizedArray (and array) as one leaf."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_quantized)
   return leaves_with_path, treedef
+
+
+# The recorded structure leaves out ScaleByStquantState.config (static: no arrays): what
+# it holds (shapes, block size, maps) is checked leaf by leaf, with clearer messages, and
+# checkpoints written before the field existed keep restoring.
+_Recorded = collections.namedtuple("ScaleByStquantState", "count mu nu policy_state")
+
+
+def structure_string(opt_state) -> str:
+  """The tree structure as recorded in a layout (stquant configs left out)."""
+  fix = lambda x: _Recorded(x.count, x.mu, x.nu, x.policy_state) if is_stquant_state(x) else x
+  recorded = jax.tree.map(fix, opt_state, is_leaf=is_stquant_state)
+  return str(jax.tree.structure(recorded, is_leaf=is_quantized))
 
 
 def _adaptive(policy_state) -> bool:
@@ -67,8 +81,7 @@ def require_stquant(opt_state, fn: str, what: str) -> None:
     raise TypeError(
         f"{fn}: {what} ({type(opt_state).__name__}) contains no stquant_jax "
         "ScaleByStquantState; pass the whole optimizer state (e.g. tx.init(params) of "
-        "stquant_jax.adamw). With flax.nnx.Optimizer, rebuild the typed state first "
-        "(docs/checkpoints.md).")
+        "stquant_jax.adamw, or the flax.nnx.Optimizer holding it).")
 
 
 def _dtype_name(dtype) -> str:
@@ -123,7 +136,7 @@ def describe(opt_state, fn: str):
         entry["python"] = python
     entries.append(entry)
     leaves.append(x)
-  return entries, leaves, treedef, str(treedef)
+  return entries, leaves, treedef, structure_string(opt_state)
 
 
 def layout_and_arrays(opt_state, fn: str):

@@ -41,10 +41,13 @@ from stquant_jax._src.checkpoint.layout import (
     check_layout, describe, from_layout, is_python_scalar, layout_and_arrays, moment_paths,
     require_stquant)
 from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.core.trees import has_variables
 from stquant_jax._src.distributed import mesh
 from stquant_jax._src.distributed.placement import (
     float_sharding_from_blocks, quantized_shardings, rewidth_codes_sharding)
 from stquant_jax._src.distributed.state_shardings import state_shardings
+from stquant_jax._src.layout.access import write_into
+from stquant_jax._src.state.typed import opt_state_of, typed_tree
 
 _LAYOUT_SUFFIX = "_layout"
 
@@ -76,7 +79,8 @@ def checkpoint_args(opt_state, *, item: str = "opt_state") -> dict[str, Any]:
         params=ocp.args.StandardSave(params), **sq.checkpoint_args(opt_state)))
 
   Args:
-    opt_state: the whole optimizer state (it must contain a stquant state).
+    opt_state: the whole optimizer state (it must contain a stquant state), or
+      a ``flax.nnx.Optimizer`` (its ``opt_state`` is saved).
     item: name of the arrays item; the layout item is ``item + "_layout"``.
 
   Returns:
@@ -90,9 +94,9 @@ def checkpoint_args(opt_state, *, item: str = "opt_state") -> dict[str, Any]:
     ['opt_state', 'opt_state_layout']
   """
   ocp = _ocp()
-  require_stquant(opt_state, "checkpoint_args", "opt_state")
+  require_stquant(opt_state_of(opt_state), "checkpoint_args", "opt_state")
   name, layout_name = _item_names(item)
-  layout, arrays = layout_and_arrays(opt_state, "checkpoint_args")
+  layout, arrays = layout_and_arrays(typed_tree(opt_state), "checkpoint_args")
   return {name: ocp.args.StandardSave(arrays), layout_name: ocp.args.JsonSave(layout)}
 
 
@@ -110,7 +114,9 @@ def save_state(directory, opt_state, *, item: str = "opt_state", force: bool = F
   ``array``), shape and dtype, and for quantized moments the code map, bits
   and block size, plus the tree structure. Works for any optimizer state that
   contains a stquant state (``optax.chain``, ``inject_hyperparams``,
-  ``MultiSteps`` ...). Call it outside ``jit``; the write is synchronous.
+  ``MultiSteps`` ...), and for a ``flax.nnx.Optimizer`` or its ``opt_state``
+  (saved in the plain form, so it restores into either). Call it outside
+  ``jit``; the write is synchronous.
 
   Args:
     directory: the checkpoint directory to create (local path or orbax-supported URL).
@@ -300,7 +306,10 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
   Args:
     source: the checkpoint directory, or an ``orbax.checkpoint.CheckpointManager``
       whose steps were saved with :func:`checkpoint_args`.
-    like: the current or fresh optimizer state (arrays or ``ShapeDtypeStruct``).
+    like: the current or fresh optimizer state (arrays or ``ShapeDtypeStruct``,
+      e.g. :func:`~stquant_jax.abstract_state`), or a ``flax.nnx.Optimizer`` or
+      its ``opt_state``: then the restored arrays are written into its
+      variables (in place) and ``like`` itself is returned.
     step: the manager's step to restore (default: its latest); only with a manager.
     item: the arrays item name used when saving.
     strict: whether the saved bit layout (bits, map, float32 or quantized per
@@ -350,7 +359,10 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     4
   """
   ocp = _ocp()
-  require_stquant(like, "restore_state", "like")
+  require_stquant(opt_state_of(like), "restore_state", "like")
+  like_given = like
+  nnx_target = opt_state_of(like) if has_variables(opt_state_of(like)) else None
+  like = typed_tree(like)
   if strict is not None and not isinstance(strict, bool):
     raise TypeError(f"restore_state: strict must be True, False or None, got {strict!r}")
   name, layout_name = _item_names(item)
@@ -396,4 +408,8 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     arrays[key] = _create_empty(t)
   for key in uncommitted:  # host arrays -> uncommitted jax.Arrays on the default device
     arrays[key] = jax.device_put(arrays[key])
-  return from_layout(layout, treedef, lambda meta: arrays[meta["key"]])
+  restored = from_layout(layout, treedef, lambda meta: arrays[meta["key"]])
+  if nnx_target is None:
+    return restored
+  write_into(nnx_target, restored)
+  return like_given

@@ -8,9 +8,11 @@ import jax
 from jax.sharding import NamedSharding, Sharding
 
 from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.core.trees import has_variables, unwrap_variables
 from stquant_jax._src.distributed.mesh import fits, replicated_like
 from stquant_jax._src.distributed.placement import float_moment_sharding, quantized_shardings
 from stquant_jax._src.state.opt_state import is_stquant_state
+from stquant_jax._src.state.typed import opt_state_of, typed_tree
 
 
 def _param_sharding(x):
@@ -61,7 +63,10 @@ def state_shardings(opt_state, param_shardings):
     shardings where the shapes fit, and everything else is replicated.
 
   The result depends only on shapes and static metadata, so ``opt_state`` may
-  be concrete, abstract (``jax.eval_shape(tx.init, params)``) or traced. After
+  be concrete, abstract (``jax.eval_shape(tx.init, params)``) or traced. A
+  ``flax.nnx.Optimizer`` (or its ``opt_state``) gets shardings with the
+  structure of its ``opt_state`` (``nnx.Variable`` nodes kept), ready for
+  ``jax.device_put(optimizer.opt_state, ...)``. After
   :func:`~stquant_jax.relayout` changes a leaf between quantized and float32,
   the state's structure changes: call this again on the new state.
 
@@ -87,7 +92,12 @@ def state_shardings(opt_state, param_shardings):
     >>> state[0].mu["w"].codes.sharding.spec, state[0].nu["b"].sharding.spec
     (P('fsdp', None), P())
   """
-  ps_leaves, p_treedef = jax.tree.flatten(param_shardings,
+  target = opt_state_of(opt_state)
+  if has_variables(target):  # flax.nnx: compute on the typed state, give nnx's structure
+    out = state_shardings(typed_tree(target), param_shardings)
+    leaves = jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, Sharding))
+    return jax.tree.unflatten(jax.tree.structure(target), leaves)
+  ps_leaves, p_treedef = jax.tree.flatten(unwrap_variables(param_shardings),
                                           is_leaf=lambda x: isinstance(x, Sharding))
   ps_leaves = [_param_sharding(x) for x in ps_leaves]
   if not ps_leaves:
@@ -107,7 +117,7 @@ def state_shardings(opt_state, param_shardings):
           f"params): {e}") from e
     new_mu = [_moment(m, s, rep) for m, s in zip(mu, ps_leaves)]
     new_nu = [_moment(v, s, rep) for v, s in zip(nu, ps_leaves)]
-    return type(st)(
+    return st._replace(
         count=rep, mu=p_treedef.unflatten(new_mu), nu=p_treedef.unflatten(new_nu),
         policy_state=jax.tree.map(lambda _: rep, st.policy_state))
 

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._src.codec.quantized import is_quantized
-from stquant_jax._src.state.opt_state import find_states
-from stquant_jax._src.state.typed import is_moment_mapping
+from stquant_jax._src.state.typed import opt_state_of, typed_states
 
 
 def _leaf_nbytes(x) -> int:
@@ -21,7 +20,8 @@ def state_nbytes(opt_state) -> int:
   """Total bytes of every array in an optimizer state (any optax state).
 
   Codes, scales, full-precision moments, step counters and policy state all
-  count; works for plain optax states too, so baselines are measured the same way.
+  count; works for plain optax states too, so baselines are measured the same way,
+  and for a ``flax.nnx.Optimizer`` (its ``opt_state``) or its ``opt_state``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -30,17 +30,12 @@ def state_nbytes(opt_state) -> int:
     >>> sq.state_nbytes(sq.adamw(1e-3).init(params))  # 2 * (1 MiB codes + 32 KiB scales) + count
     2162692
   """
-  return sum(_leaf_nbytes(x) for x in jax.tree.leaves(opt_state))
+  return sum(_leaf_nbytes(x) for x in jax.tree.leaves(opt_state_of(opt_state)))
 
 
 def _moment_values(tree) -> int:
-  total = 0
-  for x in jax.tree.leaves(tree, is_leaf=lambda x: is_quantized(x) or is_moment_mapping(x)):
-    if is_moment_mapping(x):
-      raise ValueError("opt_state holds quantized moments without their metadata (as "
-                       "flax.nnx.Optimizer returns them); pass params= to average_bits")
-    total += x.size if is_quantized(x) else int(np.prod(x.shape, dtype=np.int64))
-  return total
+  return sum(x.size if is_quantized(x) else int(np.prod(x.shape, dtype=np.int64))
+             for x in jax.tree.leaves(tree, is_leaf=is_quantized))
 
 
 def _float_values(params) -> int:
@@ -56,9 +51,10 @@ def average_bits(opt_state, params=None) -> float:
   policy's state are all in the numerator. A float32 Adam would score 32.
 
   Args:
-    opt_state: any optimizer state containing :class:`ScaleByStquantState`.
-    params: optional params tree; needed only when the state has lost its
-      pytree types (``flax.nnx.Optimizer``'s ``opt_state``), to count values.
+    opt_state: any optimizer state containing :class:`ScaleByStquantState`, or
+      a ``flax.nnx.Optimizer`` (or its ``opt_state``).
+    params: optional params tree to count the values from (not needed: the
+      state records its parameters' shapes).
 
   Example:
     >>> import jax.numpy as jnp
@@ -67,7 +63,7 @@ def average_bits(opt_state, params=None) -> float:
     >>> round(sq.average_bits(sq.adamw(1e-3).init(params)), 3)
     8.25
   """
-  states = find_states(opt_state)
+  states = typed_states(opt_state)
   if not states:
     raise ValueError("average_bits found no stquant state in opt_state; "
                      "use state_nbytes for other optimizers")

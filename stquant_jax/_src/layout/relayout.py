@@ -3,34 +3,45 @@
 Bit-widths are static layout (:class:`QuantizedArray` metadata), so a jitted
 step can never change them. The policy writes the bits it wants into its state
 under ``jit``; :func:`relayout` reads them (one small device-to-host copy per
-stquant state) and re-packs only the moments whose bits differ: dequantize at
-the old width, quantize at the new one (float32 <-> quantized transitions
-included). The user's jitted step then retraces once per distinct layout.
+stquant state) and re-packs only the moments whose bits differ, in one jitted
+program per state (:mod:`stquant_jax._src.layout.repack`: block by block, so
+peak memory is old moments + new moments + a small constant). The code maps
+and block size come from the state itself (``state.config``), so they are
+always the transform's. The user's jitted step then retraces once per
+distinct layout; :func:`~stquant_jax.adaptive_jit` compiles it ahead of time
+instead.
+
+:func:`apply_bits` is the core: a state (concrete or abstract) re-laid out to
+given bits, used by :func:`relayout`, :func:`~stquant_jax.abstract_state` and
+the ahead-of-time compile.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
 from stquant_jax._src.codec.maps import resolve_map
-from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, is_quantized, quantize
-from stquant_jax._src.core.trees import field
+from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.core.trees import field, unwrap_variables
 from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.distributed.placement import (
     float_moment_sharding, float_sharding_from_blocks, quantized_shardings,
     rewidth_codes_sharding)
-from stquant_jax._src.state.opt_state import (
-    FLOAT32, NO_MOMENT, ScaleByStquantState, current_bits, find_states, is_stquant_state)
+from stquant_jax._src.layout import repack
+from stquant_jax._src.layout.access import replace_states
+from stquant_jax._src.state.config import resolve_maps
+from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, current_bits, find_states
+from stquant_jax._src.state.typed import opt_state_of, typed_state
 
 
-def _proposed(state: ScaleByStquantState, policy):
-  """int32 ``[L, 2]`` proposed bits, or None when the state carries no proposal."""
+def proposal(state, policy=None) -> np.ndarray | None:
+  """int32 proposed bits of a typed state: ``[L, 2]``, or ``[R, L, 2]`` for a ``pmap``
+  state (one row block per replica); None when the state carries no proposal."""
   ps = state.policy_state
   if policy is not None:
     prop = policy.proposed_bits(ps)
@@ -41,39 +52,71 @@ def _proposed(state: ScaleByStquantState, policy):
     return np.array([[FLOAT32 if b is None else b for b in pair] for pair in flat],
                     np.int32).reshape(-1, 2)
   prop = field(ps, "proposed", None)
-  if prop is None:
+  if prop is None or isinstance(prop, jax.ShapeDtypeStruct):
     return None
   return np.asarray(host_value(prop), np.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def _repack_fn(bits: int, signed: bool, block_size: int, code_map, out_shardings,
-               stacked: bool = False):
-  """Jitted: a moment (QuantizedArray or float32 array) -> float32 values, or the
-  ``(codes, scales)`` of their ``bits``-bit quantization, placed on ``out_shardings``.
-  ``stacked``: a ``pmap`` state, every array with a leading device axis."""
+def settle_proposal(state, prop: np.ndarray) -> tuple[np.ndarray, bool]:
+  """``(proposal [L, 2], stacked)``: a ``pmap`` state's replicas must agree."""
+  cur = current_bits(state)
+  stacked = prop.ndim == 3 and prop.shape[1:] == cur.shape
+  if stacked:
+    if not (prop == prop[:1]).all():
+      raise ValueError("relayout: the pmap replicas propose different bits; give the "
+                       "policy the pmap axis_name (STQuantPolicy(axis_name=...)) so that "
+                       "its statistics are reduced over the replicas")
+    prop = prop[0]
+  if prop.shape != cur.shape:
+    raise ValueError(f"proposed bits have shape {prop.shape}, the state has {cur.shape} "
+                     "moments; was the policy state built for other params?")
+  return prop, stacked
 
-  def repack(x):
-    values = dequantize(x, jnp.float32) if is_quantized(x) else jnp.asarray(x, jnp.float32)
-    if bits == FLOAT32:
-      return values
-    q = quantize(values, bits, signed=signed, block_size=block_size, code_map=code_map)
-    return q.codes, q.scales
 
-  return jax.jit(jax.vmap(repack) if stacked else repack, out_shardings=out_shardings)
+def is_stacked(state) -> bool:
+  """A ``jax.pmap`` state: every array has a leading replica axis (the count too)."""
+  return np.ndim(state.count) == 1
+
+
+def target_bits(cur: np.ndarray, prop: np.ndarray) -> np.ndarray:
+  """The layout a proposal asks for: the proposal wherever both it and the layout have a
+  moment (leaves without moments never change)."""
+  keep = (prop == NO_MOMENT) | (cur == NO_MOMENT)
+  return np.where(keep, cur, prop).astype(np.int32)
+
+
+def _check_legacy_args(config, mu_map, nu_map, block_size):
+  """``relayout``'s old settings: unneeded with a config; a conflict is an error."""
+  if config is None or (mu_map is None and nu_map is None and block_size is None):
+    return
+  warnings.warn("relayout: mu_map, nu_map and block_size are not needed (the state carries "
+                "its transform's; see ScaleByStquantState.config) and will be removed",
+                DeprecationWarning, stacklevel=3)
+  if block_size is not None and block_size != config.block_size:
+    raise ValueError(f"relayout(block_size={block_size}) but the state was built with "
+                     f"block_size={config.block_size}")
+  for name, fn, theirs, signed in (("mu_map", mu_map, config.mu_maps, True),
+                                   ("nu_map", nu_map, config.nu_maps, False)):
+    if fn is None:
+      continue
+    for bits, (a, b) in enumerate(zip(resolve_maps(fn, signed, name), theirs), start=2):
+      if a != b:
+        show = lambda m: getattr(m, "name", m)
+        raise ValueError(f"relayout({name}=...) gives {show(a)} at {bits} bits, but the "
+                         f"state's transform uses {show(b)}; drop the argument")
+
+
+def _map(config, legacy_fn, bits: int, signed: bool):
+  if config is not None:
+    return config.code_map(bits, signed)
+  return resolve_map(legacy_fn, bits, signed, "mu_map" if signed else "nu_map")
 
 
 def _out_shardings(x, new_bits: int, block_size: int):
-  """Where the re-packed moment goes: the block axis stays sharded as before.
-
-  A quantized -> quantized change keeps the old codes' block-axis sharding
-  (the word axis' length changes with the bits, so it is never sharded) and
-  the scales' sharding; float32 -> quantized derives it from the float32
-  moment's (the parameter's) sharding, as :func:`stquant_jax.state_shardings`
-  does; quantized -> float32 puts the block axis' mesh axes on the leading
-  axis. None (left to ``jit``) for arrays without a ``NamedSharding``
-  (single device).
-  """
+  """Where a re-packed moment goes when no param shardings are given: the block axis
+  stays sharded as before (quantized -> quantized keeps the codes' block-axis sharding;
+  float32 <-> quantized maps it to / from the parameter's leading axis, as
+  :func:`stquant_jax.state_shardings` does). None (left to jit) without a NamedSharding."""
   if is_quantized(x):
     cs = getattr(x.codes, "sharding", None)
     if not isinstance(cs, jax.sharding.NamedSharding):
@@ -88,8 +131,7 @@ def _out_shardings(x, new_bits: int, block_size: int):
   fs = getattr(x, "sharding", None)
   if not isinstance(fs, jax.sharding.NamedSharding) or new_bits == FLOAT32:
     return None
-  nb = -(-math.prod(x.shape) // block_size)
-  return quantized_shardings(fs, tuple(x.shape), nb)
+  return quantized_shardings(fs, tuple(x.shape), -(-math.prod(x.shape) // block_size))
 
 
 def _param_out_shardings(ps, shape, new_bits: int, block_size: int):
@@ -101,45 +143,12 @@ def _param_out_shardings(ps, shape, new_bits: int, block_size: int):
   return quantized_shardings(ps, tuple(shape), -(-math.prod(shape) // block_size))
 
 
-def _convert(x, new_bits: int, signed: bool, block_size: int, map_fn, param_sharding=None,
-             stacked: bool = False):
-  """One moment re-packed at ``new_bits`` (32: float32), in one jitted call.
-
-  Runs on global arrays as they are (no host copies), so it also works when
-  the moments span several processes; the output keeps the input's sharding,
-  or follows ``param_sharding`` when given.
-  """
-  bs = x.block_size if is_quantized(x) else block_size
-  cmap = None if new_bits == FLOAT32 else resolve_map(map_fn, new_bits, signed)
-  shape = tuple(x.shape) if is_quantized(x) or not stacked else tuple(x.shape[1:])
-  if stacked:
-    out_shardings = None  # the next pmap call distributes the replicas again
-  elif param_sharding is not None:
-    out_shardings = _param_out_shardings(param_sharding, shape, new_bits, bs)
-  else:
-    out_shardings = _out_shardings(x, new_bits, bs)
-  fn = _repack_fn(new_bits, signed, bs, cmap, out_shardings, stacked)
-  out = fn(x)
-  if new_bits == FLOAT32:
-    return out
-  codes, scales = out
-  return QuantizedArray(codes, scales, cmap, bs, shape, jnp.dtype(jnp.float32))
-
-
-def _place_like(value: np.ndarray, old):
-  """A small host array placed like ``old`` (e.g. replicated over a mesh that may span
-  several processes); uncommitted like ``old`` when ``old`` is uncommitted."""
-  if isinstance(old, jax.Array) and old.committed:
-    return jax.device_put(value, old.sharding)
-  return jnp.asarray(value)
-
-
 def _param_sharding_leaves(tdef, param_shardings, n):
   """Per moment leaf, the parameter's Sharding (or None)."""
   if param_shardings is None:
     return [None] * n
   try:
-    leaves = tdef.flatten_up_to(param_shardings)
+    leaves = tdef.flatten_up_to(unwrap_variables(param_shardings))
   except (ValueError, TypeError) as e:
     raise ValueError("relayout: param_shardings does not have the structure of the params "
                      f"the optimizer state was built for: {e}") from e
@@ -153,64 +162,190 @@ def _param_sharding_leaves(tdef, param_shardings, n):
   return out
 
 
-def _relayout_state(state, proposed, *, mu_map, nu_map, block_size, policy,
-                    param_shardings=None, stacked=False):
+def _is_abstract(x) -> bool:
+  arr = x.codes if is_quantized(x) else x
+  return isinstance(arr, jax.ShapeDtypeStruct)
+
+
+def _change(x, want: int, signed: bool, block_size: int, cmap, pshard, stacked: bool):
+  """The :class:`repack.Change` turning moment ``x`` into ``want`` bits."""
+  bs = x.block_size if is_quantized(x) else block_size
+  shape = tuple(x.shape) if is_quantized(x) or not stacked else tuple(x.shape[1:])
+  if stacked:
+    out = None  # the next pmap call distributes the replicas again
+  elif pshard is not None:
+    out = _param_out_shardings(pshard, shape, want, bs)
+  else:
+    out = _out_shardings(x, want, bs)
+  src_arr = x.codes if is_quantized(x) else x
+  in_sharding = getattr(src_arr, "sharding", None)
+  if not isinstance(in_sharding, jax.sharding.NamedSharding) or stacked:
+    in_sharding = None
+  return repack.Change(x.code_map if is_quantized(x) else None,
+                       None if want == FLOAT32 else cmap, bs, shape, in_sharding, out, stacked)
+
+
+def _abstract_output(x, ch: repack.Change):
+  """The ShapeDtypeStruct(s) :func:`repack.convert` would return for input ``x`` (the
+  ``(codes, scales)`` of a quantized moment, or the float32 array)."""
+  src = x[0] if ch.src is not None else x
+  lead = tuple(src.shape[:1]) if ch.stacked else ()
+  keep = getattr(src, "sharding", None)
+  keep = None if isinstance(keep, jax.sharding.NamedSharding) else keep
+  if ch.dst is None:
+    s = ch.out_shardings if ch.out_shardings is not None else keep
+    return jax.ShapeDtypeStruct(lead + ch.shape, jnp.float32, sharding=s)
+  nb = -(-math.prod(ch.shape) // ch.block_size)
+  cs, ss = ch.out_shardings if ch.out_shardings is not None else (keep, keep)
+  return (jax.ShapeDtypeStruct(lead + (nb, ch.block_size * ch.dst.bits // 32), jnp.uint32,
+                               sharding=cs),
+          jax.ShapeDtypeStruct(lead + (nb,), jnp.float32, sharding=ss))
+
+
+def as_moment(out, ch: repack.Change):
+  """A re-pack program's output for one change, as a moment (QuantizedArray or array)."""
+  if ch.dst is None:
+    return out
+  codes, scales = out
+  return QuantizedArray(codes, scales, ch.dst, ch.block_size, ch.shape, jnp.dtype(jnp.float32))
+
+
+def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = False,
+         legacy_maps=(None, None), legacy_block_size=None):
+  """The re-pack of a typed state to ``target`` bits: ``(positions, changes, inputs)``,
+  one entry per moment that changes; ``positions`` are ``(leaf, 0 for m / 1 for v)``."""
+  config = field(state, "config", None)
+  cur = current_bits(state)
+  mu, tdef = jax.tree.flatten(state.mu, is_leaf=is_quantized)
+  nu = jax.tree.leaves(state.nu, is_leaf=is_quantized)
+  pshard = _param_sharding_leaves(tdef, param_shardings, len(mu))
+  if config is not None:
+    bs = config.block_size
+  else:
+    qs = [x for x in mu + nu if is_quantized(x)]
+    bs = legacy_block_size or (qs[0].block_size if qs else 128)
+  positions, changes, inputs = [], [], []
+  for i in range(len(mu)):
+    for k, (src, signed) in enumerate(((mu, True), (nu, False))):
+      want, have = int(target[i, k]), int(cur[i, k])
+      if want == have or NO_MOMENT in (want, have):
+        continue
+      x = src[i]
+      cmap = None if want == FLOAT32 else _map(config, legacy_maps[k], want, signed)
+      positions.append((i, k))
+      changes.append(_change(x, want, signed, bs, cmap, pshard[i], stacked))
+      inputs.append((x.codes, x.scales) if is_quantized(x) else x)
+  return positions, changes, inputs
+
+
+def run_plan(changes, inputs, *, donate: bool = False):
+  """The re-packed moments (or their abstract values, for ShapeDtypeStruct inputs)."""
+  if not changes:
+    return []
+  if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(inputs)):
+    outs = [_abstract_output(x, ch) for x, ch in zip(inputs, changes)]
+  else:
+    with warnings.catch_warnings():  # donated codes of another width cannot be reused
+      warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+      outs = repack.program(tuple(changes), donate)(list(inputs))
+    if donate:
+      release(inputs, outs)
+  return [as_moment(o, ch) for o, ch in zip(outs, changes)]
+
+
+def release(inputs, outs) -> None:
+  """Deletes the replaced moments' arrays once the re-pack has read them: jit reuses a
+  donated buffer only for an output of its shape (the scales), the old codes would
+  otherwise live as long as a reference to the old state does."""
+  jax.block_until_ready(outs)
+  for a in jax.tree.leaves(inputs):
+    if isinstance(a, jax.Array) and not a.is_deleted():
+      a.delete()
+
+
+def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = False):
+  """``state`` with the re-packed moments put in place and the policy's ``actual`` bits
+  (when it keeps them) set to the new layout."""
   cur = current_bits(state)
   mu, tdef_m = jax.tree.flatten(state.mu, is_leaf=is_quantized)
   nu, tdef_v = jax.tree.flatten(state.nu, is_leaf=is_quantized)
-  pshard = _param_sharding_leaves(tdef_m, param_shardings, len(mu))
-  if block_size is None:
-    qs = [x for x in mu + nu if is_quantized(x)]
-    block_size = qs[0].block_size if qs else getattr(policy, "block_size", DEFAULT_BLOCK_SIZE)
-  new_mu, new_nu = list(mu), list(nu)
-  for i in range(len(mu)):
-    for k, (src, dst, signed, fn) in enumerate(((mu, new_mu, True, mu_map),
-                                                 (nu, new_nu, False, nu_map))):
-      want, have = int(proposed[i, k]), int(cur[i, k])
-      if want == have or NO_MOMENT in (want, have):
-        continue
-      dst[i] = _convert(src[i], want, signed, block_size, fn, pshard[i], stacked)
+  new = [list(mu), list(nu)]
+  for (i, k), m in zip(positions, new_moments):
+    new[k][i] = m
   ps = state.policy_state
-  if hasattr(ps, "_fields") and "actual" in ps._fields:
-    new_cur = np.where((proposed != NO_MOMENT) & (cur != NO_MOMENT), proposed, cur)
-    new_cur = new_cur.astype(np.int32)
+  actual = field(ps, "actual", None)
+  if hasattr(ps, "_fields") and "actual" in ps._fields and not isinstance(
+      actual, jax.ShapeDtypeStruct):
+    new_cur = np.where((target != NO_MOMENT) & (cur != NO_MOMENT), target, cur).astype(np.int32)
     if stacked:  # one row per pmap replica
-      new_cur = np.broadcast_to(new_cur, tuple(ps.actual.shape[:1]) + new_cur.shape)
-    ps = ps._replace(actual=_place_like(np.ascontiguousarray(new_cur), ps.actual))
-  return state._replace(mu=tdef_m.unflatten(new_mu), nu=tdef_v.unflatten(new_nu),
+      new_cur = np.broadcast_to(new_cur, tuple(actual.shape[:1]) + new_cur.shape)
+    ps = ps._replace(actual=_place_like(np.ascontiguousarray(new_cur), actual))
+  return state._replace(mu=tdef_m.unflatten(new[0]), nu=tdef_v.unflatten(new[1]),
                         policy_state=ps)
 
 
+def _place_like(value: np.ndarray, old):
+  """A small host array placed like ``old`` (e.g. replicated over a mesh that may span
+  several processes); uncommitted like ``old`` when ``old`` is uncommitted."""
+  if isinstance(old, jax.Array) and old.committed:
+    return jax.device_put(value, old.sharding)
+  return jnp.asarray(value)
+
+
+def apply_bits(state, target, *, param_shardings=None, stacked: bool = False,
+               donate: bool = False, legacy_maps=(None, None), legacy_block_size=None):
+  """A typed stquant state (concrete or abstract) re-laid out to ``target`` bits
+  (int ``[L, 2]``: 2..8, 32 for float32; leaves without moments ignore it). Returns
+  ``state`` itself when nothing changes."""
+  target = np.asarray(target, np.int32)
+  cur = current_bits(state)
+  if target.shape != cur.shape:
+    raise ValueError(f"bits of shape {target.shape} for a state with {cur.shape[0]} leaves "
+                     f"(need [{cur.shape[0]}, 2])")
+  positions, changes, inputs = plan(state, target, param_shardings=param_shardings,
+                                    stacked=stacked, legacy_maps=legacy_maps,
+                                    legacy_block_size=legacy_block_size)
+  if not positions:
+    return state
+  return rebuild(state, target, positions, run_plan(changes, inputs, donate=donate), stacked)
+
+
 def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=None,
-             param_shardings=None):
+             param_shardings=None, donate: bool = False):
   """Re-packs the moments whose proposed bit-width differs from their layout.
 
   Finds every :class:`ScaleByStquantState` in ``opt_state`` (a chain,
-  ``inject_hyperparams`` or ``MultiSteps`` state, ...), reads the bits its
-  policy proposed, and for each moment that changes: dequantizes at the old
-  width and quantizes at the new one (or to/from float32). When nothing
-  changes, returns ``opt_state`` itself (cost: one tiny device-to-host copy).
+  ``inject_hyperparams`` or ``MultiSteps`` state, a ``flax.nnx.Optimizer`` or
+  its ``opt_state``, ...), reads the bits its policy proposed, and for each
+  moment that changes: re-encodes it at the new width (or to / from float32)
+  with the code maps and block size of the transform that built the state
+  (``state.config``), block by block, in one jitted program per state. When
+  nothing changes, returns ``opt_state`` itself (cost: one tiny device-to-host
+  copy).
 
   Call it outside ``jit`` (e.g. every ``policy.every`` steps); the jitted step
-  retraces once for each new layout.
+  retraces once for each new layout (:func:`~stquant_jax.adaptive_jit` avoids
+  the stall by compiling ahead of time).
 
-  Sharded states (docs/sharding.md): each moment is re-packed by one jitted
-  call on the global arrays, and the new codes keep the old codes' block-axis
-  sharding (float32 <-> quantized changes map it to / from the parameter's
-  leading axis). Only the small, replicated proposed bits are read on the
-  host, so it works on arrays spanning several processes; call it in every
-  process at the same step. A ``jax.pmap`` state (a leading device axis on
-  every array) is re-packed replica by replica, after checking that the
-  replicas propose the same bits.
+  flax.nnx: pass the ``nnx.Optimizer`` (or its ``opt_state``); its variables are
+  updated in place and the same object comes back.
+
+  Sharded states (docs/sharding.md): each moment is re-packed on the global
+  arrays, shard by shard when its block axis is sharded, and the new codes keep
+  the old codes' block-axis sharding (float32 <-> quantized changes map it to /
+  from the parameter's leading axis). Only the small, replicated proposed bits
+  are read on the host, so it works on arrays spanning several processes; call
+  it in every process at the same step. A ``jax.pmap`` state (a leading device
+  axis on every array) is re-packed replica by replica, after checking that
+  the replicas propose the same bits.
 
   Args:
-    opt_state: any optimizer state containing stquant states.
-    policy: only needed for policies other than :class:`STQuantPolicy`, whose
-      state carries the proposal; ``policy.proposed_bits(policy_state)`` is used.
-    mu_map, nu_map: the ``callable(bits) -> CodeMap`` overrides given to
-      :func:`scale_by_stquant`, if any (default: :func:`default_map`).
-    block_size: block size for float32 -> quantized moments; default: the
-      state's own.
+    opt_state: any optimizer state containing stquant states, or an
+      ``nnx.Optimizer``.
+    policy: only for custom policies whose state keeps no ``proposed`` field:
+      ``policy.proposed_bits(policy_state)`` is used.
+    mu_map, nu_map, block_size: deprecated and unneeded (the state carries its
+      transform's); a value that disagrees with the state's is a ``ValueError``.
     param_shardings: optional params-shaped pytree of shardings (or the
       sharded params). When given, re-packed moments are placed exactly as
       :func:`stquant_jax.state_shardings` says for the new layout (so the
@@ -218,9 +353,13 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
       it, the placement is derived from the old moment's sharding, which
       can differ for float32 moments of params not sharded along their
       leading axis.
+    donate: donate the replaced moments' buffers (their arrays in the old
+      state are deleted; memory is released at once even if the old state is
+      still referenced).
 
   Returns:
-    The new optimizer state (the same object when nothing changed).
+    The new optimizer state (the same object when nothing changed, and for
+    nnx states, which are updated in place).
 
   Example:
     >>> import jax.numpy as jnp
@@ -230,35 +369,21 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
     >>> sq.relayout(state) is state   # nothing proposed yet
     True
   """
-  states = find_states(opt_state)
-  plans = {}
-  for st in states:
-    prop = _proposed(st, policy)
+  new = {}
+  for st in find_states(opt_state_of(opt_state)):
+    typed = typed_state(st)
+    config = field(typed, "config", None)
+    _check_legacy_args(config, mu_map, nu_map, block_size)
+    prop = proposal(typed, policy)
     if prop is None:
       continue
-    cur = current_bits(st)
-    stacked = prop.ndim == 3 and prop.shape[1:] == cur.shape
-    if stacked:  # a pmap state: one proposal per replica, which must agree
-      if not (prop == prop[:1]).all():
-        raise ValueError("relayout: the pmap replicas propose different bits; give the "
-                         "policy the pmap axis_name (STQuantPolicy(axis_name=...)) so that "
-                         "its statistics are reduced over the replicas")
-      prop = prop[0]
-    if prop.shape != cur.shape:
-      raise ValueError(f"proposed bits have shape {prop.shape}, the state has {cur.shape} "
-                       "moments; was the policy state built for other params?")
-    differs = (prop != cur) & (prop != NO_MOMENT) & (cur != NO_MOMENT)
-    if differs.any():
-      plans[id(st)] = (prop, stacked)
-  if not plans:
+    prop, stacked = settle_proposal(typed, prop)
+    target = target_bits(current_bits(typed), prop)
+    out = apply_bits(typed, target, param_shardings=param_shardings, stacked=stacked,
+                     donate=donate, legacy_maps=(mu_map, nu_map), legacy_block_size=block_size)
+    if out is not typed:
+      new[id(st)] = out
+  if not new:
     return opt_state
+  return replace_states(opt_state, new)
 
-  def fix(x):
-    if is_stquant_state(x) and id(x) in plans:
-      prop, stacked = plans[id(x)]
-      return _relayout_state(x, prop, mu_map=mu_map, nu_map=nu_map,
-                             block_size=block_size, policy=policy,
-                             param_shardings=param_shardings, stacked=stacked)
-    return x
-
-  return jax.tree.map(fix, opt_state, is_leaf=is_stquant_state)

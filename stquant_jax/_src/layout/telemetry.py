@@ -17,7 +17,8 @@ from stquant_jax._src.core.trees import field, path_names
 from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.layout.accounting import average_bits
 from stquant_jax._src.policy.stquant import ZONES
-from stquant_jax._src.state.opt_state import NO_MOMENT, current_bits, find_states
+from stquant_jax._src.state.opt_state import NO_MOMENT, current_bits
+from stquant_jax._src.state.typed import typed_states
 
 
 def _names(state) -> list[str]:
@@ -31,6 +32,9 @@ def _bits_value(b: int):
 def bit_widths(opt_state, index: int = 0) -> dict:
   """Bit-widths of one stquant state in ``opt_state`` (the ``index``-th found).
 
+  ``opt_state`` may be any optax state, a ``flax.nnx.Optimizer`` or its
+  ``opt_state`` (leaf names are the parameters' paths either way).
+
   Returns a JSON-friendly dict: ``mu_bits`` / ``nu_bits`` (``{leaf name: bits}``,
   32 = float32, leaves without moments left out) from the layout, and, when the
   policy keeps them, ``mu_proposed`` / ``nu_proposed``, ``mu_zone`` / ``nu_zone``,
@@ -43,9 +47,12 @@ def bit_widths(opt_state, index: int = 0) -> dict:
     >>> sq.bit_widths(state)["mu_bits"]
     {'b': 32, 'w': 8}
   """
-  states = find_states(opt_state)
+  states = typed_states(opt_state)
   if not states:
     raise ValueError("bit_widths found no stquant state in opt_state")
+  if not -len(states) <= index < len(states):
+    raise IndexError(f"bit_widths(index={index}): opt_state holds {len(states)} stquant "
+                     "state(s)")
   st = states[index]
   names = _names(st)
   cur = current_bits(st)
@@ -55,14 +62,21 @@ def bit_widths(opt_state, index: int = 0) -> dict:
       "nu_bits": {names[i]: _bits_value(cur[i, 1]) for i in keep},
   }
   ps = st.policy_state
-  if field(ps, "proposed", None) is not None:
-    host = {k: host_value(field(ps, k)) for k in ("proposed", "zone", "anneal", "decisions")}
-    prop, zone = np.asarray(host["proposed"]), np.asarray(host["zone"])
+  # What the policy keeps (STQuantPolicy: all four); nothing to read in an abstract state.
+  host = {k: np.asarray(host_value(field(ps, k))) for k in ("proposed", "zone", "anneal",
+                                                            "decisions")
+          if hasattr(field(ps, k, None), "__array__")}
+  if "proposed" in host:
+    prop = host["proposed"]
     out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
     out["nu_proposed"] = {names[i]: _bits_value(prop[i, 1]) for i in keep}
+  if "zone" in host:
+    zone = host["zone"]
     out["mu_zone"] = {names[i]: ZONES[int(zone[i, 0])] for i in keep}
     out["nu_zone"] = {names[i]: ZONES[int(zone[i, 1])] for i in keep}
+  if "anneal" in host:
     out["anneal"] = float(host["anneal"])
+  if "decisions" in host:
     out["decisions"] = int(host["decisions"])
   return out
 

@@ -36,6 +36,7 @@ class Policy:
     bit-widths the policy wants now; :func:`stquant_jax.relayout` applies them
     outside ``jit``. Bit-widths are static layout, so they never change inside
     a compiled step.
+  * :meth:`bind` (optional) receives the transform's block size once.
   """
 
   def leaf_bits(self, shape: tuple[int, ...], dtype) -> tuple[int | None, int | None]:
@@ -52,6 +53,12 @@ class Policy:
     leaves, aligned with ``updates``); ``count`` the new step count."""
     del updates, mu, nu, count
     return state
+
+  def bind(self, block_size: int) -> "Policy":
+    """This policy for a transform with ``block_size`` (``scale_by_stquant`` calls it
+    once); policies whose decisions depend on the block size take it from here."""
+    del block_size
+    return self
 
   def proposed_bits(self, state) -> Any:
     """Pytree mirroring params of ``(mu_bits, nu_bits)`` wanted now, or None."""

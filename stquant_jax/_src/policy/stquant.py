@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stquant_jax._src.codec.blocks import check_block_size
+from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE, check_block_size
 from stquant_jax._src.codec.packing import MAX_BITS, check_bits
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
@@ -119,8 +119,9 @@ class STQuantPolicy(Policy):
     probe_bits: bit-width of the ``probe_err`` statistic.
     axis_name: collective axis (pmap / shard_map) over which statistics are
       summed, so every replica decides the same; None under plain ``jit``.
-    block_size: must equal the transform's block size (used for the budget's
-      cost model at ``init`` and for float32 -> quantized relayouts).
+    block_size: leave None: the transform binds its own block size (used for
+      the budget's cost model and the statistics' blocks). A value that
+      differs from the transform's is an error naming both.
     min_size: leaves with fewer values are not adaptive (float32 moments).
 
   Example:
@@ -167,7 +168,7 @@ class STQuantPolicy(Policy):
   nu_factors: tuple = ("moment_rms", "crest")
   probe_bits: int = 4
   axis_name: Any = None
-  block_size: int = 128
+  block_size: int | None = None  # None: the transform's (bound by scale_by_stquant)
   min_size: int = 4096
 
   def __post_init__(self):
@@ -207,7 +208,8 @@ class STQuantPolicy(Policy):
     check_int("min_interval", self.min_interval, 0)
     check_int("max_changes", self.max_changes, 0, allow_none=True)
     check_bits(self.probe_bits, "probe_bits")
-    check_block_size(self.block_size)
+    if self.block_size is not None:
+      check_block_size(self.block_size)
     check_int("min_size", self.min_size, 0)
     for name, fac in (("mu_factors", self.mu_factors), ("nu_factors", self.nu_factors)):
       fac = check_pair(name, fac, "(magnitude, structure) factor-name")
@@ -220,13 +222,28 @@ class STQuantPolicy(Policy):
     if self.target_bits is not None:
       check_number("target_bits", self.target_bits, 0.0, math.inf, lo_open=True, hi_open=True)
       relative_error_table(self.min_bits, self.max_bits)  # measured once, outside jit
-      floor = self.min_bits + 32.0 / self.block_size
+      floor = self.min_bits + 32.0 / self._block
       if self.target_bits < floor:
         raise ValueError(
             f"target_bits={self.target_bits} is below {floor:g}, the fewest bits per value "
             f"a quantized moment can use (min_bits={self.min_bits} + scales 32/"
-            f"block_size={self.block_size}); raise target_bits, lower min_bits or raise "
+            f"block_size={self._block}); raise target_bits, lower min_bits or raise "
             "block_size")
+
+  @property
+  def _block(self) -> int:
+    """The block size in use: the bound one, else the library default."""
+    return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
+
+  def bind(self, block_size: int) -> "STQuantPolicy":
+    """This policy with the transform's ``block_size`` (an error if it set another)."""
+    if self.block_size == block_size:
+      return self
+    if self.block_size is not None:
+      raise ValueError(f"STQuantPolicy(block_size={self.block_size}) does not match the "
+                       f"transform's block_size={block_size}; leave the policy's block_size "
+                       "unset (the transform binds its own)")
+    return dataclasses.replace(self, block_size=block_size)
 
   # ---- static layout -------------------------------------------------------
 
@@ -245,7 +262,7 @@ class STQuantPolicy(Policy):
       if b is not None:
         b = min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
       if self.target_bits is not None:
-        fit = int(math.floor(self.target_bits - 32.0 / self.block_size))
+        fit = int(math.floor(self.target_bits - 32.0 / self._block))
         b = max(self.min_bits, min(self.max_bits if b is None else b, fit))
       out.append(b)
     return tuple(out)
@@ -297,7 +314,7 @@ class STQuantPolicy(Policy):
         continue
       values += 2 * size
       bits = self.min_bits if self._adaptive(tuple(p.shape), p.dtype) else FLOAT32
-      nbytes += 2 * moment_nbytes(size, bits, self.block_size)
+      nbytes += 2 * moment_nbytes(size, bits, self._block)
     return 8.0 * nbytes / max(values, 1)
 
   def _check_budget(self, leaves):
@@ -323,10 +340,10 @@ class STQuantPolicy(Policy):
       adaptive.append(ad)
       sizes.append(math.prod(g.shape))
       qs = [x for x in (m, v) if is_quantized(x)]
-      if qs and qs[0].block_size != self.block_size:
-        raise ValueError(f"STQuantPolicy(block_size={self.block_size}) but the state uses "
-                         f"block_size={qs[0].block_size}; pass the same block_size to both")
-      blocks.append(self.block_size)
+      if qs and qs[0].block_size != self._block:
+        raise ValueError(f"STQuantPolicy(block_size={self._block}) but the state uses "
+                         f"block_size={qs[0].block_size}; leave the policy's block_size unset")
+      blocks.append(self._block)
     actual = jnp.asarray(np.array(layout, np.int32).reshape(len(leaves), 2))
     old = STQuantPolicyState(*(field(state, f) for f in STQuantPolicyState._fields))
     if not any(adaptive):
@@ -338,8 +355,8 @@ class STQuantPolicy(Policy):
       if cm != NO_MOMENT or cv != NO_MOMENT:
         values += 2 * size
       if not ad:
-        fixed_bytes += (moment_nbytes(size, cm, self.block_size)
-                        + moment_nbytes(size, cv, self.block_size))
+        fixed_bytes += (moment_nbytes(size, cm, self._block)
+                        + moment_nbytes(size, cv, self._block))
 
     # Statistics: every step, a rotating 1/K of each adaptive leaf's blocks (the blocks
     # b with b % K == count % K), accumulated in the state; over the K steps up to a
@@ -351,7 +368,7 @@ class STQuantPolicy(Policy):
     slot = count % stride
     ad_idx = [i for i, ad in enumerate(adaptive) if ad]
     sums = leaves_sums([leaves[i] for i in ad_idx], [mu_l[i] for i in ad_idx],
-                       [nu_l[i] for i in ad_idx], block_size=self.block_size,
+                       [nu_l[i] for i in ad_idx], block_size=self._block,
                        probe_bits=self.probe_bits, needed=frozenset(keys), stride=stride,
                        slot=slot)[:, cols]
     rows = jnp.zeros((len(leaves), len(keys)), jnp.float32).at[np.array(ad_idx)].set(sums)
@@ -373,28 +390,36 @@ class STQuantPolicy(Policy):
                      factor_values(sums, self.nu_factors[0], 1)], axis=1)
     x_r = jnp.stack([factor_values(sums, self.mu_factors[1], 0),
                      factor_values(sums, self.nu_factors[1], 1)], axis=1)
-    x_n = jnp.where(ad, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
-    x_r = jnp.where(ad, jnp.log2(jnp.maximum(x_r, tiny)), 0.0)
-    first = st.decisions == 0
+    # Degenerate statistics (an all-zero moment: a LoRA factor whose partner is still
+    # zero, an unused branch) carry no information: such a moment keeps its zone and
+    # bits and stays out of the geometric mean, so it cannot move the others' zones.
+    # A zero structure factor is legitimate (a constant block quantizes exactly); it
+    # is floored at 2**-24 so that its log stays finite and cannot dominate the mean.
+    live = ad & (x_n > tiny)
+    x_n = jnp.where(live, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
+    x_r = jnp.where(live, jnp.log2(jnp.maximum(x_r, jnp.float32(2.0**-24))), 0.0)
+    # EMAs start at a moment's first live decision (both log2 EMAs exactly 0 means
+    # "never live": a live moment has them at log2 of its factors).
+    first = (st.decisions == 0) | ((st.n_ema == 0) & (st.r_ema == 0))
     b = jnp.float32(self.ema)
     n_ema = jnp.where(first, x_n, b * st.n_ema + (1 - b) * x_n)
     r_ema = jnp.where(first, x_r, b * st.r_ema + (1 - b) * x_r)
 
-    def rel(x):  # log2 of the factor relative to the geometric mean of adaptive leaves
-      mean = jnp.sum(jnp.where(ad, x, 0.0), axis=0) / jnp.maximum(jnp.sum(ad, axis=0), 1)
+    def rel(x):  # log2 of the factor relative to the geometric mean of live leaves
+      mean = jnp.sum(jnp.where(live, x, 0.0), axis=0) / jnp.maximum(jnp.sum(live, axis=0), 1)
       return x - mean
 
     # Instability: how far the leaves' relative standing moved since the last decision.
-    n_ad = jnp.maximum(jnp.sum(ad), 1)
+    n_live = jnp.maximum(jnp.sum(live & ~first), 1)
     moved = jnp.abs(rel(x_n) - rel(st.n_ema)) + jnp.abs(rel(x_r) - rel(st.r_ema))
-    drift = jnp.where(first, 0.0, jnp.sum(jnp.where(ad, moved, 0.0)) / n_ad)
+    drift = jnp.sum(jnp.where(live & ~first, moved, 0.0)) / n_live
     n_rel, r_rel = rel(n_ema), rel(r_ema)
     z = st.zone
     n_was_hi, r_was_hi = z < 2, (z % 2) == 0
     lg = lambda t: jnp.float32(math.log2(t))
     n_hi = jnp.where(n_was_hi, n_rel >= lg(self.n_thresholds[0]), n_rel > lg(self.n_thresholds[1]))
     r_hi = jnp.where(r_was_hi, r_rel >= lg(self.r_thresholds[0]), r_rel > lg(self.r_thresholds[1]))
-    zone = jnp.where(ad, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
+    zone = jnp.where(live, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
 
     t = count.astype(jnp.float32)
     decay = jnp.exp(-t / self.anneal_steps) if self.anneal_steps else jnp.float32(0)
@@ -405,7 +430,7 @@ class STQuantPolicy(Policy):
     desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
 
     since = count - st.last_change
-    free = ad & (since >= self.min_interval)
+    free = live & (since >= self.min_interval)
     if self.max_changes is not None:
       free = free & (st.changes < self.max_changes)
     if self.target_bits is not None:
@@ -423,7 +448,7 @@ class STQuantPolicy(Policy):
     proposed = jnp.where(free, desired, st.proposed)
     changed = proposed != st.proposed
     return STQuantPolicyState(
-        n_ema=jnp.where(ad, n_ema, st.n_ema), r_ema=jnp.where(ad, r_ema, st.r_ema),
+        n_ema=jnp.where(live, n_ema, st.n_ema), r_ema=jnp.where(live, r_ema, st.r_ema),
         zone=zone, proposed=proposed.astype(jnp.int32), actual=st.actual,
         last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
         changes=(st.changes + changed).astype(jnp.int32),

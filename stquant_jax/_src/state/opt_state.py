@@ -28,12 +28,17 @@ class ScaleByStquantState(NamedTuple):
   :class:`~stquant_jax.QuantizedArray` (quantized moment), a float32 array of
   the parameter's shape (a moment the policy keeps in full precision), or a
   float32 ``[0]`` placeholder (integer leaves, which get no moments).
+  ``config`` (a :class:`~stquant_jax._src.state.config.StquantConfig`, static:
+  no arrays) records the block size, code maps and parameter shapes the state
+  was built with, so tools that act on the state from outside ``jit``
+  (``relayout``, ``bit_widths``, checkpoints) need no settings.
   """
 
   count: jax.Array  # int32 []
   mu: optax.Updates
   nu: optax.Updates
   policy_state: Any
+  config: Any = None  # StquantConfig (static); None in states built by hand
 
 
 def is_stquant_state(x) -> bool:

@@ -41,13 +41,22 @@ def adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
     *,
+    nesterov: bool = False,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    mu_map: Callable | None = None,
+    nu_map: Callable | None = None,
     rounding="stochastic",
     backend: str = "auto",
 ) -> optax.GradientTransformation:
-  """Adam with block-wise quantized moments (see :func:`scale_by_stquant`).
+  """Adam with block-wise quantized moments: a drop-in for :func:`optax.adam`.
+
+  The positional and keyword arguments of ``optax.adam`` (0.2.8) come first, in
+  its order; the quantization options are keyword-only. See
+  :func:`scale_by_stquant` for ``mu_dtype`` (only None / float32), ``nesterov``
+  and the options.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -60,7 +69,8 @@ def adam(
     0.999
   """
   return optax.chain(
-      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
+      scale_by_stquant(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, policy=policy,
+                       block_size=block_size, mu_map=mu_map, nu_map=nu_map,
                        rounding=rounding, backend=backend),
       _floating_only(optax.scale_by_learning_rate(learning_rate)),
   )
@@ -71,12 +81,16 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    eps_root: float = 0.0,
+    nesterov: bool = False,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    mu_map: Callable | None = None,
+    nu_map: Callable | None = None,
     rounding="stochastic",
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -87,15 +101,20 @@ def adamw(
   except that integer leaves keep their exact zero update of their own dtype
   (optax's learning-rate scaling would make it float32, and
   ``optax.apply_updates`` would then round integer params above 2**24).
+  The arguments of ``optax.adamw`` (0.2.8) come first, positionally and by
+  keyword in its order; the quantization options are keyword-only.
 
   Args:
     learning_rate: a fixed rate or an optax schedule.
     b1, b2, eps, eps_root: Adam's hyperparameters.
+    mu_dtype: only None (or float32): m is stored as codes (see ``policy``).
     weight_decay: decoupled weight decay.
     mask: optional pytree (or callable) selecting the leaves that decay;
       default: every floating-point leaf.
+    nesterov: Nesterov momentum, as ``optax.adamw(nesterov=True)``.
     policy: bit allocation; default ``FixedBits()`` (8-bit m and v).
     block_size: values per quantization block (multiple of 32).
+    mu_map, nu_map: optional ``callable(bits) -> CodeMap`` overriding the maps.
     rounding: ``"stochastic"`` (default), ``"nearest"`` or an ``(m, v)`` pair
       (see :func:`scale_by_stquant`).
     backend: ``"auto"`` (Pallas kernels on GPU, jnp elsewhere), ``"jnp"`` or
@@ -117,7 +136,8 @@ def adamw(
   if mask is None:
     mask = _float_leaves
   return optax.chain(
-      scale_by_stquant(b1, b2, eps, eps_root, policy=policy, block_size=block_size,
+      scale_by_stquant(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, policy=policy,
+                       block_size=block_size, mu_map=mu_map, nu_map=nu_map,
                        rounding=rounding, backend=backend),
       # Integer leaves keep their exact zero update even if a user mask selects
       # them for decay (float32 -wd * p would truncate integer params).

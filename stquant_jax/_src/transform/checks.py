@@ -43,6 +43,48 @@ def check_options(policy, backend, mu_map, nu_map) -> None:
       raise TypeError(f"{name} must be a callable bits -> CodeMap, got {type(fn).__name__}")
 
 
+def check_mu_dtype(mu_dtype) -> None:
+  """optax's ``mu_dtype``: only None / float32 (what stquant stores besides codes)."""
+  if mu_dtype is None:
+    return
+  try:
+    dtype = jnp.dtype(mu_dtype)
+  except TypeError as e:
+    raise TypeError(f"mu_dtype={mu_dtype!r} is not a dtype") from e
+  if dtype != jnp.float32:
+    raise ValueError(
+        f"mu_dtype={dtype.name} is not supported: stquant_jax stores m as block-quantized "
+        "codes (set their width with policy=FixedBits(mu_bits=...)) and keeps float32 m for "
+        "the leaves it does not quantize; pass mu_dtype=None")
+
+
+def _first_map_difference(mine, theirs):
+  for i, (a, b) in enumerate(zip(mine, theirs)):
+    if a != b:
+      name = lambda m: getattr(m, "name", m)
+      return i + 2, name(a), name(b)
+  return None
+
+
+def check_config(config, block_size, mu_maps, nu_maps) -> None:
+  """The state's :class:`StquantConfig` was built by a transform with these settings;
+  raises a ``ValueError`` naming both values otherwise. Nothing to check for states
+  built by hand (``config=None``) or a traced ``block_size``."""
+  if config is None:
+    return
+  if block_size is not None and config.block_size != block_size:
+    raise ValueError(f"scale_by_stquant(block_size={block_size}) was given a state built "
+                     f"with block_size={config.block_size}; use the transform that built "
+                     "the state (or re-initialise it)")
+  for name, mine, theirs in (("mu_map", mu_maps, config.mu_maps),
+                             ("nu_map", nu_maps, config.nu_maps)):
+    diff = _first_map_difference(mine, theirs)
+    if diff is not None:
+      bits, a, b = diff
+      raise ValueError(f"scale_by_stquant: this transform's {name} gives {a} at {bits} bits, "
+                       f"the state was built with {b}; use the transform that built the state")
+
+
 def static_block_size(block_size):
   """``block_size`` as a Python int; None when traced (inject_hyperparams' update).
 

@@ -7,23 +7,33 @@ import jax.numpy as jnp
 import optax
 
 from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
-from stquant_jax._src.codec.maps import resolve_map
 from stquant_jax._src.codec.rounding import check_rounding
+from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import replicated_on_params_mesh
 from stquant_jax._src.policy.base import FixedBits, Policy
+from stquant_jax._src.state.config import make_config, resolve_maps
 from stquant_jax._src.state.opt_state import ScaleByStquantState
 from stquant_jax._src.transform.checks import (
-    check_adam_hparams, check_options, moments_for_updates, static_block_size)
+    check_adam_hparams, check_config, check_mu_dtype, check_options, moments_for_updates,
+    static_block_size)
 from stquant_jax._src.transform.leaves import init_moment, update_leaf
 
 
-def _adam_scalars(b1, b2, eps, eps_root, count):
+def _adam_scalars(b1, b2, eps, eps_root, count, nesterov: bool):
   """Hyperparameters and bias corrections as float32 scalars, whether given as Python
   floats or traced by inject_hyperparams, so both paths round identically."""
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   b1, b2 = f32(b1), f32(b2)
-  return dict(b1=b1, b2=b2, eps=f32(eps), eps_root=f32(eps_root),
-              bc1=1 - b1 ** count, bc2=1 - b2 ** count, step=count)
+  out = dict(b1=b1, b2=b2, eps=f32(eps), eps_root=f32(eps_root),
+             bc1=1 - b1 ** count, bc2=1 - b2 ** count, step=count)
+  if nesterov:  # optax: bias_correction(mu, b1, safe_increment(count))
+    out["bc1_next"] = 1 - b1 ** optax.safe_increment(count)
+  return out
+
+
+def _as_array(x):
+  """A Python int / float leaf as jnp sees it (optax accepts ``{"n": 3}``)."""
+  return x if x is None or hasattr(x, "dtype") else jnp.asarray(x)
 
 
 def _aligned_params(treedef, params, n):
@@ -41,7 +51,9 @@ def scale_by_stquant(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     *,
+    nesterov: bool = False,
     policy: Policy | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     mu_map=None,
@@ -63,7 +75,9 @@ def scale_by_stquant(
   The policy (default :class:`~stquant_jax.FixedBits`) decides per leaf, from
   its global shape and dtype at ``init``, how many bits m and v get. Bit-widths,
   maps, block size and shapes are static metadata of the state, so the update
-  compiles once.
+  compiles once. The block size, the maps and the parameter shapes also travel
+  with the state (``state.config``), so :func:`~stquant_jax.relayout` and the
+  other tools need no settings; the policy gets the block size from here.
 
   Hostile input (``docs/reliability.md`` lists every case and its test):
 
@@ -87,10 +101,17 @@ def scale_by_stquant(
     b2: decay rate of the second moment.
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
+    mu_dtype: accepted for optax's signature; only None (or float32) is
+      supported: m is stored as codes of the policy's width, or float32.
+    nesterov: Nesterov momentum, ``optax.scale_by_adam(nesterov=True)``'s
+      formula on the fresh float32 m (runs on the jnp path, never the fused
+      kernel).
     policy: a :class:`~stquant_jax.Policy`; default ``FixedBits()`` (8-bit m
       and v for leaves with >= 4096 values).
-    block_size: values per quantization block (a multiple of 32). Static:
-      declare it in ``static_args`` when using :func:`optax.inject_hyperparams`.
+    block_size: values per quantization block (a multiple of 32). It shapes
+      the state at ``init``; ``update`` reads it from the state, so
+      :func:`optax.inject_hyperparams` may trace it there (it must be concrete
+      at ``init``: with ``jax.jit(tx.init)`` declare ``static_args=("block_size",)``).
     mu_map: optional ``callable(bits) -> CodeMap`` overriding the m map.
     nu_map: optional ``callable(bits) -> CodeMap`` overriding the v map.
     rounding: how new moments round to code levels: ``"stochastic"``
@@ -118,24 +139,30 @@ def scale_by_stquant(
     (-0.01, 4)
   """
   check_adam_hparams(b1, b2, eps, eps_root)
+  check_mu_dtype(mu_dtype)
   block_size = static_block_size(block_size)
   policy = FixedBits() if policy is None else policy
   check_options(policy, backend, mu_map, nu_map)
   rounding = check_rounding(rounding)
-
-  def maps(bits, signed):
-    return resolve_map(mu_map if signed else nu_map, bits, signed,
-                       "mu_map" if signed else "nu_map")
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+  if block_size is not None:
+    policy = policy.bind(block_size)
+  mu_maps = resolve_maps(mu_map, True, "mu_map")
+  nu_maps = resolve_maps(nu_map, False, "nu_map")
+  leaf_backend = "jnp" if nesterov else backend  # the fused kernel has no Nesterov form
 
   def init_fn(params):
     if block_size is None:
       raise TypeError("block_size is traced; it sets the state's shapes and must be "
                       "static (with optax.inject_hyperparams pass static_args=('block_size',))")
+    params = jax.tree.map(_as_array, params)
+    config = make_config(params, block_size, mu_maps, nu_maps)
 
     def moments(signed):
       def leaf(p):
         bits = policy.leaf_bits(tuple(p.shape), p.dtype)[0 if signed else 1]
-        return init_moment(p, bits, signed, block_size, maps)
+        return init_moment(p, bits, signed, block_size, config.code_map)
       return jax.tree.map(leaf, params)
 
     count, policy_state = jnp.zeros([], jnp.int32), policy.init_state(params)
@@ -145,23 +172,33 @@ def scale_by_stquant(
     if rep is not None:
       count, policy_state = jax.device_put((count, policy_state), rep)
     return ScaleByStquantState(count=count, mu=moments(True), nu=moments(False),
-                               policy_state=policy_state)
+                               policy_state=policy_state, config=config)
 
   def update_fn(updates, state, params=None):
-    count_inc = optax.safe_increment(state.count)
+    # The state's own config (block size, maps) describes its moments; it must be
+    # this transform's (static check, free under jit).
+    config = field(state, "config", None)
+    check_config(config, block_size, mu_maps, nu_maps)
+    bs = block_size if config is None else config.block_size
+    code_map = (config or make_config((), bs, mu_maps, nu_maps)).code_map
+    pol = policy if block_size is not None or bs is None else policy.bind(bs)
+    count_inc = optax.safe_increment(field(state, "count"))
+    updates = jax.tree.map(_as_array, updates)
     leaves, treedef = jax.tree.flatten(updates)
-    mu, nu = moments_for_updates(updates, treedef, leaves, state.mu, state.nu, block_size)
-    hparams = _adam_scalars(b1, b2, eps, eps_root, count_inc)
+    mu, nu = moments_for_updates(updates, treedef, leaves, field(state, "mu"),
+                                 field(state, "nu"), bs)
+    hparams = _adam_scalars(b1, b2, eps, eps_root, count_inc, nesterov)
     params = _aligned_params(treedef, params, len(leaves))
     out = [update_leaf(g, m, v, p, hparams=dict(hparams, rounding=rounding, leaf=i),
-                       backend=backend, block_size=block_size, maps=maps)
+                       backend=leaf_backend, block_size=bs, maps=code_map)
            for i, (g, m, v, p) in enumerate(zip(leaves, mu, nu, params))]
     tree = lambda xs: treedef.unflatten(list(xs))
     seen_g, seen_mu, seen_nu = zip(*(o.seen for o in out)) if out else ((), (), ())
-    policy_state = policy.update_state(state.policy_state, tree(seen_g), tree(seen_mu),
-                                       tree(seen_nu), count_inc)
+    policy_state = pol.update_state(field(state, "policy_state"), tree(seen_g), tree(seen_mu),
+                                    tree(seen_nu), count_inc)
     new_state = ScaleByStquantState(count=count_inc, mu=tree(o.mu for o in out),
-                                    nu=tree(o.nu for o in out), policy_state=policy_state)
+                                    nu=tree(o.nu for o in out), policy_state=policy_state,
+                                    config=config)
     return tree(o.update for o in out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

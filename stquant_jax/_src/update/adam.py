@@ -42,8 +42,16 @@ def moment_noise(shape, step, leaf: int, moment: int):
   return uniform_noise(index, step, 2 * leaf + moment)
 
 
-def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, rounding=NEAREST, step=0,
-              leaf: int = 0):
+def _first_moment_hat(m, g32, b1, bc1, bc1_next):
+  """Bias-corrected m; with ``bc1_next`` (``1 - b1**(t+1)``) Nesterov's look-ahead
+  ``b1 * m / bc1_next + (1 - b1) * g / bc1``, ``optax.scale_by_adam(nesterov=True)``'s formula."""
+  if bc1_next is None:
+    return m / bc1
+  return b1 * (m / bc1_next) + (1 - b1) * (g32 / bc1)
+
+
+def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, bc1_next=None,
+              rounding=NEAREST, step=0, leaf: int = 0):
   """One leaf of the update: dequantize -> Adam in float32 -> requantize.
 
   ``mu`` and ``nu`` are each a :class:`~stquant_jax.QuantizedArray` or a
@@ -53,7 +61,8 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, rounding=NEAREST, s
   handled in the packing-group view ``[n_blocks, B // gc, gc]`` so that XLA
   fuses unpacking, decoding, the Adam math, encoding and packing into a few
   loops: one variadic reduction for the block maxima of m and v, then one
-  loop per output.
+  loop per output. ``bc1_next`` (``1 - b1**(t+1)``) turns on Nesterov momentum
+  (:func:`_first_moment_hat`); the fused kernel has no such option.
 
   ``rounding`` is the ``(m, v)`` pair of ``"nearest"`` / ``"stochastic"``
   (:mod:`~stquant_jax._src.codec.rounding`); stochastic rounding draws its
@@ -64,7 +73,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, rounding=NEAREST, s
   if not quantized:
     m = b1 * mu + (1 - b1) * g32
     v = b2 * nu + (1 - b2) * jnp.square(g32)
-    u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+    u = _first_moment_hat(m, g32, b1, bc1, bc1_next) / (jnp.sqrt(v / bc2 + eps_root) + eps)
     return (u.astype(g.dtype),) + finite_moments(m, v)
   ref = quantized[0]
   nb, bs = ref.scales.shape[0], ref.block_size
@@ -87,7 +96,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, rounding=NEAREST, s
   g3 = to_view(g32)
   m = b1 * read(mu) + (1 - b1) * g3
   v = b2 * read(nu) + (1 - b2) * jnp.square(g3)
-  u3 = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+  u3 = _first_moment_hat(m, g3, b1, bc1, bc1_next) / (jnp.sqrt(v / bc2 + eps_root) + eps)
   u = u3.reshape(-1)[:n].reshape(g.shape).astype(g.dtype)
   m, v = finite_moments(m, v)
   pairs = [(x, q) for x, q in ((m, mu), (v, nu)) if is_quantized(q)]

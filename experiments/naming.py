@@ -1,0 +1,56 @@
+"""Display names, colors and ordering of the optimizers in tables and plots."""
+
+import re
+
+from experiments import quality
+
+REFERENCE = quality.REFERENCE
+LABELS = {
+    "adamw": "optax.adamw (fp32)",
+    "adamw_control": "fp32, m × (1 ± 1e-6) (control)",
+    "adamw_bf16": "optax.adamw (bf16 m)",
+    "stquant_adaptive": "STQuant adaptive (default)",
+    "stquant_budget": "STQuant budget",
+}
+COLORS = {"adamw": "black", "adamw_control": "tab:gray", "adamw_bf16": "tab:brown",
+          "stquant_adaptive": "tab:green", "stquant_budget": "tab:red"}
+_KIND_ORDER = {"reference": 0, "control": 1, "baseline": 2, "fixed": 3, "adaptive": 4}
+MODEL_TITLES = {"gpt2": "GPT-2 on CPython stdlib (bytes)",
+                "vit": "ViT on MNIST-5k"}
+
+
+def fixed_bits(name: str) -> tuple[int, int] | None:
+  m = re.fullmatch(r"stquant(\d)(?:v(\d))?(_nearest)?", name)
+  return (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
+
+
+def order(names) -> list[str]:
+  """Reference, control, other baselines, fixed widths (most bits first), adaptive."""
+  def key(n):
+    fb = fixed_bits(n)
+    return (_KIND_ORDER[quality.kind(n)], -(fb[0] + fb[1]) if fb else 0,
+            n.endswith("_nearest"), n)
+  return sorted(names, key=key)
+
+
+def label(name: str, stats: dict | None = None) -> str:
+  """Display name: fixed widths show m/v bits, budgets their target."""
+  nearest = ", nearest rounding" if name.endswith("_nearest") else ""
+  fb = fixed_bits(name)
+  if fb:
+    text = (f"stquant {fb[0]}-bit" if fb[0] == fb[1] else f"stquant m{fb[0]}/v{fb[1]}")
+    return text + nearest
+  target = (stats or {}).get("target_bits")
+  if name.startswith("stquant_t") or (name == "stquant_budget" and target):
+    return f"STQuant budget ≤ {target:g} bits" + nearest
+  return LABELS.get(name, name) + nearest
+
+
+def color(name: str) -> str:
+  if name in COLORS:
+    return COLORS[name]
+  fb = fixed_bits(name)
+  cmap = {"fixed": "Blues", "adaptive": "Greens"}.get(quality.kind(name), "Purples")
+  import matplotlib
+  shade = 0.35 + 0.08 * (sum(fb) if fb else 6)
+  return matplotlib.colormaps[cmap](min(shade, 0.95))

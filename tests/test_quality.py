@@ -1,0 +1,94 @@
+"""The quality protocol's statistics: paired deltas, the control's noise floor, verdicts,
+the adaptive-vs-uniform frontier (``experiments/quality.py``), on synthetic run logs."""
+
+import math
+
+import pytest
+
+from experiments import naming, optimizers, quality
+
+
+def _log(loss):
+  return {"eval": [{"step": 10, "loss": loss + 1.0}], "final_eval": {"loss": loss}}
+
+
+def _runs(table):
+  """``{optimizer: [final loss per seed]}`` -> ``{optimizer: {seed: log}}``."""
+  return {name: {s: _log(x) for s, x in enumerate(losses)} for name, losses in table.items()}
+
+
+REF = [2.00, 2.10, 1.90, 2.05, 1.95]
+
+
+def _scaled(pcts):
+  return [r * (1 + p / 100) for r, p in zip(REF, pcts)]
+
+
+def test_paired_deltas_use_the_same_seed_and_the_final_evaluation():
+  runs = _runs({"adamw": REF, "stquant4": _scaled([1, 2, 3, 2, 2])})
+  st = quality.paired(runs)["stquant4"]
+  assert [round(st["delta_pct"][s], 6) for s in range(5)] == [1, 2, 3, 2, 2]
+  mean, half = quality.ci95([1, 2, 3, 2, 2])
+  assert st["delta_mean"] == pytest.approx(2.0) and st["delta_ci95"] == pytest.approx(half)
+  assert quality.final_loss({"eval": [{"loss": 3.0}]}) == 3.0  # no final_eval: last eval
+
+
+def test_noise_floor_is_the_controls_largest_change():
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.1, -0.3, 0.2, 0.0, 0.15])})
+  assert quality.noise_floor(quality.paired(runs)) == pytest.approx(0.3)
+  assert quality.noise_floor(quality.paired(_runs({"adamw": REF}))) is None
+
+
+@pytest.mark.parametrize("pcts,expected", [
+    ([0.05, -0.1, 0.0, 0.1, -0.05], "matches"),     # inside the floor
+    ([2.0, 2.2, 1.9, 2.1, 2.0], "worse"),           # consistently beyond it
+    ([-2.0, -2.2, -1.9, -2.1, -2.0], "better"),
+    ([1.0, -1.0, 2.0, -2.0, 0.0], "unresolved"),    # too spread to say
+])
+def test_verdict_claims_only_above_the_noise_floor(pcts, expected):
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.1, -0.3, 0.2, 0.0, 0.15]),
+                "x": _scaled(pcts)})
+  st = quality.paired(runs)
+  assert quality.verdict(st["x"], quality.noise_floor(st)) == expected
+  assert quality.verdict(st["x"], None) == "—"  # no control: no claim
+
+
+def test_frontier_compares_adaptive_with_the_best_fixed_run_at_no_more_bits():
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.1, -0.1, 0.1, -0.1, 0.0]),
+                "stquant8": _scaled([0.0] * 5), "stquant4": _scaled([1.0] * 5),
+                "stquant4v3": _scaled([1.5] * 5), "stquant_t4": _scaled([0.5] * 5),
+                "stquant_t3.5": _scaled([2.0] * 5), "stquant4_nearest": _scaled([3.0] * 5)})
+  st = quality.paired(runs)
+  bits = {"stquant8": 8.3, "stquant4": 4.3, "stquant4v3": 3.8, "stquant_t4": 4.2,
+          "stquant_t3.5": 3.7, "stquant4_nearest": 4.3}
+  fr = quality.frontier(st, bits, quality.noise_floor(st))
+  assert [n for _, _, n in fr["uniform"]] == ["stquant4v3", "stquant4", "stquant8"]
+  by = {c["adaptive"]: c for c in fr["comparisons"]}
+  assert by["stquant_t4"]["uniform"] == "stquant4v3" and by["stquant_t4"]["at_or_below"]
+  assert "uniform" not in by["stquant_t3.5"]  # every fixed run uses more bits
+  assert fr["lowest_matching"] == {"optimizer": "stquant8", "average_bits": 8.3}
+
+
+def test_kinds_and_names():
+  assert [quality.kind(n) for n in ("adamw", "adamw_control", "adamw_bf16", "stquant4v3",
+                                    "stquant8_nearest", "stquant_t4.5", "stquant_adaptive")] == [
+      "reference", "control", "baseline", "fixed", "fixed", "adaptive", "adaptive"]
+  assert naming.label("stquant4v3") == "stquant m4/v3"
+  assert naming.label("stquant8_nearest") == "stquant 8-bit, nearest rounding"
+  assert naming.label("stquant_t4.5", {"target_bits": 4.5}) == "STQuant budget ≤ 4.5 bits"
+  assert naming.order(["stquant_t4", "stquant4", "adamw_control", "stquant8", "adamw"]) == [
+      "adamw", "adamw_control", "stquant8", "stquant4", "stquant_t4"]
+  assert optimizers.is_known("stquant5v4_nearest") and not optimizers.is_known("stquant9x")
+  with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+    optimizers.parse_stquant("sgd")
+  assert math.isinf(quality.ci95([1.0])[1])
+
+
+def test_within_one_percent_needs_the_whole_interval_and_a_floor_below_it():
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.01, -0.02, 0.0, 0.01, 0.0]),
+                "ok": _scaled([0.3, 0.5, 0.4, 0.6, 0.4]), "far": _scaled([0.9, 1.4, 0.5, 1.2, 0.8])})
+  st = quality.paired(runs)
+  floor = quality.noise_floor(st)
+  assert quality.verdict(st["ok"], floor) == "worse"  # resolved, and small
+  assert quality.within(st["ok"], 1.0, floor) and not quality.within(st["far"], 1.0, floor)
+  assert not quality.within(st["ok"], 1.0, floor=1.5)  # a floor above 1%: no such claim
