@@ -58,10 +58,13 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
                 batch_size=128, learning_rate=5e-4, min_lr_ratio=0.01,
                 eval_batches=8, final_eval_batches=0),
 }
-BASELINES = ("adamw", "adamw_control", "adamw_bf16")
+BASELINES = ("adamw", "adamw_control", "adamw_jitter", "adamw_bf16")
 FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3")
 ROUNDING = ("stquant8_nearest", "stquant4_nearest")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
+
+
+SWITCH_DELAY = 10  # adaptive runs: steps from a policy decision to its new layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +133,23 @@ def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
             if model not in budgets:
               budgets[model] = budget_bits(cfg)
             kw["target_bits"] = budgets[model]
-          if kw:
-            cfg = dataclasses.replace(cfg, optimizer_kwargs=kw)
+          # A fixed delay from proposal to layout switch makes the run reproducible
+          # (the default switches when the background compile is done).
+          cfg = dataclasses.replace(cfg, optimizer_kwargs=kw, switch_delay=SWITCH_DELAY)
         configs.append(cfg)
   return configs
 
 
 def _same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
+  """Whether the log at ``path`` ran ``cfg`` (a field the log predates counts as
+  the same when ``cfg`` leaves it at its default)."""
   try:
-    return json.loads(path.read_text())["config"] == json.loads(
-        json.dumps(dataclasses.asdict(cfg)))
+    old = json.loads(path.read_text())["config"]
   except (OSError, ValueError, KeyError):
     return False
+  new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  defaults = json.loads(json.dumps(dataclasses.asdict(train.TrainConfig())))
+  return all(old[k] == v if k in old else v == defaults[k] for k, v in new.items())
 
 
 def enable_compilation_cache() -> None:

@@ -8,11 +8,13 @@ REFERENCE = quality.REFERENCE
 LABELS = {
     "adamw": "optax.adamw (fp32)",
     "adamw_control": "fp32, m × (1 ± 1e-6) (control)",
+    "adamw_jitter": "fp32, m × (1 ± 2⁻⁸) (bf16-sized jitter)",
     "adamw_bf16": "optax.adamw (bf16 m)",
     "stquant_adaptive": "STQuant adaptive (default)",
     "stquant_budget": "STQuant budget",
 }
 COLORS = {"adamw": "black", "adamw_control": "tab:gray", "adamw_bf16": "tab:brown",
+          "adamw_jitter": "tab:olive",
           "stquant_adaptive": "tab:green", "stquant_budget": "tab:red"}
 _KIND_ORDER = {"reference": 0, "control": 1, "baseline": 2, "fixed": 3, "adaptive": 4}
 MODEL_TITLES = {"gpt2": "GPT-2 on CPython stdlib (bytes)",

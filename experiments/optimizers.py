@@ -23,11 +23,16 @@ STQUANT_POLICIES = {
     "stquant_adaptive": ("STQuantPolicy", {}),
     "stquant_budget": ("STQuantPolicy", {"target_bits": 4.5}),
 }
-OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_control", *STQUANT_POLICIES)
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_control", "adamw_jitter", *STQUANT_POLICIES)
 GRAMMAR = ("stquant<M> / stquant<M>v<V> (fixed bits for m and v, e.g. stquant4v3), "
            "stquant_t<X> (STQuantPolicy(target_bits=X), e.g. stquant_t4.5); "
            "a trailing _nearest selects round-to-nearest moments")
 CONTROL_PERTURBATION = 1e-6
+# ``adamw_jitter``: the same perturbation at bfloat16's size (its largest relative
+# rounding error is 2**-9; u * 2**-8 has the same spread). Not a control: it shows how
+# far *any* perturbation as large as a low-precision moment's moves a run's final loss.
+JITTER_PERTURBATION = 2.0 ** -8
+_OPTAX = ("adamw", "adamw_bf16", "adamw_control", "adamw_jitter")
 
 
 def parse_stquant(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -61,7 +66,7 @@ def parse_stquant(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def is_known(name: str) -> bool:
   """Whether ``name`` is an optimizer this module can build."""
-  if name in ("adamw", "adamw_bf16", "adamw_control"):
+  if name in _OPTAX:
     return True
   try:
     parse_stquant(name)
@@ -115,7 +120,7 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   Args:
     name: ``"adamw"`` (f32 moments), ``"adamw_bf16"`` (bf16 first moment),
       ``"adamw_control"`` (f32, m perturbed by 1e-6 each step: the noise-floor
-      control), or a quantized name (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
+      control), ``"adamw_jitter"`` (m perturbed by 2**-8, bfloat16's size), or a quantized name (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
     learning_rate: Scalar or optax schedule.
     b1: First-moment decay.
     b2: Second-moment decay.
@@ -128,11 +133,12 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   Returns:
     An ``optax.GradientTransformation``.
   """
-  if name in ("adamw", "adamw_bf16", "adamw_control"):
+  if name in _OPTAX:
     if policy_kw:
       raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
-    if name == "adamw_control":
-      return optax.chain(perturbed_adam(b1, b2, eps, seed=seed),
+    if name in ("adamw_control", "adamw_jitter"):
+      size = CONTROL_PERTURBATION if name == "adamw_control" else JITTER_PERTURBATION
+      return optax.chain(perturbed_adam(b1, b2, eps, perturbation=size, seed=seed),
                          optax.add_decayed_weights(weight_decay, mask),
                          optax.scale_by_learning_rate(learning_rate))
     mu_dtype = jnp.bfloat16 if name == "adamw_bf16" else None
@@ -152,7 +158,7 @@ def make_policy(name: str, **policy_kw):
   Returns:
     The policy, or None for the plain optax optimizers.
   """
-  if name in ("adamw", "adamw_bf16", "adamw_control"):
+  if name in _OPTAX:
     return None
   policy_name, kw, _ = parse_stquant(name)
   stquant_jax = _import_stquant()

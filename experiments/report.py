@@ -215,6 +215,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 "of the mean Δ lies within ± the floor; *worse* / *better*: it lies "
                 "entirely beyond it; *unresolved*: neither (more seeds, or a lower floor, "
                 "would be needed).", ""]
+      jit = m["optimizers"].get("adamw_jitter")
+      if jit and jit["delta_pct"]:
+        d = ", ".join(f"{v:+.2f}" for v in jit["delta_pct"].values())
+        lines += [f"A perturbation of m as large as bfloat16's rounding (`adamw_jitter`, "
+                  f"1 ± 2⁻⁸ u each step) moved the final loss by {d}% on the same seeds: "
+                  "any change of that size sends a run on another trajectory, so a "
+                  "low-bit optimizer's per-seed Δ scatters at least that much and only its "
+                  "mean over seeds (the 95% interval) carries information.", ""]
     fr = m["frontier"]
     if fr["comparisons"]:
       lines += ["**Adaptive vs uniform bits at equal memory** (each adaptive run against "

@@ -330,7 +330,7 @@ def test_smoke_every_model_and_optimizer(model, optimizer, smoke_dir):
   assert on_disk["config"] == cfg and on_disk["train_loss"] == log["train_loss"]
   n = log["param_count"]
   nbytes = log["final_memory"]["opt_state_bytes"]
-  if optimizer in ("adamw", "adamw_bf16", "adamw_control"):
+  if optimizer in ("adamw", "adamw_bf16", "adamw_control", "adamw_jitter"):
     per_param = 6 if optimizer == "adamw_bf16" else 8
     assert nbytes == log["opt_state_bytes"] and log["bit_history"] == []
     assert per_param * n <= nbytes <= per_param * n + 16  # + step counters

@@ -92,3 +92,25 @@ def test_within_one_percent_needs_the_whole_interval_and_a_floor_below_it():
   assert quality.verdict(st["ok"], floor) == "worse"  # resolved, and small
   assert quality.within(st["ok"], 1.0, floor) and not quality.within(st["far"], 1.0, floor)
   assert not quality.within(st["ok"], 1.0, floor=1.5)  # a floor above 1%: no such claim
+
+
+@pytest.mark.parametrize("name,size", [("adamw_control", 1e-6), ("adamw_jitter", 2.0 ** -8)])
+def test_perturbed_baselines_move_m_by_their_size_only(name, size):
+  """The control (and the bf16-sized jitter) are fp32 AdamW except that the stored m
+  is scaled by 1 + size * u, |u| <= 1: the relative change of m stays within ``size``
+  and is not zero (a perturbation that never happens would measure nothing)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from experiments import optimizers
+  params = {"w": jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64)}
+  grads = jax.tree.map(lambda p: jnp.sin(7 * p) + 0.1, params)
+  tx, ref = optimizers.make_optimizer(name, 1e-3, seed=3), optax.adamw(1e-3, weight_decay=1e-4)
+  st, st_ref = tx.init(params), ref.init(params)
+  for _ in range(3):
+    _, st = tx.update(grads, st, params)
+    _, st_ref = ref.update(grads, st_ref, params)
+  m, m_ref = st[0].mu["w"], st_ref[0].mu["w"]
+  rel = jnp.abs(m / m_ref - 1.0)
+  assert float(rel.max()) <= 3 * size * 1.01  # three steps, each within size
+  assert float(rel.max()) > size / 10

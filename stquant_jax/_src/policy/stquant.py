@@ -92,7 +92,12 @@ class STQuantPolicy(Policy):
     every: K, steps between decisions; each step samples 1/K of every adaptive
       leaf's blocks for the statistics, so a decision sees each block once.
     critical, magnitude, structure, redundant: ``(mu_bits, nu_bits)`` of each zone,
-      non-increasing from critical to redundant.
+      non-increasing from critical to redundant. The defaults, (6, 6), (5, 5),
+      (5, 4) and (4, 4), average about 5 bits with metadata (the paper's 5.1)
+      and were chosen from the uniform curve of ``experiments.compare``
+      (docs/quality.md): fixed 5- and 4-bit moments train GPT-2 like fp32 AdamW
+      within the seed-to-seed spread, so the zones spend one or two bits above
+      4 where the statistics say a leaf needs them.
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
       magnitude / structure factor, relative to the geometric mean over the
       adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
@@ -149,10 +154,10 @@ class STQuantPolicy(Policy):
   """
 
   every: int = 100
-  critical: tuple = (8, 8)
-  magnitude: tuple = (6, 8)
-  structure: tuple = (6, 6)
-  redundant: tuple = (4, 5)
+  critical: tuple = (6, 6)
+  magnitude: tuple = (5, 5)
+  structure: tuple = (5, 4)
+  redundant: tuple = (4, 4)
   n_thresholds: tuple = (0.8, 1.25)
   r_thresholds: tuple = (0.8, 1.25)
   ema: float = 0.5
