@@ -63,9 +63,11 @@ _SCRIPT = textwrap.dedent(r"""
 
   fixed = lambda: sq.FixedBits(4, 4, min_size=1024)
   # Thresholds (1, 1): a leaf is "high" iff above the geometric mean, so with two adaptive
-  # leaves the decisions move bits away from the initial critical (8, 8).
+  # leaves the decisions move bits away from the initial critical (8, 8). Zones spelled
+  # out (8-bit and 4-bit codes pack in whole bytes; the tolerances below assume them).
   adaptive = lambda axis_name=None: sq.STQuantPolicy(
-      every=2, min_interval=0, min_size=1024, anneal_steps=0, n_thresholds=(1.0, 1.0),
+      every=2, min_interval=0, min_size=1024, anneal_steps=0, critical=(8, 8),
+      magnitude=(6, 8), structure=(6, 6), redundant=(4, 5), n_thresholds=(1.0, 1.0),
       r_thresholds=(1.0, 1.0), axis_name=axis_name)
   make_tx = lambda policy: sq.adamw(LR, policy=policy)
   decision = lambda i: (i + 1) % 2 == 0
