@@ -42,7 +42,7 @@ from stquant_jax._src.codec.rounding import uniform_noise
 from stquant_jax._src.kernels import exact_math
 from stquant_jax._src.kernels.dequantize import load_and_decode
 from stquant_jax._src.kernels.quantize import encode_and_store
-from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
+from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size, out_like
 from stquant_jax._src.update.adam import NEAREST, adam_leaf
 
 _B1, _C1, _B2, _C2, _EPS, _EPS_ROOT, _BC1, _BC2, _WD, _NEG_LR = range(10)
@@ -125,8 +125,7 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
   in_specs = [pl.BlockSpec((_N_HPARAMS,), lambda i: (0,)), pl.BlockSpec((4,), lambda i: (0,)),
               flat, *state_specs] + [flat] * adamw
   args = (hparams, counter, g, m_codes, m_scales, v_codes, v_scales) + (param,) * adamw
-  out_shape = [jax.ShapeDtypeStruct(g.shape, g.dtype)] + [
-      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[3:7]]
+  out_shape = [out_like(*args, shape=a.shape, dtype=a.dtype) for a in args[2:7]]
   kernel = functools.partial(
       _adam_kernel, mu_map=mu_map, nu_map=nu_map, block=block_size, rows=rows,
       size=size, adamw=adamw, rounding=rounding, ieee=not interpret)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -85,3 +87,20 @@ def check_block_size(block_size: int) -> None:
     raise ValueError(
         f"{block_size=}: the Pallas kernels need a power-of-two block size >= 32; "
         "use the jnp path for other block sizes")
+
+
+def out_like(*inputs, shape, dtype) -> jax.ShapeDtypeStruct:
+  """A ``pallas_call`` output shape that varies over the same manual mesh axes as
+  ``inputs`` (the one that varies over most of them).
+
+  Inside ``jax.shard_map(..., check_vma=True)`` a ``pallas_call`` needs to know how
+  its outputs vary across the mesh; outside it this is a plain
+  ``ShapeDtypeStruct``. The platform dispatch traces the GPU kernel on every
+  platform, so this matters on CPU too.
+  """
+  types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in inputs]
+  types = [t for t in types if t is not None]
+  if not types:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  widest = max(types, key=lambda t: len(getattr(t, "varying", ())))
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=widest)
