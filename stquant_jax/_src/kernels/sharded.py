@@ -64,10 +64,13 @@ def local_adam_update(g, mu: QuantizedArray, nu: QuantizedArray, *, b1, b2, eps,
   hp = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, bc1=bc1, bc2=bc2)
   nb, bs = mu.scales.shape[0], mu.block_size
   if g.size != nb * bs or g.size == 0:
-    whole = lambda g, mu, nu: adam_update_leaf(
+    # Traced hyperparameters and step go in as arguments: shard_map cannot close over
+    # values typed with Explicit mesh axes.
+    whole = lambda g, mu, nu, hp, step: adam_update_leaf(
         g, mu, nu, **hp, rounding=rounding, step=step, leaf=leaf, interpret=interpret,
         tiling=tiling)
-    u, new_mu, new_nu = replicated_call(whole, g, mu, nu)
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    u, new_mu, new_nu = replicated_call(whole, g, mu, nu, hp, jnp.asarray(step, jnp.int32))
     return reshard_like(u, g), _like(new_mu, mu), _like(new_nu, nu)
   rounding = tuple(rounding)
 
