@@ -11,6 +11,10 @@ CLI::
 
   python -m experiments.train --model gpt2 --preset tiny --optimizer adamw \
       --steps 200 --log runs/gpt2_tiny_adamw.json
+
+On several devices the batch is split over them (data parallel, params and
+optimizer state replicated); ``--fsdp`` splits params, gradients and optimizer
+state too (``experiments/fsdp.py``).
 """
 
 import argparse
@@ -30,7 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import data, models, optimizers
+from experiments import data, fsdp, models, optimizers
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ class TrainConfig:
   final_eval_batches: int | None = None  # None: eval_batches; 0: the whole split.
   log_path: str | None = None
   progress: bool = True
+  fsdp: bool = False  # several devices: params, grads, opt state split (experiments.fsdp)
   # Adaptive policies (stquant_jax.adaptive_jit): steps between a proposal and its
   # layout switch. None: as soon as the new layout's step is compiled in the background
   # (no stall; the step depends on compile speed); an int: that many steps later
@@ -269,9 +274,16 @@ def train(cfg: TrainConfig,
   policy = optimizers.make_policy(cfg.optimizer, **cfg.optimizer_kwargs)
   every = getattr(policy, "every", None)  # Adaptive policies re-decide bits.
   batch_sh, replicated = data_sharding(cfg.batch_size)
-  if replicated is not None:  # Data parallel: replicate state, shard batch.
+  train_step, eval_step = make_steps(models.LOSSES[cfg.model])
+  sharded = None  # FSDP: params, gradients and optimizer state split over "data"
+  if replicated is not None and cfg.fsdp:
+    template = jax.eval_shape(tx.init, nnx.state(model, nnx.Param))  # typed moments
+    sharded = fsdp.FSDP(batch_sh.mesh, model, optimizer, models.LOSSES[cfg.model], template)
+    train_step = sharded.train_step
+  elif replicated is not None:  # Data parallel: replicate state, shard batch.
     for obj in (model, optimizer):
       nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
+  if replicated is not None:
     put = lambda b: jax.device_put(b, batch_sh)
     eval_batches = [put(b) for b in eval_batches]
     final_batches = [put(b) for b in final_batches]
@@ -279,8 +291,9 @@ def train(cfg: TrainConfig,
     put = jax.device_put
   if cfg.layout_switch not in ("adaptive_jit", "relayout"):
     raise ValueError(f"{cfg.layout_switch=} must be 'adaptive_jit' or 'relayout'")
-  train_step, eval_step = make_steps(models.LOSSES[cfg.model])
-  helper = bool(every) and cfg.layout_switch == "adaptive_jit"
+  # FSDP owns its jitted step (shardings in and out), so an adaptive policy's layout
+  # changes go through relayout + re-placement there, not adaptive_jit.
+  helper = bool(every) and cfg.layout_switch == "adaptive_jit" and sharded is None
   if helper:
     train_step = adaptive_train_step(models.LOSSES[cfg.model], cfg)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -293,6 +306,7 @@ def train(cfg: TrainConfig,
       "opt_state_average_bits": memory["average_bits"],
       "devices": [str(d) for d in jax.devices()],
       "data_parallel": 1 if batch_sh is None else batch_sh.mesh.size,
+      "fsdp": sharded is not None,
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
       "train_loss": [], "step_time_s": [], "eval": [], "relayouts": [],
       "bit_history": [],  # stquant only: layout (and proposals) over steps.
@@ -331,6 +345,8 @@ def train(cfg: TrainConfig,
         log["relayouts"].append({"step": step + 1, "proposal_step": step,
                                  "repack_s": time.perf_counter() - t0,
                                  **_memory(optimizer, cfg)})
+        if sharded is not None:  # re-place the new layout, rebuild the jitted step
+          sharded.place(optimizer, stquant_jax.plain_state(optimizer))
         if step < cfg.steps:
           compile_steps.add(step + 1)  # nnx.jit retraces for the new layout
     if every and step % every == 0:
@@ -405,6 +421,8 @@ _HELP = {
     "switch_delay": ("adaptive policies: steps from a proposal to its layout switch "
                      "(None: when compiled in the background; an int: reproducible)"),
     "compile_cache_dir": "JAX's persistent compilation cache directory",
+    "fsdp": ("several devices: shard params, gradients and optimizer state over the "
+             "data axis (default: data parallel, replicated state)"),
     "layout_switch": ("adaptive policies: adaptive_jit (no stall) or relayout (retrace "
                       "at each change)"),
 }
@@ -435,6 +453,8 @@ def parser() -> argparse.ArgumentParser:
     elif f.name == "progress":
       ap.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar")
+    elif f.type is bool:
+      ap.add_argument(flag, action="store_true", help=help_)
     else:
       kind = {"int | None": int, "float | None": float,
               "str | None": str}.get(str(f.type), f.type)

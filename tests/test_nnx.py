@@ -30,8 +30,9 @@ class MLP(nnx.Module):
     return self.l2(jax.nn.relu(self.l1(x)))
 
 
-def _policy():
-  return sq.STQuantPolicy(every=2, min_interval=0, anneal_steps=0)
+def _policy():  # critical zone 8/8 spelled out: leaves start at 8 bits
+  return sq.STQuantPolicy(every=2, min_interval=0, anneal_steps=0, critical=(8, 8),
+                          magnitude=(6, 8), structure=(6, 6), redundant=(4, 5))
 
 
 def batch(i):

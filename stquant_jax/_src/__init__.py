@@ -6,7 +6,7 @@
  8    ``layout``       ``relayout``, telemetry (``bit_widths``), memory accounting
  7    ``transform``    ``scale_by_stquant`` and the ``adam`` / ``adamw`` aliases
  6    ``policy``       ``FixedBits``, ``STQuantPolicy``: scores, zones, budget
- 5    ``kernels``      Pallas kernels, each beside its jnp reference
+ 5    ``kernels``      Pallas kernels + jnp twins, backend by lowering platform
  4    ``update``       the per-leaf Adam math the jnp path and the kernels share
  3    ``distributed``  sharding rules of quantized moments, ``state_shardings``
  2    ``state``        ``ScaleByStquantState``, finding and retyping states

@@ -6,6 +6,9 @@ Adam in float32 with the same operations as ``stquant_jax``'s per-leaf update
 (IEEE-rounded division and sqrt on the GPU, see ``exact_math``), writes the update
 and requantizes m and v with fresh block scales into the same buffers
 (``input_output_aliases``; truly in place when the caller donates the state).
+The update is written into the gradient's buffer: inside a train step the
+gradient is a temporary, so no parameter-sized update buffer is allocated
+(XLA copies the gradient first only when something reads it afterwards).
 
 .. math::
   m = \\beta_1 \\hat m + (1 - \\beta_1) g,\\quad
@@ -39,7 +42,7 @@ from stquant_jax._src.codec.rounding import uniform_noise
 from stquant_jax._src.kernels import exact_math
 from stquant_jax._src.kernels.dequantize import load_and_decode
 from stquant_jax._src.kernels.quantize import encode_and_store
-from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
+from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size, out_like
 from stquant_jax._src.update.adam import NEAREST, adam_leaf
 
 _B1, _C1, _B2, _C2, _EPS, _EPS_ROOT, _BC1, _BC2, _WD, _NEG_LR = range(10)
@@ -90,7 +93,8 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
   Args:
     hparams: float32 ``[16]`` from :func:`adam_hparams`.
     counter: uint32 ``[4]`` from :func:`counter`: the stochastic rounding counter.
-    g: gradient ``[size]``, any float dtype; the update has its dtype.
+    g: gradient ``[size]``, any float dtype; the update has its dtype and is
+      written into its buffer.
     m_codes, m_scales, v_codes, v_scales: the packed moments
       (``[n_blocks, words]`` and ``[n_blocks]``), updated in place.
     param: optional parameter ``[size]``: fuses AdamW's decoupled weight decay
@@ -121,8 +125,7 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
   in_specs = [pl.BlockSpec((_N_HPARAMS,), lambda i: (0,)), pl.BlockSpec((4,), lambda i: (0,)),
               flat, *state_specs] + [flat] * adamw
   args = (hparams, counter, g, m_codes, m_scales, v_codes, v_scales) + (param,) * adamw
-  out_shape = [jax.ShapeDtypeStruct(g.shape, g.dtype)] + [
-      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[3:7]]
+  out_shape = [out_like(*args, shape=a.shape, dtype=a.dtype) for a in args[2:7]]
   kernel = functools.partial(
       _adam_kernel, mu_map=mu_map, nu_map=nu_map, block=block_size, rows=rows,
       size=size, adamw=adamw, rounding=rounding, ieee=not interpret)
@@ -132,7 +135,7 @@ def adam_update_blocks_pallas(hparams, counter, g, m_codes, m_scales, v_codes, v
       in_specs=in_specs,
       out_specs=[flat, *state_specs],
       out_shape=out_shape,
-      input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4},
+      input_output_aliases={2: 0, 3: 1, 4: 2, 5: 3, 6: 4},
       compiler_params=tiling.compiler_params(),
       interpret=interpret,
       name=f"stquant_adam_{mu_map.name}_{nu_map.name}" + (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.experimental.pallas as pl
 
 from stquant_jax._src.kernels import bitpack, maps
-from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
+from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size, out_like
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.blocks import dequantize_blocks as _dequantize_blocks_jnp
 
@@ -59,7 +59,7 @@ def dequantize_blocks_pallas(codes, scales, cmap: CodeMap, *, block_size: int | 
   if n_words != block * cmap.bits // 32:
     raise ValueError(f"codes {codes.shape} do not hold {block=} codes of {cmap.bits} bits")
   check_block_size(block)
-  out_shape = jax.ShapeDtypeStruct((n_blocks, block), jnp.float32)
+  out_shape = out_like(codes, scales, shape=(n_blocks, block), dtype=jnp.float32)
   if n_blocks == 0:
     return jnp.zeros(out_shape.shape, out_shape.dtype)
   rows = tiling.rows(n_blocks)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.experimental.pallas as pl
 
 from stquant_jax._src.kernels import bitpack, exact_math, maps
-from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size
+from stquant_jax._src.kernels.tiling import DEFAULT_TILING, Tiling, check_block_size, out_like
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.blocks import quantize_blocks as _quantize_blocks_jnp
 
@@ -72,8 +72,8 @@ def quantize_blocks_pallas(x_NxB, cmap: CodeMap, *, interpret: bool = False,
   n_blocks, block = x_NxB.shape
   check_block_size(block)
   n_words = block * cmap.bits // 32
-  out_shape = (jax.ShapeDtypeStruct((n_blocks, n_words), jnp.uint32),
-               jax.ShapeDtypeStruct((n_blocks,), jnp.float32))
+  out_shape = (out_like(x_NxB, shape=(n_blocks, n_words), dtype=jnp.uint32),
+               out_like(x_NxB, shape=(n_blocks,), dtype=jnp.float32))
   if n_blocks == 0:
     return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shape)
   rows = tiling.rows(n_blocks)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -36,7 +38,10 @@ class Tiling:
     blocks_per_program: quantization blocks (rows) per program; a power of two
       (Triton tensors must have power-of-two sizes). Clamped down for small
       arrays so a one-block leaf does not run a 16-row tile.
-    num_warps: warps per program (Triton ``num_warps``).
+    num_warps: warps per program (Triton ``num_warps``). 8 by default: with 4,
+      the 7-bit stochastic-rounding update spills registers on an H100 (compiled
+      with spilling as an error, ``tests/test_cuda_compile.py``); 8 warps hold
+      16 x 128 values at 8 per thread with no spill at any width.
     num_stages: software-pipelining stages (Triton ``num_stages``); the kernels
       have no inner loop, so 1 is enough.
 
@@ -48,7 +53,7 @@ class Tiling:
   """
 
   blocks_per_program: int = 16
-  num_warps: int = 4
+  num_warps: int = 8
   num_stages: int = 1
 
   def __post_init__(self):
@@ -82,3 +87,20 @@ def check_block_size(block_size: int) -> None:
     raise ValueError(
         f"{block_size=}: the Pallas kernels need a power-of-two block size >= 32; "
         "use the jnp path for other block sizes")
+
+
+def out_like(*inputs, shape, dtype) -> jax.ShapeDtypeStruct:
+  """A ``pallas_call`` output shape that varies over the same manual mesh axes as
+  ``inputs`` (the one that varies over most of them).
+
+  Inside ``jax.shard_map(..., check_vma=True)`` a ``pallas_call`` needs to know how
+  its outputs vary across the mesh; outside it this is a plain
+  ``ShapeDtypeStruct``. The platform dispatch traces the GPU kernel on every
+  platform, so this matters on CPU too.
+  """
+  types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in inputs]
+  types = [t for t in types if t is not None]
+  if not types:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  widest = max(types, key=lambda t: len(getattr(t, "varying", ())))
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=widest)

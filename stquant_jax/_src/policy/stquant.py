@@ -49,7 +49,7 @@ from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.policy.allocation import allocate, moment_nbytes, relative_error_table
 from stquant_jax._src.policy.base import Policy, is_float
 from stquant_jax._src.policy.scores import (
-    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaf_sums,
+    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaves_sums,
     needed_sums, reduce_sums)
 from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
 
@@ -371,11 +371,13 @@ class STQuantPolicy(Policy):
     cols = np.array([SUMS.index(k) for k in keys])
     stride = self.every
     slot = count % stride
-    rows = [leaf_sums(g, m, v, block_size=self._block, probe_bits=self.probe_bits,
-                      needed=frozenset(keys), stride=stride, slot=slot)[cols]
-            if ad else jnp.zeros((len(keys),), jnp.float32)
-            for g, m, v, ad in zip(leaves, mu_l, nu_l, adaptive)]
-    old = old._replace(acc=old.acc + jnp.stack(rows))
+    ad_idx = [i for i, ad in enumerate(adaptive) if ad]
+    sums = leaves_sums([leaves[i] for i in ad_idx], [mu_l[i] for i in ad_idx],
+                       [nu_l[i] for i in ad_idx], block_size=self._block,
+                       probe_bits=self.probe_bits, needed=frozenset(keys), stride=stride,
+                       slot=slot)[:, cols]
+    rows = jnp.zeros((len(leaves), len(keys)), jnp.float32).at[np.array(ad_idx)].set(sums)
+    old = old._replace(acc=old.acc + rows)
 
     def decide(st):  # small operands only: the policy state and count
       full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)

@@ -11,7 +11,6 @@ replicated, resharded back).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -22,9 +21,8 @@ from stquant_jax._src.codec.blocks import num_blocks
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
 from stquant_jax._src.distributed import mesh
 from stquant_jax._src.distributed.placement import explicit_leaf_is_local, quantized_shardings
-from stquant_jax._src.kernels.adam_update import adam_update_leaf, supports
+from stquant_jax._src.kernels.dispatch import adam_leaf_fn
 from stquant_jax._src.state.typed import typed_moment
-from stquant_jax._src.update.adam import adam_leaf
 
 
 def placeholder():
@@ -68,12 +66,9 @@ class LeafUpdate(NamedTuple):
 
 
 def leaf_update_fn(backend: str, mu, nu):
-  """The per-leaf update for this backend: the jnp path or the fused Pallas kernel."""
-  platform = jax.default_backend()
-  use_pallas = backend == "pallas" or (backend == "auto" and platform == "gpu")
-  if not use_pallas or not supports(mu, nu):  # e.g. float32 moments, block size not 2**k
-    return adam_leaf
-  return functools.partial(adam_update_leaf, interpret=platform != "gpu")
+  """The per-leaf update for this backend: the jnp path, or the fused Pallas kernel
+  where the step is lowered for CUDA (:mod:`~stquant_jax._src.kernels.dispatch`)."""
+  return adam_leaf_fn(backend, mu, nu)
 
 
 def non_float_update(g, param):

@@ -1,0 +1,117 @@
+"""FSDP stays sharded: the compiled update moves nothing but the policy's sums.
+
+8 forced CPU devices (a subprocess), params sharded along their leading axis
+(whole blocks per device), the optimizer state placed by ``state_shardings``.
+For Explicit and Auto meshes, the jnp path and the kernel path (``backend=
+"pallas"``: Pallas interpret mode on CPU, run on each device's own blocks
+through ``shard_map`` / ``custom_partitioning``), fixed bits and the adaptive
+policy with ``every`` not dividing the blocks per device (its sampled
+statistics are taken per shard): the compiled update is read for collectives,
+and the test fails if any moves more elements than the policy's sum vectors
+(leaves x NUM_SUMS). Two steps then run and must equal one device's steps.
+"""
+
+import textwrap
+
+import pytest
+
+from _subprocess import run_json
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
+_SCRIPT = textwrap.dedent(r"""
+  import json, re, warnings
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import stquant_jax as sq
+  from stquant_jax._src.policy.scores import NUM_SUMS
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+  D = 8
+  SHAPES = {"w1": ((1024, 256), P("d")), "w2": ((512, 128), P("d")), "b": ((256,), P())}
+  params0 = {k: jax.random.normal(jax.random.fold_in(jax.random.key(0), i), s) * 0.1
+             for i, (k, (s, _)) in enumerate(SHAPES.items())}
+  grads = [{k: jax.random.normal(jax.random.fold_in(jax.random.key(t + 1), i), s[0]) * 1e-2
+            for i, (k, s) in enumerate(SHAPES.items())} for t in range(2)]
+
+  def collectives(text):
+    res = []
+    for line in text.splitlines():
+      mt = re.search(r"=\s*(.*?)\s(all-gather|all-reduce|all-to-all|collective-permute|"
+                     r"reduce-scatter)(-start)?\(", line)
+      if mt:
+        shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
+        res.append((mt.group(2), sum(int(np.prod([int(d) for d in sh.split(",") if d]))
+                                     for sh in shapes)))
+    return res
+
+  def make_tx(policy, backend):
+    pol = {"fixed": sq.FixedBits(8, 4, min_size=1024),
+           "adaptive": sq.STQuantPolicy(every=100, min_size=1024)}[policy]
+    return sq.adamw(1e-2, policy=pol, backend=backend)
+
+  def run(policy, backend, mesh_type=None):
+    tx = make_tx(policy, backend)
+    step = lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p))
+    if mesh_type is None:
+      params, state = params0, tx.init(params0)
+      f = jax.jit(step)
+      for g in grads:
+        params, state = f(params, state, g)
+      return params, state, None
+    mesh = jax.make_mesh((D,), ("d",), axis_types=(getattr(AxisType, mesh_type),))
+    pshard = {k: NamedSharding(mesh, s) for k, (_, s) in SHAPES.items()}
+    params = jax.device_put(params0, pshard)
+    sshard = sq.state_shardings(jax.eval_shape(tx.init, params), pshard)
+    state = jax.jit(tx.init, out_shardings=sshard)(params)
+    f = jax.jit(step, in_shardings=(pshard, sshard, pshard), out_shardings=(pshard, sshard))
+    with jax.set_mesh(mesh):
+      text = f.lower(params, state, params).compile().as_text()
+      for g in grads:
+        params, state = f(params, state, jax.device_put(g, pshard))
+    specs = {k: str(state[0].mu[k].codes.sharding.spec) for k in ("w1", "w2")}
+    return params, state, {"collectives": collectives(text), "specs": specs}
+
+  out = {}
+  for policy in ("fixed", "adaptive"):
+    for backend in ("jnp", "pallas"):
+      p1, s1, _ = run(policy, backend)
+      for mesh_type in ("Explicit", "Auto"):
+        p8, s8, info = run(policy, backend, mesh_type)
+        same = {k: bool(np.array_equal(np.asarray(p8[k]), np.asarray(p1[k]))) for k in p1}
+        codes = {k: bool(np.array_equal(np.asarray(s8[0].mu[k].codes),
+                                        np.asarray(s1[0].mu[k].codes))) for k in ("w1", "w2")}
+        out[f"{policy}/{backend}/{mesh_type}"] = dict(info, same_params=same, same_codes=codes)
+  out["limit"] = len(SHAPES) * NUM_SUMS
+  print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def results():
+  res = run_json(_SCRIPT, timeout=1200)
+  print({k: v for k, v in res.items()})
+  return res
+
+
+CASES = [f"{p}/{b}/{m}" for p in ("fixed", "adaptive") for b in ("jnp", "pallas")
+         for m in ("Explicit", "Auto")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_update_moves_only_the_statistics(results, case):
+  r = results[case]
+  moved = [c for c in r["collectives"] if c[1] > 1]
+  if case.startswith("fixed"):
+    assert moved == [], r["collectives"]
+  else:
+    assert all(n <= results["limit"] for _, n in moved), (r["collectives"], results["limit"])
+    assert all(op == "all-reduce" for op, _ in moved), r["collectives"]
+  assert r["specs"] == {"w1": "P('d', None)", "w2": "P('d', None)"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_steps_equal_one_device(results, case):
+  r = results[case]
+  assert all(r["same_params"].values()), r["same_params"]
+  assert all(r["same_codes"].values()), r["same_codes"]
