@@ -58,7 +58,7 @@ OPTIMIZERS = ("adamw", "adamw_bf16", "stquant8", "stquant4", "stquant_budget")
 LABELS = {"adamw": "optax.adamw", "adamw_bf16": "optax.adamw, bf16 m",
           "stquant8": "stquant 8-bit", "stquant4": "stquant 4-bit",
           "stquant_budget": "STQuant adaptive (budget run's layout)"}
-LAYOUT = "results/runs/gpt2__stquant_budget__s0.json"
+LAYOUT = "benchmarks/data/gpt2_budget_layout.json"  # GPT-2 tiny budget run: final layout
 FSDP_DEVICES = 8
 
 
