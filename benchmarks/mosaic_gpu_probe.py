@@ -18,7 +18,6 @@ Usage: ``python -m benchmarks.mosaic_gpu_probe [--json out.json]`` (needs the
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.experimental.pallas as pl

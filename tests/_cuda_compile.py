@@ -7,7 +7,7 @@ where they are missing.
 
 import pytest
 
-from benchmarks._compile_cases import cuda_compile_missing, run_cases  # noqa: F401
+from benchmarks._compile_cases import cuda_compile_missing, run_cases  # noqa: F401  (re-exported)
 
 needs_cuda_compile = pytest.mark.skipif(cuda_compile_missing() is not None,
                                         reason=str(cuda_compile_missing()))

@@ -111,7 +111,7 @@ def _rule(replicated, blocks, out_shape):
 
 def _custom_partitioning_call(fn, replicated, blocks):
   """``fn`` behind a ``custom_partitioning`` rule: local blocks under GSPMD."""
-  n_rep, n_blk = len(replicated), len(blocks)
+  n_rep = len(replicated)
   out_shape = jax.eval_shape(lambda r, b: fn(jnp.int32(0), r, b), replicated, blocks)
   sums_tree = jax.tree.structure(out_shape[1])
   n_out = len(out_shape[0])
