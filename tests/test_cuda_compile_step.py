@@ -103,12 +103,12 @@ def test_train_step_compiles_with_kernels_and_saves_peak_memory():
 
 
 FSDP_SCRIPT = r"""
-import math, re
 import jax, jax.numpy as jnp, optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import pallas_kernels as pk
 import stquant_jax as sq
 from stquant_jax._src.policy.scores import NUM_SUMS
+from tests._hlo import collectives
 
 SHAPES = {"w1": ((1024, 256), P("d")), "w2": ((512, 128), P("d")), "b": ((256,), P())}
 params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, (s, _) in SHAPES.items()}
@@ -127,15 +127,7 @@ def run(policy, axis_type):
                             mesh_shape=(8,), mesh_axes=("d",), axis_types=(axis_type,),
                             donate_argnums=(0, 1), out_specs=(pspecs, sspecs))
   hlo = c.as_text()
-  moved = []
-  for line in hlo.splitlines():
-    mt = re.search(r"=\s*(.*?)\s(all-gather|all-reduce|all-to-all|collective-permute|"
-                   r"reduce-scatter)(-start)?\(", line)
-    if mt:  # elements of the result ("-start" ops: (operands, results), count the results)
-      shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
-      shapes = shapes[len(shapes) // 2:] if mt.group(3) else shapes
-      moved.append((mt.group(2), sum(math.prod(int(d) for d in sh.split(",") if d)
-                                     for sh in shapes)))
+  moved = collectives(hlo, start_results_only=True)
   return {"kernels": hlo.count('custom_call_target="' + pk.TRITON_CALL), "collectives": moved,
           "limit": len(SHAPES) * NUM_SUMS, **pk.memory_summary(c)}
 

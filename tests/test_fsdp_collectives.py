@@ -20,7 +20,7 @@ from _subprocess import run_json
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
 _SCRIPT = textwrap.dedent(r"""
-  import json, re, warnings
+  import json, warnings
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import stquant_jax as sq
@@ -34,16 +34,7 @@ _SCRIPT = textwrap.dedent(r"""
   grads = [{k: jax.random.normal(jax.random.fold_in(jax.random.key(t + 1), i), s[0]) * 1e-2
             for i, (k, s) in enumerate(SHAPES.items())} for t in range(2)]
 
-  def collectives(text):
-    res = []
-    for line in text.splitlines():
-      mt = re.search(r"=\s*(.*?)\s(all-gather|all-reduce|all-to-all|collective-permute|"
-                     r"reduce-scatter)(-start)?\(", line)
-      if mt:
-        shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
-        res.append((mt.group(2), sum(int(np.prod([int(d) for d in sh.split(",") if d]))
-                                     for sh in shapes)))
-    return res
+  from tests._hlo import collectives
 
   def make_tx(policy, backend):
     pol = {"fixed": sq.FixedBits(8, 4, min_size=1024),

@@ -34,12 +34,13 @@ import pytest
 from _subprocess import run_json
 
 _SCRIPT = textwrap.dedent(r"""
-  import json, re, time
+  import json, time
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   import stquant_jax as sq
   from stquant_jax._src.distributed import placement as _sharding
   from stquant_jax._src.codec.quantized import QuantizedArray
+  from tests import _hlo as hlo
 
   D = jax.device_count()
   assert D == 8, D
@@ -209,18 +210,8 @@ _SCRIPT = textwrap.dedent(r"""
               "global_rows": int(arr.shape[0]), "devices": len(arr.addressable_shards)}
     return info
 
-  def collectives(text):
-    # (op, elements) of every collective that moves array data (all-reduce excluded).
-    res = []
-    for line in text.splitlines():
-      # The result may be one array or a tuple of them: count the elements of every shape.
-      mt = re.search(r"=\s*(.*?)\s(all-gather|all-to-all|collective-permute|reduce-scatter)"
-                     r"(-start)?\(", line)
-      if mt:
-        shapes = re.findall(r"\w+\[([\d,]*)\]", mt.group(1))
-        res.append((mt.group(2), sum(int(np.prod([int(d) for d in sh.split(",") if d]))
-                                     for sh in shapes)))
-    return res
+  def collectives(text):  # every collective that moves array data (all-reduce excluded)
+    return hlo.collectives(text, hlo.MOVING)
 
   def run_fsdp(policy, mesh, batch_axes, explicit, check_collectives, float_roundtrip=False):
     tx = make_tx(policy)
