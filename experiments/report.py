@@ -226,9 +226,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     fr = m["frontier"]
     if fr["comparisons"]:
       lines += ["**Adaptive vs uniform bits at equal memory** (each adaptive run against "
-                "the best fixed-width run using no more bits):", "",
+                "the best fixed-width run using no more bits; means only: where the 95% "
+                "intervals overlap, the two are indistinguishable):", "",
                 "| Adaptive | Avg bits | Δ mean (%) | Best fixed at ≤ those bits | Its bits "
-                "| Its Δ mean (%) | Adaptive at or below (± floor)? |",
+                "| Its Δ mean (%) | Adaptive mean at or below (± floor)? |",
                 "|---|---|---|---|---|---|---|"]
       rows = m["optimizers"]
       for c in fr["comparisons"]:
@@ -242,7 +243,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
                        f"| {c['delta']:+.2f} | none (every fixed run uses more) | — | — | — |")
       lines.append("")
     for key, what in (("lowest_matching", "match fp32 AdamW (within the noise floor)"),
-                      ("lowest_within_1pct", "are within +1% of fp32 AdamW")):
+                      ("lowest_within_1pct", "are at most +1% worse than fp32 AdamW at 95% "
+                       "confidence (an upper bound; the difference itself may be "
+                       "unresolved, i.e. indistinguishable from 0)")):
       best = fr[key]
       lines += [f"**Fewest average bits that {what}**: " + (
           f"{best['average_bits']:.2f} ({m['optimizers'][best['optimizer']]['label']})."

@@ -95,8 +95,8 @@ class STQuantPolicy(Policy):
       non-increasing from critical to redundant. The defaults, (6, 6), (5, 5),
       (5, 4) and (4, 4), average about 5 bits with metadata (the paper's 5.1)
       and were chosen from the uniform curve of ``experiments.compare``
-      (docs/quality.md): fixed 5- and 4-bit moments train GPT-2 like fp32 AdamW
-      within the seed-to-seed spread, so the zones spend one or two bits above
+      (docs/quality.md): fixed 5- and 4-bit moments were indistinguishable from
+      fp32 AdamW on GPT-2 at 3 seeds, so the zones spend one or two bits above
       4 where the statistics say a leaf needs them.
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
       magnitude / structure factor, relative to the geometric mean over the
