@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import stquant_jax
+from stquant_jax._src.layout.access import settle  # nnx moments in their post-step form
 
 
 def param_spec(shape, n: int, axis: str = "data") -> P:
@@ -63,17 +64,6 @@ def per_device_bytes(tree, shardings) -> int:
   return total
 
 
-def _settle(optimizer) -> None:
-  """Puts an ``nnx.Optimizer``'s quantized moments in the form ``optimizer.update``
-  leaves them in (``{codes, scales}``), so the jitted step's in- and out-shardings
-  have one structure (``stquant_jax.adaptive_jit`` does the same on its first call)."""
-  from stquant_jax._src.layout.access import write_into  # pylint: disable=import-outside-toplevel
-  from stquant_jax._src.state.opt_state import find_states  # pylint: disable=import-outside-toplevel
-  from stquant_jax._src.state.typed import opt_state_of, typed_state  # pylint: disable=import-outside-toplevel
-  for st in find_states(opt_state_of(optimizer)):
-    write_into(st, typed_state(st))
-
-
 class FSDP:
   """Places a model and its ``nnx.Optimizer`` on ``mesh`` (FSDP) and runs their train step.
 
@@ -85,7 +75,7 @@ class FSDP:
   Args:
     mesh: a mesh with the ``axis`` axis.
     model: the ``nnx`` model (its ``nnx.Param`` state is sharded).
-    optimizer: its ``nnx.Optimizer`` (state settled, see ``experiments.train``).
+    optimizer: its ``nnx.Optimizer``.
     loss_fn: ``loss_fn(model, *batch) -> (loss, metrics)``.
     template: the optimizer state in its own pytree types (``QuantizedArray``
       moments), e.g. ``jax.eval_shape(tx.init, params)``.
@@ -107,7 +97,7 @@ class FSDP:
   def place(self, optimizer, template):
     """Puts the optimizer state on the mesh for the layout of ``template``; (re)builds
     the jitted step for it."""
-    _settle(optimizer)
+    settle(optimizer)  # one pytree form before and after a step (its shardings below)
     self.o_def, o_state = nnx.split(optimizer)
     typed = state_shardings(template, self.pshard)
     sh_leaves = jax.tree.leaves(typed, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))

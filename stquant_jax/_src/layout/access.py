@@ -18,7 +18,7 @@ import jax
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.trees import has_variables, is_variable
 from stquant_jax._src.state.opt_state import find_states, is_stquant_state
-from stquant_jax._src.state.typed import opt_state_of
+from stquant_jax._src.state.typed import opt_state_of, typed_state
 
 
 def _settled(value):
@@ -41,6 +41,17 @@ def write_into(nnx_tree, new_typed) -> None:
   for var, value in zip(variables, values):
     if is_variable(var):
       var.set_value(_settled(value))
+
+
+def settle(x) -> None:
+  """Puts the quantized moments of an nnx optimizer (or its state) in the form
+  ``nnx.Optimizer.update`` leaves them in, in place, so the state has one pytree
+  structure before and after a step (a jitted step's shardings or signature then
+  match both). Plain optax states are left alone."""
+  opt_state = opt_state_of(x)
+  if has_variables(opt_state):
+    for st in find_states(opt_state):
+      write_into(st, typed_state(st))
 
 
 def replace_states(x, new: dict):

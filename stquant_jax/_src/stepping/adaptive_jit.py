@@ -47,10 +47,9 @@ import warnings
 import jax
 import numpy as np
 
-from stquant_jax._src.core.trees import has_variables
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.abstract import layouts_of, to_abstract, with_layouts
-from stquant_jax._src.layout.access import replace_states, write_into
+from stquant_jax._src.layout.access import replace_states, settle
 from stquant_jax._src.layout.relayout import (
     as_moment, is_stacked, plan, rebuild, release, run_plan, target_bits)
 from stquant_jax._src.state.opt_state import find_states
@@ -227,9 +226,7 @@ class AdaptiveJit:
       raise ValueError("adaptive_jit: no argument holds a stquant_jax optimizer state; use "
                        "jax.jit for steps without one")
     for i in self._positions:  # nnx: moments in the form nnx keeps after a step
-      if has_variables(opt_state_of(args[i])):
-        for st in find_states(opt_state_of(args[i])):
-          write_into(st, typed_state(st))
+      settle(args[i])
     self._layout = self._layouts(args)
     self._jitted = self._make_jitted(args)
     self._abstract = to_abstract(args)
