@@ -26,7 +26,9 @@ STQUANT_POLICIES = {
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_control", "adamw_jitter", *STQUANT_POLICIES)
 GRAMMAR = ("stquant<M> / stquant<M>v<V> (fixed bits for m and v, e.g. stquant4v3), "
            "stquant_t<X> (STQuantPolicy(target_bits=X), e.g. stquant_t4.5); "
-           "a trailing _nearest selects round-to-nearest moments")
+           "a trailing _nearest selects round-to-nearest moments; "
+           "adamw_lr<F> is fp32 AdamW with the learning rate scaled by F "
+           "(e.g. adamw_lr0.5: is the reference's learning rate tuned?)")
 CONTROL_PERTURBATION = 1e-6
 # ``adamw_jitter``: the same perturbation at bfloat16's size (its largest relative
 # rounding error is 2**-9; u * 2**-8 has the same spread). Not a control: it shows how
@@ -64,9 +66,25 @@ def parse_stquant(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
                    f"or {GRAMMAR}")
 
 
+def lr_scale(name: str) -> float | None:
+  """``F`` of an ``adamw_lr<F>`` name (fp32 AdamW, learning rate times ``F``), else None.
+
+  Example:
+    >>> lr_scale("adamw_lr0.5"), lr_scale("adamw")
+    (0.5, None)
+  """
+  m = re.fullmatch(r"adamw_lr(\d+(?:\.\d+)?)", name)
+  if not m:
+    return None
+  scale = float(m.group(1))
+  if scale <= 0:
+    raise ValueError(f"{name!r}: the learning-rate factor must be positive")
+  return scale
+
+
 def is_known(name: str) -> bool:
   """Whether ``name`` is an optimizer this module can build."""
-  if name in _OPTAX:
+  if name in _OPTAX or lr_scale(name) is not None:
     return True
   try:
     parse_stquant(name)
@@ -120,7 +138,9 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   Args:
     name: ``"adamw"`` (f32 moments), ``"adamw_bf16"`` (bf16 first moment),
       ``"adamw_control"`` (f32, m perturbed by 1e-6 each step: the noise-floor
-      control), ``"adamw_jitter"`` (m perturbed by 2**-8, bfloat16's size), or a quantized name (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
+      control), ``"adamw_jitter"`` (m perturbed by 2**-8, bfloat16's size),
+      ``"adamw_lr<F>"`` (f32, learning rate times F), or a quantized name
+      (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
     learning_rate: Scalar or optax schedule.
     b1: First-moment decay.
     b2: Second-moment decay.
@@ -133,6 +153,13 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   Returns:
     An ``optax.GradientTransformation``.
   """
+  scale = lr_scale(name)
+  if scale is not None:
+    if policy_kw:
+      raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
+    lr = (learning_rate * scale if not callable(learning_rate)
+          else lambda count: learning_rate(count) * scale)
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
   if name in _OPTAX:
     if policy_kw:
       raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
@@ -158,7 +185,7 @@ def make_policy(name: str, **policy_kw):
   Returns:
     The policy, or None for the plain optax optimizers.
   """
-  if name in _OPTAX:
+  if name in _OPTAX or lr_scale(name) is not None:
     return None
   policy_name, kw, _ = parse_stquant(name)
   stquant_jax = _import_stquant()

@@ -144,6 +144,33 @@ def envelope(points: list[tuple[float, float]], bits: float) -> float | None:
   return min(ok) if ok else None
 
 
+def head_to_head(a: dict[str, Any], b: dict[str, Any],
+                 floor: float | None) -> dict[str, Any]:
+  """Optimizer ``a`` against ``b`` directly, paired by seed: ``100 (L_a / L_b - 1)``.
+
+  Both ran with the same seeds (same initialisation and data), so the seed-to-seed
+  spread of the final loss cancels, as in :func:`paired` against fp32 AdamW.
+
+  Returns:
+    ``{"vs_pct": {seed: %}, "vs_mean", "vs_ci95", "vs_verdict"}``; the verdict is
+    ``"lower"`` / ``"higher"`` (``a``'s loss; the 95% interval lies entirely below
+    / above ± ``floor``) or ``"indistinguishable"``.
+
+  Example:
+    >>> a = {"final_loss": {0: 1.0, 1: 2.0, 2: 3.0}}
+    >>> b = {"final_loss": {0: 1.1, 1: 2.2, 2: 3.3}}
+    >>> head_to_head(a, b, 0.1)["vs_verdict"]
+    'lower'
+  """
+  seeds = sorted(set(a["final_loss"]) & set(b["final_loss"]))
+  vs = {s: 100.0 * (a["final_loss"][s] / b["final_loss"][s] - 1.0) for s in seeds}
+  mean, half = ci95(list(vs.values()))
+  f = floor or 0.0
+  verdict = ("lower" if mean + half < -f else "higher" if mean - half > f
+             else "indistinguishable")
+  return {"vs_pct": vs, "vs_mean": mean, "vs_ci95": half, "vs_verdict": verdict}
+
+
 def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
              floor: float | None) -> dict[str, Any]:
   """Adaptive vs uniform at equal memory.
@@ -156,8 +183,9 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
   Returns:
     ``{"uniform": [(bits, delta, name)], "adaptive": [...], "comparisons": [...],
     "lowest_matching": {...} or None}``: each comparison pairs an adaptive run with
-    the best fixed-width run at no more memory and says whether the adaptive one is
-    at or below it (within the resolution ``floor``).
+    the best fixed-width run at no more memory and says whether the adaptive one's
+    mean is at or below it (within the resolution ``floor``) and, paired by seed
+    (:func:`head_to_head`), whether the difference is resolved.
   """
   pts = lambda k: sorted((bits[n], r["delta_mean"], n) for n, r in stats.items()
                          if r["kind"] == k and n in bits and r["delta_pct"]
@@ -169,7 +197,8 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
     cmp = {"adaptive": n, "bits": b, "delta": d}
     if best is not None:
       cmp.update(uniform=best[1], uniform_bits=best[2], uniform_delta=best[0],
-                 at_or_below=d <= best[0] + (floor or 0.0))
+                 at_or_below=d <= best[0] + (floor or 0.0),
+                 **head_to_head(stats[n], stats[best[1]], floor))
     comparisons.append(cmp)
   def lowest(ok):
     found = [(bits[n], n) for n, r in stats.items()

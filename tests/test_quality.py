@@ -69,12 +69,37 @@ def test_frontier_compares_adaptive_with_the_best_fixed_run_at_no_more_bits():
   assert fr["lowest_matching"] == {"optimizer": "stquant8", "average_bits": 8.3}
 
 
+def test_head_to_head_resolves_what_the_two_intervals_against_adamw_cannot():
+  """Two optimizers that scatter by ±3% around fp32 AdamW but differ by a steady
+  -0.5% on every seed: their intervals against adamw overlap, the paired
+  comparison of the two resolves the difference; a random one stays unresolved."""
+  scatter = [3.0, -2.0, 1.0, -3.0, 2.5]
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.1, -0.1, 0.1, -0.1, 0.0]),
+                "stquant4": _scaled(scatter),
+                "stquant_t4": [x * 0.995 for x in _scaled(scatter)],
+                "stquant_t5": _scaled([3.5, -3.0, 1.5, -2.0, 2.0])})
+  st = quality.paired(runs)
+  floor = quality.noise_floor(st)
+  a, b = st["stquant_t4"], st["stquant4"]
+  assert a["delta_mean"] + a["delta_ci95"] > b["delta_mean"] - b["delta_ci95"]  # overlap
+  h = quality.head_to_head(a, b, floor)
+  assert h["vs_mean"] == pytest.approx(-0.5) and h["vs_ci95"] < 1e-9
+  assert h["vs_verdict"] == "lower"
+  assert quality.head_to_head(b, a, floor)["vs_verdict"] == "higher"
+  assert quality.head_to_head(st["stquant_t5"], b, floor)["vs_verdict"] == "indistinguishable"
+  fr = quality.frontier(st, {"stquant4": 4.3, "stquant_t4": 4.3, "stquant_t5": 4.6}, floor)
+  assert {c["adaptive"]: c["vs_verdict"] for c in fr["comparisons"]} == {
+      "stquant_t4": "lower", "stquant_t5": "indistinguishable"}
+
+
 def test_kinds_and_names():
   assert [quality.kind(n) for n in ("adamw", "adamw_control", "adamw_bf16", "stquant4v3",
                                     "stquant8_nearest", "stquant_t4.5", "stquant_adaptive")] == [
       "reference", "control", "baseline", "fixed", "fixed", "adaptive", "adaptive"]
   assert naming.label("stquant4v3") == "stquant m4/v3"
   assert naming.label("stquant8_nearest") == "stquant 8-bit, nearest rounding"
+  assert naming.label("adamw_lr0.5") == "optax.adamw (fp32), lr × 0.5"
+  assert quality.kind("adamw_lr0.5") == "baseline"
   assert naming.label("stquant_t4.5", {"target_bits": 4.5}) == "STQuant budget ≤ 4.5 bits"
   assert naming.order(["stquant_t4", "stquant4", "adamw_control", "stquant8", "adamw"]) == [
       "adamw", "adamw_control", "stquant8", "stquant4", "stquant_t4"]
@@ -114,3 +139,25 @@ def test_perturbed_baselines_move_m_by_their_size_only(name, size):
   rel = jnp.abs(m / m_ref - 1.0)
   assert float(rel.max()) <= 3 * size * 1.01  # three steps, each within size
   assert float(rel.max()) > size / 10
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.7])
+def test_lr_scaled_reference_is_adamw_with_its_updates_scaled(scale):
+  """``adamw_lr<F>`` (the check that the reference's learning rate is tuned) is
+  fp32 AdamW whose updates, weight decay included, are F times the reference's, for a
+  schedule as for a constant; a non-positive factor is an error, not a silent run."""
+  import jax.numpy as jnp
+  import optax
+  params = {"w": jnp.linspace(-1.0, 1.0, 64)}
+  grads = {"w": jnp.cos(3 * params["w"])}
+  for lr in (1e-3, optax.linear_schedule(1e-3, 1e-4, 10)):
+    tx = optimizers.make_optimizer(f"adamw_lr{scale}", lr, weight_decay=0.1)
+    ref = optimizers.make_optimizer("adamw", lr, weight_decay=0.1)
+    st, st_ref = tx.init(params), ref.init(params)
+    for _ in range(3):
+      u, st = tx.update(grads, st, params)
+      u_ref, st_ref = ref.update(grads, st_ref, params)
+    assert jnp.allclose(u["w"], scale * u_ref["w"], rtol=1e-6, atol=0)
+  assert optimizers.make_policy("adamw_lr0.5") is None
+  with pytest.raises(ValueError, match="must be positive"):
+    optimizers.make_optimizer("adamw_lr0", 1e-3)
