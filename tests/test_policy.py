@@ -5,6 +5,8 @@ import json
 import chex
 import jax
 import jax.numpy as jnp
+import math
+
 import numpy as np
 import optax
 import pytest
@@ -98,6 +100,7 @@ def _loss(params):
     ({"ema": 1.0}, ValueError, "ema=1.0"),
     ({"anneal_steps": -5}, ValueError, "anneal_steps=-5"),
     ({"instability": 0.0}, ValueError, "instability"),
+    ({"rearm": 1}, TypeError, "rearm"),
     ({"min_interval": -1}, ValueError, "min_interval=-1"),
     ({"max_changes": -1}, ValueError, "max_changes=-1"),
     ({"mu_factors": ("crest", "snr")}, ValueError, "must be one of"),
@@ -229,6 +232,33 @@ def test_annealing_gives_more_bits_early():
   assert float(early.anneal) > 0.9 and float(late.anneal) < 0.1
   e, l = np.asarray(early.proposed), np.asarray(late.proposed)
   assert (e >= l).all() and (e > l).any()
+
+
+@pytest.mark.parametrize("rearm", [False, True])
+def test_drift_holds_the_boost_but_re_arms_it_only_when_asked(rearm):
+  """Annealing is monotone by default: drift (leaves trading ranks) holds tau while
+  it lasts early on, but once tau has decayed, a late drift of the same size does
+  not bring the boost back (ViT's late re-arm, docs/policy.md); ``rearm=True``
+  restores it."""
+  pol = _policy(ema=0.0, anneal_steps=100, anneal_bits=1, instability=0.5, rearm=rearm,
+                critical=(6, 6), magnitude=(5, 5), structure=(5, 4), redundant=(4, 4))
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  table = np.asarray(pol.zone_table())[:, 0]
+  boost = lambda st: np.asarray(st.proposed)[:, 0] - table[np.asarray(st.zone)[:, 0]]
+  a, b = [4.0, 1.0, 0.25], [0.25, 1.0, 4.0]  # the ranks swap: drift 8/3 > instability
+  st = _decide(pol, st, n_m=a, r_m=[1.0] * 3, count=10)
+  st = _decide(pol, st, n_m=b, r_m=[1.0] * 3, count=100)
+  held = 1.0 if rearm else math.exp(-0.1)
+  assert float(st.anneal) == pytest.approx(held)  # decay alone would be exp(-1)
+  assert (boost(st) == 1).all()
+  for count in (300, 400):  # quiet: decays to exp(-3), exp(-4)
+    st = _decide(pol, st, n_m=b, r_m=[1.0] * 3, count=count)
+  assert float(st.anneal) < 0.02 and (boost(st) == 0).all()
+  st = _decide(pol, st, n_m=a, r_m=[1.0] * 3, count=500)  # a late shift
+  if rearm:
+    assert float(st.anneal) == 1.0 and (boost(st) == 1).any()
+  else:
+    assert float(st.anneal) < 0.02 and (boost(st) == 0).all()
 
 
 # --- budget ------------------------------------------------------------------

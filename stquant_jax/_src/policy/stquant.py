@@ -18,8 +18,9 @@ once):
    structure (low, high), redundant (low, low); the zone's table gives the bits.
 3. **Temporal annealing**: ``tau = max(exp(-t / anneal_steps), drift / instability)``
    (clipped to [0, 1]; ``drift`` is the mean change of the leaves' relative
-   log2 N and log2 R since the last decision) adds ``round(tau * anneal_bits)`` bits: more precision early and
-   while the statistics move, less as training settles.
+   log2 N and log2 R since the last decision), never above the previous
+   decision's tau unless ``rearm``, adds ``round(tau * anneal_bits)`` bits: more
+   precision early and while the statistics move, less as training settles.
 4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
    (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
    ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least.
@@ -106,6 +107,14 @@ class STQuantPolicy(Policy):
     anneal_bits: extra bits at full annealing (tau = 1).
     instability: mean change of relative log2 N + log2 R between decisions
       that counts as fully unstable (tau = 1).
+    rearm: whether drift may raise tau above the previous decision's value. The
+      default (False) anneals monotonically: drift can hold the boost while the
+      statistics still move early on, but cannot bring it back once it has
+      decayed. With few adaptive leaves the mean drift is noisy: on ViT (6
+      leaves) the late learning-rate decay moved it past ``instability`` and,
+      re-armed, the boost raised every matrix by one bit for the last quarter of
+      the run (docs/policy.md). Set True to re-raise precision on a late shift
+      (a new task or data mix in the same run).
     min_bits, max_bits: allowed quantized bit-widths (default 3..8: the 2-bit
       signed map has three levels, relative error 0.76, and a budget that
       pushed m there cost +18-23% loss in benchmarks/policy_tradeoff.py).
@@ -164,6 +173,7 @@ class STQuantPolicy(Policy):
   anneal_steps: int = 1000
   anneal_bits: int = 1
   instability: float = 0.5
+  rearm: bool = False
   min_bits: int = 3  # the 2-bit signed map is {-1, 0, 1}: opt in explicitly
   max_bits: int = MAX_BITS
   target_bits: float | None = None
@@ -210,6 +220,8 @@ class STQuantPolicy(Policy):
     check_int("anneal_steps", self.anneal_steps, 0)
     check_int("anneal_bits", self.anneal_bits, 0)
     check_number("instability", self.instability, 0.0, math.inf, lo_open=True, hi_open=True)
+    if not isinstance(self.rearm, bool):
+      raise TypeError(f"rearm={self.rearm!r} must be True or False")
     check_int("min_interval", self.min_interval, 0)
     check_int("max_changes", self.max_changes, 0, allow_none=True)
     check_bits(self.probe_bits, "probe_bits")
@@ -429,6 +441,8 @@ class STQuantPolicy(Policy):
     t = count.astype(jnp.float32)
     decay = jnp.exp(-t / self.anneal_steps) if self.anneal_steps else jnp.float32(0)
     tau = jnp.clip(jnp.maximum(decay, drift / self.instability), 0.0, 1.0)
+    if not self.rearm:  # annealing only goes down (st.anneal starts at 1)
+      tau = jnp.minimum(tau, st.anneal)
     boost = jnp.round(tau * self.anneal_bits).astype(jnp.int32)
     table = jnp.asarray(self.zone_table())
     zb = table[zone, jnp.arange(2)[None, :]]
