@@ -11,6 +11,9 @@ same gradient sequence. Reported per variant, at checkpoints through the run:
 * ``m_error``: ``||stored m - m|| / ||m||``;
 * ``update_error``: ``||u_q - u|| / ||u||`` for the step's update (each variant's
   update comes from its own state and the shared gradient);
+* ``update_rms_ratio``: ``rms(u_q) / rms(u)``: the effective step size of the
+  stored moments relative to float32 Adam's (above 1: quantization lengthens
+  the step, as a larger learning rate would);
 * ``update_blowup``: the largest ``|u_q| / max(|u|, rms(u))`` over elements: how far
   an element's update overshoots (1 or less: never above the float32 update);
 * ``quiet_update``: the update of elements whose gradient is zero from
@@ -43,6 +46,7 @@ VARIANTS = {
     "4bit nearest": (4, 4, ("nearest", "nearest")),
     "4bit stochastic": (4, 4, ("stochastic", "stochastic")),
     "4bit stochastic m": (4, 4, ("stochastic", "nearest")),
+    "3bit stochastic": (3, 3, ("stochastic", "stochastic")),
 }
 
 
@@ -113,6 +117,7 @@ def run(steps: int = 1000, b1: float = 0.9, b2: float = 0.999, quiet_from: int =
         uq = np.concatenate([np.asarray(u[k]).ravel() for k in big])
         rec["update_error"] = float(np.linalg.norm(uq - uf) / np.linalg.norm(uf))
         rms = np.sqrt(np.mean(uf ** 2))
+        rec["update_rms_ratio"] = float(np.sqrt(np.mean(uq ** 2)) / rms)
         over = np.abs(uq) / np.maximum(np.abs(uf), rms)
         rec["update_blowup"] = float(np.max(over))
         rec["update_over_2x"] = float(np.mean(over > 2))
@@ -140,15 +145,16 @@ def main(argv=None):
   out = run(args.steps, args.b1, args.b2, args.quiet_from, args.every, variants=args.variants)
   out["seconds"] = round(time.time() - t0, 1)
   print(f"{'variant':22s} {'v sum':>8s} {'v median':>9s} {'m err':>7s} {'u err':>7s} "
-        f"{'u blowup':>9s} {'u > 2x':>8s} {'quiet u':>9s}")
+        f"{'u rms':>6s} {'u blowup':>9s} {'u > 2x':>8s} {'quiet u':>9s}")
   for n, r in out["variants"].items():
     last = r["trace"][-1]
     print(f"{n:22s} {last['v_sum_drift']:+8.3f} {last['v_median_drift']:+9.3f} "
-          f"{last['m_error']:7.3f} {last['update_error']:7.3f} {last['update_blowup']:9.2f} "
+          f"{last['m_error']:7.3f} {last['update_error']:7.3f} {last['update_rms_ratio']:6.3f} "
+          f"{last['update_blowup']:9.2f} "
           f"{last['update_over_2x']:8.1e} "
           f"{last.get('quiet_update', float('nan')):9.2e}")
   if args.json:
-    write_json(args.json, out)
+    write_json(out, args.json)
 
 
 if __name__ == "__main__":

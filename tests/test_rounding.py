@@ -206,3 +206,18 @@ def test_stochastic_rounding_tracks_the_update_better(drift):
   assert last["4bit stochastic"]["update_error"] < last["4bit nearest"]["update_error"]
   assert last["4bit stochastic"]["quiet_update"] < 1e-6
   assert last["4bit nearest"]["quiet_update"] > 1e-4
+
+
+def test_moment_drift_cli_writes_its_json(tmp_path, capsys):
+  """``python -m benchmarks.moment_drift --json F`` writes the traces it prints
+  (its arguments to write_json were once swapped, so no JSON was ever written)."""
+  import json
+  from benchmarks import moment_drift
+  path = tmp_path / "drift.json"
+  moment_drift.main(["--steps", "4", "--every", "2", "--quiet-from", "0",
+                     "--variants", "4bit stochastic", "--json", str(path)])
+  out = json.loads(path.read_text())
+  trace = out["variants"]["4bit stochastic"]["trace"]
+  assert [r["step"] for r in trace] == [2, 4]
+  assert trace[-1]["update_rms_ratio"] > 0
+  assert "4bit stochastic" in capsys.readouterr().out
