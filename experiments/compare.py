@@ -62,6 +62,10 @@ BASELINES = ("adamw", "adamw_control", "adamw_jitter", "adamw_bf16")
 FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3")
 ROUNDING = ("stquant8_nearest", "stquant4_nearest")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
+# Is the reference tuned? fp32 AdamW at 0.7x and 1.4x its learning rate: if either
+# does better, a quantized optimizer's gain over the reference may be a step-size
+# effect (docs/quality.md, "Why low bits can end below fp32 AdamW").
+LR_CHECK = ("adamw_lr0.7", "adamw_lr1.4")
 
 
 SWITCH_DELAY = 10  # adaptive runs: steps from a policy decision to its new layout
@@ -80,7 +84,7 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", BASELINES + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
+    "full": Suite("full", BASELINES + LR_CHECK + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
                   {"gpt2": 1000, "vit": 600}),
     "quick": Suite("quick", ("adamw", "adamw_control", "stquant8", "stquant4",
                              "stquant_adaptive"), (0,),

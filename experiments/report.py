@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import naming, plots, quality
+from experiments import naming, optimizers, plots, quality
 from experiments.naming import MODEL_TITLES, label
 
 REFERENCE = quality.REFERENCE
@@ -173,6 +173,27 @@ def _pm(mean, half) -> str:
   return f"{mean:+.2f}" + ("" if math.isinf(half) else f" ± {half:.2f}")
 
 
+def _lr_check(rows: dict[str, dict[str, Any]]) -> list[str]:
+  """The paragraph on ``adamw_lr<F>`` runs: is fp32 AdamW's learning rate tuned?"""
+  lr = sorted((optimizers.lr_scale(n), r) for n, r in rows.items()
+              if optimizers.lr_scale(n) is not None and r["delta_pct"])
+  if not lr:
+    return []
+  parts = ", ".join(f"× {f:g}: {_pm(r['delta_pct_mean'], r['delta_pct_ci95'])}% "
+                    f"({r['verdict']})" for f, r in lr)
+  better = [f for f, r in lr if r["verdict"] == "better"]
+  if better:
+    end = (f"fp32 AdamW does better at × {', '.join(f'{f:g}' for f in better)}: the "
+           "reference is not at its best learning rate, and a quantized optimizer's "
+           "negative Δ may be a step-size effect, not a property of its moments.")
+  else:
+    end = ("none is resolved better than the reference, so there is no evidence that "
+           "a quantized optimizer's negative Δ comes from an untuned reference (within "
+           "the factors tried).")
+  return [f"**Is the reference's learning rate tuned?** fp32 AdamW with the learning "
+          f"rate scaled (Δ mean ± 95% CI against the reference): {parts}; {end}", ""]
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
   """The results (GitHub markdown): per model the paired table with its noise floor,
   the frontier, and the setup."""
@@ -228,6 +249,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
                   "any change of that size sends a run on another trajectory, so a "
                   "low-bit optimizer's per-seed Δ scatters at least that much and only its "
                   "mean over seeds (the 95% interval) carries information.", ""]
+      lines += _lr_check(m["optimizers"])
     fr = m["frontier"]
     if fr["comparisons"]:
       lines += ["**Adaptive vs uniform bits at equal memory** (each adaptive run against "

@@ -161,3 +161,18 @@ def test_lr_scaled_reference_is_adamw_with_its_updates_scaled(scale):
   assert optimizers.make_policy("adamw_lr0.5") is None
   with pytest.raises(ValueError, match="must be positive"):
     optimizers.make_optimizer("adamw_lr0", 1e-3)
+
+
+def test_report_says_whether_the_reference_learning_rate_is_tuned():
+  """The lr-check paragraph lists every ``adamw_lr<F>`` row and warns that gains may
+  be a step-size effect only when one of them is resolved better than the reference."""
+  from experiments import report
+  row = lambda mean, verdict: {"delta_pct": {0: mean}, "delta_pct_mean": mean,
+                               "delta_pct_ci95": 0.5, "verdict": verdict}
+  tuned = report._lr_check({"adamw_lr0.7": row(0.4, "unresolved"),
+                            "adamw_lr1.4": row(15.0, "worse"), "stquant4": row(-2, "better")})
+  assert "× 0.7: +0.40 ± 0.50% (unresolved)" in tuned[0] and "× 1.4" in tuned[0]
+  assert "no evidence" in tuned[0]
+  untuned = report._lr_check({"adamw_lr1.4": row(-3.0, "better")})
+  assert "not at its best learning rate" in untuned[0] and "× 1.4" in untuned[0]
+  assert report._lr_check({"stquant4": row(-2, "better")}) == []
