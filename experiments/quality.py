@@ -182,7 +182,7 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
 
   Returns:
     ``{"uniform": [(bits, delta, name)], "adaptive": [...], "comparisons": [...],
-    "lowest_matching": {...} or None}``: each comparison pairs an adaptive run with
+    "lowest_matching" / "lowest_better" / "lowest_within_1pct": {...} or None}``: each comparison pairs an adaptive run with
     the best fixed-width run at no more memory and says whether the adaptive one's
     mean is at or below it (within the resolution ``floor``) and, paired by seed
     (:func:`head_to_head`), whether the difference is resolved.
@@ -206,5 +206,6 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
     return {"optimizer": min(found)[1], "average_bits": min(found)[0]} if found else None
 
   return {"uniform": uniform, "adaptive": adaptive, "comparisons": comparisons,
-          "lowest_matching": lowest(lambda r: verdict(r, floor) in ("matches", "better")),
+          "lowest_matching": lowest(lambda r: verdict(r, floor) == "matches"),
+          "lowest_better": lowest(lambda r: verdict(r, floor) == "better"),
           "lowest_within_1pct": lowest(lambda r: within(r, WITHIN_PCT, floor))}

@@ -275,6 +275,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
                        "| — | — | — | — |")
       lines.append("")
     for key, what in (("lowest_matching", "match fp32 AdamW (within the noise floor)"),
+                      ("lowest_better", "are better than fp32 AdamW (lower final loss, "
+                       "the 95% interval entirely below minus the floor)"),
                       ("lowest_within_1pct", "are at most +1% worse than fp32 AdamW at 95% "
                        "confidence (an upper bound; the difference itself may be "
                        "unresolved, i.e. indistinguishable from 0)")):

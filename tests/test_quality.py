@@ -176,3 +176,15 @@ def test_report_says_whether_the_reference_learning_rate_is_tuned():
   untuned = report._lr_check({"adamw_lr1.4": row(-3.0, "better")})
   assert "not at its best learning rate" in untuned[0] and "× 1.4" in untuned[0]
   assert report._lr_check({"stquant4": row(-2, "better")}) == []
+
+
+def test_better_is_not_reported_as_matching():
+  """A run resolved *better* than fp32 AdamW is listed as such, not as "matching"
+  (which needs the interval inside ± the floor)."""
+  runs = _runs({"adamw": REF, "adamw_control": _scaled([0.1, -0.1, 0.1, -0.1, 0.0]),
+                "stquant8": _scaled([0.01, -0.02, 0.0, 0.02, 0.0]),
+                "stquant3": _scaled([-2.0, -2.2, -1.9, -2.1, -2.0])})
+  st = quality.paired(runs)
+  fr = quality.frontier(st, {"stquant8": 8.3, "stquant3": 3.4}, quality.noise_floor(st))
+  assert fr["lowest_matching"] == {"optimizer": "stquant8", "average_bits": 8.3}
+  assert fr["lowest_better"] == {"optimizer": "stquant3", "average_bits": 3.4}
