@@ -47,6 +47,9 @@ def label(name: str, stats: dict | None = None) -> str:
     target = float(name.removeprefix("stquant_t").removesuffix("_nearest"))
   if target is not None and (name.startswith("stquant_t") or name == "stquant_budget"):
     return f"STQuant budget ≤ {target:g} bits" + nearest
+  jit = re.fullmatch(r"adamw_jitter(\d+(?:\.\d+)?)", name)
+  if jit:
+    return f"fp32, m × (1 ± {float(jit.group(1)):g})"
   lr = re.fullmatch(r"adamw_lr(\d+(?:\.\d+)?)", name)
   if lr:
     return f"optax.adamw (fp32), lr × {float(lr.group(1)):g}"

@@ -28,7 +28,9 @@ GRAMMAR = ("stquant<M> / stquant<M>v<V> (fixed bits for m and v, e.g. stquant4v3
            "stquant_t<X> (STQuantPolicy(target_bits=X), e.g. stquant_t4.5); "
            "a trailing _nearest selects round-to-nearest moments; "
            "adamw_lr<F> is fp32 AdamW with the learning rate scaled by F "
-           "(e.g. adamw_lr0.5: is the reference's learning rate tuned?)")
+           "(e.g. adamw_lr0.5: is the reference's learning rate tuned?); "
+           "adamw_jitter<X> multiplies fp32 AdamW's m by 1 ± X u each step "
+           "(e.g. adamw_jitter0.5: does noise of a low-bit m's size help or hurt?)")
 CONTROL_PERTURBATION = 1e-6
 # ``adamw_jitter``: the same perturbation at bfloat16's size (its largest relative
 # rounding error is 2**-9; u * 2**-8 has the same spread). Not a control: it shows how
@@ -82,9 +84,27 @@ def lr_scale(name: str) -> float | None:
   return scale
 
 
+def jitter_size(name: str) -> float | None:
+  """``X`` of an ``adamw_jitter<X>`` name (fp32 AdamW, m times ``1 ± X u`` each step).
+
+  Example:
+    >>> jitter_size("adamw_jitter0.5"), jitter_size("adamw_jitter"), jitter_size("adamw")
+    (0.5, 0.00390625, None)
+  """
+  if name == "adamw_jitter":
+    return JITTER_PERTURBATION
+  m = re.fullmatch(r"adamw_jitter(\d+(?:\.\d+)?)", name)
+  if not m:
+    return None
+  size = float(m.group(1))
+  if not 0 < size <= 1:
+    raise ValueError(f"{name!r}: the jitter must be in (0, 1]")
+  return size
+
+
 def is_known(name: str) -> bool:
   """Whether ``name`` is an optimizer this module can build."""
-  if name in _OPTAX or lr_scale(name) is not None:
+  if name in _OPTAX or lr_scale(name) is not None or jitter_size(name) is not None:
     return True
   try:
     parse_stquant(name)
@@ -139,7 +159,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
     name: ``"adamw"`` (f32 moments), ``"adamw_bf16"`` (bf16 first moment),
       ``"adamw_control"`` (f32, m perturbed by 1e-6 each step: the noise-floor
       control), ``"adamw_jitter"`` (m perturbed by 2**-8, bfloat16's size),
-      ``"adamw_lr<F>"`` (f32, learning rate times F), or a quantized name
+      ``"adamw_lr<F>"`` (f32, learning rate times F), ``"adamw_jitter<X>"`` (m
+      perturbed by X), or a quantized name
       (:data:`STQUANT_POLICIES`, :data:`GRAMMAR`).
     learning_rate: Scalar or optax schedule.
     b1: First-moment decay.
@@ -160,11 +181,11 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
     lr = (learning_rate * scale if not callable(learning_rate)
           else lambda count: learning_rate(count) * scale)
     return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
-  if name in _OPTAX:
+  if name in _OPTAX or jitter_size(name) is not None:
     if policy_kw:
       raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
-    if name in ("adamw_control", "adamw_jitter"):
-      size = CONTROL_PERTURBATION if name == "adamw_control" else JITTER_PERTURBATION
+    if name == "adamw_control" or jitter_size(name) is not None:
+      size = CONTROL_PERTURBATION if name == "adamw_control" else jitter_size(name)
       return optax.chain(perturbed_adam(b1, b2, eps, perturbation=size, seed=seed),
                          optax.add_decayed_weights(weight_decay, mask),
                          optax.scale_by_learning_rate(learning_rate))
@@ -185,7 +206,7 @@ def make_policy(name: str, **policy_kw):
   Returns:
     The policy, or None for the plain optax optimizers.
   """
-  if name in _OPTAX or lr_scale(name) is not None:
+  if name in _OPTAX or lr_scale(name) is not None or jitter_size(name) is not None:
     return None
   policy_name, kw, _ = parse_stquant(name)
   stquant_jax = _import_stquant()

@@ -188,3 +188,22 @@ def test_better_is_not_reported_as_matching():
   fr = quality.frontier(st, {"stquant8": 8.3, "stquant3": 3.4}, quality.noise_floor(st))
   assert fr["lowest_matching"] == {"optimizer": "stquant8", "average_bits": 8.3}
   assert fr["lowest_better"] == {"optimizer": "stquant3", "average_bits": 3.4}
+
+
+def test_large_jitter_moves_m_by_its_size():
+  """``adamw_jitter<X>`` (noise of a low-bit m's size on fp32 AdamW) scales m by
+  1 ± X u: after one step m differs from fp32 AdamW's by at most X, by more than
+  X / 2 somewhere; a size outside (0, 1] is refused."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  params = {"w": jnp.linspace(-1.0, 1.0, 4096)}
+  grads = {"w": jnp.sin(7 * params["w"]) + 0.1}
+  tx, ref = optimizers.make_optimizer("adamw_jitter0.5", 1e-3), optax.adamw(1e-3, weight_decay=1e-4)
+  _, st = tx.update(grads, tx.init(params), params)
+  _, st_ref = ref.update(grads, ref.init(params), params)
+  rel = jnp.abs(st[0].mu["w"] / st_ref[0].mu["w"] - 1.0)
+  assert 0.25 < float(rel.max()) <= 0.5 + 1e-6
+  assert naming.label("adamw_jitter0.5") == "fp32, m × (1 ± 0.5)"
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    optimizers.make_optimizer("adamw_jitter2", 1e-3)
