@@ -185,7 +185,9 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
     "lowest_matching" / "lowest_better" / "lowest_within_1pct": {...} or None}``: each comparison pairs an adaptive run with
     the best fixed-width run at no more memory and says whether the adaptive one's
     mean is at or below it (within the resolution ``floor``) and, paired by seed
-    (:func:`head_to_head`), whether the difference is resolved.
+    (:func:`head_to_head`, keys ``vs_*``), whether the difference is resolved; it
+    also pairs it with the cheapest fixed-width run that uses more memory
+    (``above``, keys ``above_vs_*``).
   """
   pts = lambda k: sorted((bits[n], r["delta_mean"], n) for n, r in stats.items()
                          if r["kind"] == k and n in bits and r["delta_pct"]
@@ -199,6 +201,11 @@ def frontier(stats: dict[str, dict[str, Any]], bits: dict[str, float],
       cmp.update(uniform=best[1], uniform_bits=best[2], uniform_delta=best[0],
                  at_or_below=d <= best[0] + (floor or 0.0),
                  **head_to_head(stats[n], stats[best[1]], floor))
+    above = min(((ub, un) for ub, ud, un in uniform if ub > b + 1e-9), default=None)
+    if above is not None:  # the cheapest fixed run that uses more memory
+      h = head_to_head(stats[n], stats[above[1]], floor)
+      cmp.update(above=above[1], above_bits=above[0],
+                 **{f"above_{k}": v for k, v in h.items()})
     comparisons.append(cmp)
   def lowest(ok):
     found = [(bits[n], n) for n, r in stats.items()

@@ -61,14 +61,28 @@ def _average_bits(log, memory) -> float:
 
 
 def _trained_mean(log, key: str, final: float) -> float:
-  """``key`` of the logged layouts weighted by the steps each trained for: a
-  layout logged at step s (after that step's relayout) trains s+1 .. next."""
+  """``key`` of the layouts a run trained with, weighted by the steps each trained for.
+
+  The layout changes at the logged policy decisions (``bit_history``) and at every
+  switch (``relayouts``, which with ``adaptive_jit`` come some steps after the
+  decision that proposed them); a value logged at step s holds from s+1 until the
+  next change.
+
+  Example:
+    >>> log = {"bit_history": [{"step": 0, "b": 8.0}, {"step": 100, "b": 8.0},
+    ...                        {"step": 200, "b": 4.0}],
+    ...        "relayouts": [{"step": 110, "b": 4.0}]}
+    >>> _trained_mean(log, "b", 4.0)  # 8 bits for 110 steps, 4 for 90
+    6.2
+  """
   hist = log.get("bit_history") or []
   if len(hist) < 2:
     return final
-  steps = hist[-1]["step"] - hist[0]["step"]
-  weighted = sum(a[key] * (b["step"] - a["step"])
-                 for a, b in zip(hist, hist[1:]))
+  events = sorted([(h["step"], 0, h[key]) for h in hist]
+                  + [(r["step"], 1, r[key]) for r in log.get("relayouts") or []
+                     if key in r and r["step"] <= hist[-1]["step"]])
+  steps = events[-1][0] - events[0][0]
+  weighted = sum(a[2] * (b[0] - a[0]) for a, b in zip(events, events[1:]))
   return weighted / steps if steps else final
 
 
@@ -173,6 +187,14 @@ def _pm(mean, half) -> str:
   return f"{mean:+.2f}" + ("" if math.isinf(half) else f" ± {half:.2f}")
 
 
+def _above(c: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+  """The last two cells: the adaptive run against the cheapest fixed run above it."""
+  if "above" not in c:
+    return "none | — |"
+  return (f"{rows[c['above']]['label']} ({c['above_bits']:.2f}) "
+          f"| {_pm(c['above_vs_mean'], c['above_vs_ci95'])}, {c['above_vs_verdict']} |")
+
+
 def _lr_check(rows: dict[str, dict[str, Any]]) -> list[str]:
   """The paragraph on ``adamw_lr<F>`` runs: is fp32 AdamW's learning rate tuned?"""
   lr = sorted((optimizers.lr_scale(n), r) for n, r in rows.items()
@@ -254,13 +276,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if fr["comparisons"]:
       lines += ["**Adaptive vs uniform bits at equal memory** (each adaptive run against "
                 "the fixed-width run with the lowest mean Δ among those using no more "
-                "bits, a choice that favours the uniform side; the last two columns "
-                "compare the two runs directly, paired by seed: "
-                "100 (L_adaptive / L_fixed − 1), its 95% interval, and whether it lies "
-                "beyond ± the noise floor):", "",
+                "bits, a choice that favours the uniform side; the two *paired* columns "
+                "compare runs directly, seed by seed: 100 (L_adaptive / L_fixed − 1), "
+                "its 95% interval, and whether it lies beyond ± the noise floor, first "
+                "against that run, then against the cheapest fixed-width run that uses "
+                "more memory):", "",
                 "| Adaptive | Avg bits | Δ mean (%) | Best fixed at ≤ those bits | Its bits "
-                "| Its Δ mean (%) | Adaptive vs it, paired (%) | Adaptive's loss |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| Its Δ mean (%) | Adaptive vs it, paired (%) | Adaptive's loss "
+                "| Cheapest fixed using more bits | Adaptive vs that, paired (%) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
       rows = m["optimizers"]
       for c in fr["comparisons"]:
         if "uniform" in c:
@@ -268,11 +292,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
               f"| {rows[c['adaptive']]['label']} | {c['bits']:.2f} | {c['delta']:+.2f} "
               f"| {rows[c['uniform']]['label']} | {c['uniform_bits']:.2f} "
               f"| {c['uniform_delta']:+.2f} | {_pm(c['vs_mean'], c['vs_ci95'])} "
-              f"| {c['vs_verdict']} |")
+              f"| {c['vs_verdict']} | {_above(c, rows)}")
         else:
           lines.append(f"| {rows[c['adaptive']]['label']} | {c['bits']:.2f} "
                        f"| {c['delta']:+.2f} | none (every fixed run uses more) "
-                       "| — | — | — | — |")
+                       f"| — | — | — | — | {_above(c, rows)}")
       lines.append("")
     for key, what in (("lowest_matching", "match fp32 AdamW (within the noise floor)"),
                       ("lowest_better", "are better than fp32 AdamW (lower final loss, "

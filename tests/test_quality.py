@@ -90,6 +90,11 @@ def test_head_to_head_resolves_what_the_two_intervals_against_adamw_cannot():
   fr = quality.frontier(st, {"stquant4": 4.3, "stquant_t4": 4.3, "stquant_t5": 4.6}, floor)
   assert {c["adaptive"]: c["vs_verdict"] for c in fr["comparisons"]} == {
       "stquant_t4": "lower", "stquant_t5": "indistinguishable"}
+  by = {c["adaptive"]: c for c in fr["comparisons"]}
+  assert "above" not in by["stquant_t5"]  # no fixed run uses more than 4.6 bits
+  fr = quality.frontier(st, {"stquant4": 4.5, "stquant_t4": 4.3}, floor)
+  (c,) = fr["comparisons"]
+  assert "uniform" not in c and c["above"] == "stquant4" and c["above_vs_verdict"] == "lower"
 
 
 def test_kinds_and_names():
