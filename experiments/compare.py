@@ -66,6 +66,9 @@ ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stq
 # does better, a quantized optimizer's gain over the reference may be a step-size
 # effect (docs/quality.md, "Why low bits can end below fp32 AdamW").
 LR_CHECK = ("adamw_lr0.7", "adamw_lr1.4")
+# Does noise in m alone help? fp32 AdamW with m scaled by 1 ± 0.5 u each step: on
+# GPT-2 it gains as much as 3- and 4-bit moments do (docs/quality.md).
+NOISE_CHECK = ("adamw_jitter0.5",)
 
 
 SWITCH_DELAY = 10  # adaptive runs: steps from a policy decision to its new layout
@@ -84,7 +87,7 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", BASELINES + LR_CHECK + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
+    "full": Suite("full", BASELINES + LR_CHECK + NOISE_CHECK + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
                   {"gpt2": 1000, "vit": 600}),
     "quick": Suite("quick", ("adamw", "adamw_control", "stquant8", "stquant4",
                              "stquant_adaptive"), (0,),

@@ -216,6 +216,27 @@ def _lr_check(rows: dict[str, dict[str, Any]]) -> list[str]:
           f"rate scaled (Δ mean ± 95% CI against the reference): {parts}; {end}", ""]
 
 
+def _noise_check(rows: dict[str, dict[str, Any]]) -> list[str]:
+  """The paragraph on ``adamw_jitter<X>`` runs: does noise in m, alone, help?"""
+  jit = sorted((optimizers.jitter_size(n), r) for n, r in rows.items()
+               if n != "adamw_jitter" and optimizers.jitter_size(n) is not None
+               and r["delta_pct"])
+  if not jit:
+    return []
+  parts = ", ".join(f"± {x:g}: {_pm(r['delta_pct_mean'], r['delta_pct_ci95'])}% "
+                    f"({r['verdict']}; per seed "
+                    + ", ".join(f"{d:+.2f}" for d in r["delta_pct"].values()) + ")"
+                    for x, r in jit)
+  better = [x for x, r in jit if r["verdict"] == "better"]
+  end = (f"noise alone (± {', '.join(f'{x:g}' for x in better)}) makes fp32 AdamW "
+         "better on this task, so a quantized optimizer's gain over fp32 AdamW here may "
+         "be the same effect (its stochastic rounding adds noise of that order to m, "
+         "docs/rounding.md), not an advantage of its moments."
+         if better else "noise alone is not resolved better than the reference.")
+  return [f"**Does noise in m, alone, help?** fp32 AdamW with m multiplied by 1 ± X u "
+          f"each step (u uniform in [-1, 1]): {parts}; {end}", ""]
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
   """The results (GitHub markdown): per model the paired table with its noise floor,
   the frontier, and the setup."""
@@ -271,7 +292,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
                   "any change of that size sends a run on another trajectory, so a "
                   "low-bit optimizer's per-seed Δ scatters at least that much and only its "
                   "mean over seeds (the 95% interval) carries information.", ""]
-      lines += _lr_check(m["optimizers"])
+      lines += _lr_check(m["optimizers"]) + _noise_check(m["optimizers"])
     fr = m["frontier"]
     if fr["comparisons"]:
       lines += ["**Adaptive vs uniform bits at equal memory** (each adaptive run against "

@@ -212,3 +212,18 @@ def test_large_jitter_moves_m_by_its_size():
   assert naming.label("adamw_jitter0.5") == "fp32, m × (1 ± 0.5)"
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
     optimizers.make_optimizer("adamw_jitter2", 1e-3)
+
+
+def test_report_says_whether_noise_alone_helps():
+  """The noise-check paragraph lists the ``adamw_jitter<X>`` rows (not the bf16-sized
+  ``adamw_jitter``) and warns only when one is resolved better than the reference."""
+  from experiments import report
+  row = lambda d, verdict: {"delta_pct": {0: d, 1: d}, "delta_pct_mean": d,
+                            "delta_pct_ci95": 0.5, "verdict": verdict}
+  helps = report._noise_check({"adamw_jitter0.5": row(-3.0, "better"),
+                               "adamw_jitter": row(0.1, "unresolved")})
+  assert "± 0.5: -3.00 ± 0.50% (better; per seed -3.00, -3.00)" in helps[0]
+  assert "may be the same effect" in helps[0] and "± 0.00390625" not in helps[0]
+  neutral = report._noise_check({"adamw_jitter1": row(20.0, "worse")})
+  assert "not resolved better" in neutral[0]
+  assert report._noise_check({"adamw_jitter": row(0.1, "unresolved")}) == []
