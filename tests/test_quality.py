@@ -227,3 +227,23 @@ def test_report_says_whether_noise_alone_helps():
   neutral = report._noise_check({"adamw_jitter1": row(20.0, "worse")})
   assert "not resolved better" in neutral[0]
   assert report._noise_check({"adamw_jitter": row(0.1, "unresolved")}) == []
+
+
+def test_early_precision_probe_is_the_suite_run_with_an_8_bit_start(tmp_path):
+  """``benchmarks.early_precision`` trains the suite's GPT-2 run of a seed (same
+  model, data, schedule and seed) and changes only the policy: every zone at 4
+  bits, moments starting at 8 (the annealing boost)."""
+  import dataclasses
+  from benchmarks import early_precision
+  from experiments import compare
+  import stquant_jax as sq
+  cfg = early_precision.config(3, tmp_path)
+  suite = dataclasses.replace(compare.SUITES["full"], seeds=(3,), models=("gpt2",),
+                              optimizers=("stquant_adaptive",))
+  (base,) = compare.run_configs(suite, tmp_path)
+  diff = {f.name for f in dataclasses.fields(cfg)
+          if getattr(cfg, f.name) != getattr(base, f.name)}
+  assert diff == {"optimizer_kwargs", "log_path"}
+  policy = sq.STQuantPolicy(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in cfg.optimizer_kwargs.items()})
+  assert policy.initial_bits() == (8, 8) and policy.redundant == (4, 4)
