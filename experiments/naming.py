@@ -2,7 +2,7 @@
 
 import re
 
-from experiments import quality
+from experiments import optimizers, quality
 
 REFERENCE = quality.REFERENCE
 LABELS = {
@@ -47,13 +47,13 @@ def label(name: str, stats: dict | None = None) -> str:
     target = float(name.removeprefix("stquant_t").removesuffix("_nearest"))
   if target is not None and (name.startswith("stquant_t") or name == "stquant_budget"):
     return f"STQuant budget ≤ {target:g} bits" + nearest
-  jit = re.fullmatch(r"adamw_jitter(\d+(?:\.\d+)?)", name)
-  if jit:
-    return f"fp32, m × (1 ± {float(jit.group(1)):g})"
-  lr = re.fullmatch(r"adamw_lr(\d+(?:\.\d+)?)", name)
-  if lr:
-    return f"optax.adamw (fp32), lr × {float(lr.group(1)):g}"
-  return LABELS.get(name, name) + nearest
+  if name in LABELS:
+    return LABELS[name] + nearest
+  if (size := optimizers.jitter_size(name)) is not None:
+    return f"fp32, m × (1 ± {size:g})"
+  if (scale := optimizers.lr_scale(name)) is not None:
+    return f"optax.adamw (fp32), lr × {scale:g}"
+  return name + nearest
 
 
 def color(name: str) -> str:

@@ -102,9 +102,14 @@ def jitter_size(name: str) -> float | None:
   return size
 
 
+def _plain(name: str) -> bool:
+  """Whether ``name`` is float32 optax AdamW or one of its variants (no policy)."""
+  return name in _OPTAX or lr_scale(name) is not None or jitter_size(name) is not None
+
+
 def is_known(name: str) -> bool:
   """Whether ``name`` is an optimizer this module can build."""
-  if name in _OPTAX or lr_scale(name) is not None or jitter_size(name) is not None:
+  if _plain(name):
     return True
   try:
     parse_stquant(name)
@@ -174,18 +179,16 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   Returns:
     An ``optax.GradientTransformation``.
   """
-  scale = lr_scale(name)
-  if scale is not None:
+  if _plain(name):
     if policy_kw:
       raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
-    lr = (learning_rate * scale if not callable(learning_rate)
-          else lambda count: learning_rate(count) * scale)
-    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
-  if name in _OPTAX or jitter_size(name) is not None:
-    if policy_kw:
-      raise ValueError(f"{name=} takes no policy arguments, got {policy_kw}")
-    if name == "adamw_control" or jitter_size(name) is not None:
-      size = CONTROL_PERTURBATION if name == "adamw_control" else jitter_size(name)
+    scale = lr_scale(name)
+    if scale is not None:
+      lr = (learning_rate * scale if not callable(learning_rate)
+            else lambda count: learning_rate(count) * scale)
+      return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    size = CONTROL_PERTURBATION if name == "adamw_control" else jitter_size(name)
+    if size is not None:
       return optax.chain(perturbed_adam(b1, b2, eps, perturbation=size, seed=seed),
                          optax.add_decayed_weights(weight_decay, mask),
                          optax.scale_by_learning_rate(learning_rate))
@@ -206,7 +209,7 @@ def make_policy(name: str, **policy_kw):
   Returns:
     The policy, or None for the plain optax optimizers.
   """
-  if name in _OPTAX or lr_scale(name) is not None or jitter_size(name) is not None:
+  if _plain(name):
     return None
   policy_name, kw, _ = parse_stquant(name)
   stquant_jax = _import_stquant()

@@ -195,10 +195,16 @@ def _above(c: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
           f"| {_pm(c['above_vs_mean'], c['above_vs_ci95'])}, {c['above_vs_verdict']} |")
 
 
+def _variants(rows: dict[str, dict[str, Any]], size_of) -> list[tuple[float, dict]]:
+  """``[(size, row)]`` of the fp32 AdamW variants that ``size_of`` recognises
+  (``optimizers.lr_scale`` / ``jitter_size``) and that have paired deltas, by size."""
+  found = ((size_of(n), r) for n, r in rows.items() if r["delta_pct"])
+  return sorted(((x, r) for x, r in found if x is not None), key=lambda xr: xr[0])
+
+
 def _lr_check(rows: dict[str, dict[str, Any]]) -> list[str]:
   """The paragraph on ``adamw_lr<F>`` runs: is fp32 AdamW's learning rate tuned?"""
-  lr = sorted((optimizers.lr_scale(n), r) for n, r in rows.items()
-              if optimizers.lr_scale(n) is not None and r["delta_pct"])
+  lr = _variants(rows, optimizers.lr_scale)
   if not lr:
     return []
   parts = ", ".join(f"× {f:g}: {_pm(r['delta_pct_mean'], r['delta_pct_ci95'])}% "
@@ -218,9 +224,8 @@ def _lr_check(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def _noise_check(rows: dict[str, dict[str, Any]]) -> list[str]:
   """The paragraph on ``adamw_jitter<X>`` runs: does noise in m, alone, help?"""
-  jit = sorted((optimizers.jitter_size(n), r) for n, r in rows.items()
-               if n != "adamw_jitter" and optimizers.jitter_size(n) is not None
-               and r["delta_pct"])
+  jit = _variants({n: r for n, r in rows.items() if n != "adamw_jitter"},  # bf16-sized
+                  optimizers.jitter_size)
   if not jit:
     return []
   parts = ", ".join(f"± {x:g}: {_pm(r['delta_pct_mean'], r['delta_pct_ci95'])}% "
