@@ -10,8 +10,9 @@ under ``min_size`` (biases, layer norms) keep float32 moments, as always. The
 second configuration is the budgeted policy at its lowest budget,
 ``target_bits = policy.min_average_bits(params)``.
 
-The slow tests train tiny GPT-2 (4 layers, width 128, byte tokens, batch 16 x
-128) on CPython stdlib text through :func:`experiments.train.train`, next to a
+The slow tests train tiny GPT-2 (width 128, byte tokens, batch 16; 4 layers on
+128-byte sequences in the full form, 2 layers on 64-byte ones in the short form)
+on CPython stdlib text through :func:`experiments.train.train`, next to a
 float32 ``optax.adamw`` baseline with the same data, seed and schedule. Full
 form (2000 steps) with ``STQUANT_SLOW=1``; CI runs the short form.
 """
@@ -46,9 +47,15 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+# The short form trains the quality suite's 2-layer GPT-2 on 64-byte sequences
+# (experiments.compare.MODEL_RUNS), about 4x cheaper per step than the full form's.
+SHORT_MODEL = {"d_model": 128, "num_layers": 2, "num_heads": 4, "context_len": 64}
+
+
 def _config(optimizer: str, optimizer_kwargs=None) -> train.TrainConfig:
   return train.TrainConfig(
-      model="gpt2", preset="tiny", tokenizer="bytes", seq_len=128,
+      model="gpt2", preset="tiny", tokenizer="bytes", seq_len=128 if FULL else 64,
+      model_overrides={} if FULL else SHORT_MODEL,
       batch_size=16, max_bytes=2_000_000, steps=STEPS, learning_rate=1e-3,
       warmup_steps=20, optimizer=optimizer,
       optimizer_kwargs=optimizer_kwargs or {}, eval_interval=STEPS,
@@ -187,8 +194,9 @@ def _check_no_divergence(losses):
 #   full form (2000 steps): float32 adamw 1.375, 2-bit 2.596 (+89%);
 #     eval loss 1.812 vs 2.727 (+50%); 2-bit state 2.514 average bits
 #     (scales and float32 small leaves included) vs 32.
-#   short form (150 steps): adamw 2.428, 2-bit 2.778 (+14%); eval 2.636 vs
-#     2.963.
+#   short form (150 steps, the 2-layer model on 64-byte sequences): adamw
+#     2.369, 2-bit 3.045 (+29%); eval 2.615 vs 3.273. (The 4-layer model on
+#     128-byte sequences gave 2.428 vs 2.778 at 150 steps, 3x the time.)
 # The 2-bit run does not diverge but stalls: its loss is flat (2.60-2.65)
 # from step ~400 on while adamw keeps improving. The 2-bit *m* is the cause:
 # ~88% of its codes are 0 (values under half the block's absmax round to 0),
@@ -196,7 +204,7 @@ def _check_no_divergence(losses):
 # m2/v2 2.667, m2/v8 2.741, m8/v2 2.228, m3/v3 2.213; 2-bit v is harmless.
 # The bound is the measured ratio with some slack (runs are deterministic on
 # one platform).
-MAX_RATIO = 2.1 if FULL else 1.3
+MAX_RATIO = 2.1 if FULL else 1.45
 
 
 @pytest.mark.slow
