@@ -26,8 +26,11 @@ import tempfile
 from benchmarks._io import write_json
 from experiments import compare, quality, train
 
+# instability 0.5 (the default when docs/early_precision.json was measured) lets the
+# drift hold one bit of the boost after step 111: 8 bits, then 5.
 EARLY = {"critical": [4, 4], "magnitude": [4, 4], "structure": [4, 4],
-         "redundant": [4, 4], "anneal_bits": 4, "anneal_steps": 100, "min_interval": 100}
+         "redundant": [4, 4], "anneal_bits": 4, "anneal_steps": 100, "min_interval": 100,
+         "instability": 0.5}
 
 
 def config(seed: int, out: pathlib.Path) -> train.TrainConfig:

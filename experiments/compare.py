@@ -97,7 +97,7 @@ SUITES = {
 
 def adaptive_kwargs(steps: int) -> dict[str, int]:
   """``STQuantPolicy`` timing for a run of ``steps``: the library defaults (decide
-  every 100 steps, at most one change per moment per 300 steps, anneal over 1000
+  every 100 steps, at most one change per moment per 300 steps, anneal over 100
   steps) from 1000 steps on; scaled down for the short demo runs, where every new
   bit layout recompiles the train step (on this 2-core CPU, 5-25 s for a mixed
   layout): 4 decisions (the last one, at the final step, is logged, not trained

@@ -1,12 +1,11 @@
 """STQuantPolicy: construction checks, decisions, budget, relayout, wrappers, telemetry."""
 
 import json
+import math
 
 import chex
 import jax
 import jax.numpy as jnp
-import math
-
 import numpy as np
 import optax
 import pytest
@@ -495,3 +494,33 @@ def test_degenerate_leaf_does_not_move_the_others():
   assert int(with_zero.zone[z, 0]) == 0  # never left its initial zone
   assert tuple(np.asarray(with_zero.proposed[z]).tolist()) == pol.initial_bits()
   assert len(set(np.asarray(without.zone)[:3, 0].tolist())) > 1  # the others do differ
+
+
+def test_budget_starts_with_v_first_and_fits_the_budget():
+  """A budget's first layout gives v the bits and m 3 ("v_first", the default; low-bit
+  v early is what sent GPT-2 runs onto a slower trajectory), fits the budget per
+  leaf (m + v <= 2 (target - scales)), gives leftovers back to m, never goes below
+  min_bits and never above the caps; "even" keeps the old split; other names fail."""
+  cases = {3.0: (3, 2), 3.5: (3, 3), 4.0: (3, 4), 4.5: (3, 5), 5.0: (3, 6), 6.0: (3, 8),
+           8.5: (8, 8)}
+  for target, want in cases.items():
+    policy = sq.STQuantPolicy(target_bits=target, min_bits=2)
+    got = policy.initial_bits()
+    assert got == want, (target, got)
+    assert sum(got) <= 2 * (target - 32 / 128) or got == (8, 8)
+    even = sq.STQuantPolicy(target_bits=target, min_bits=2, budget_start="even").initial_bits()
+    assert even[0] == even[1] == max(2, min(8, math.floor(target - 0.25)))
+  assert sq.STQuantPolicy(target_bits=3.3).initial_bits() == (3, 3)  # min_bits=3 floor
+  capped = sq.STQuantPolicy(target_bits=8.0, anneal_bits=0)  # critical (5, 6)
+  assert capped.initial_bits() == (5, 6)  # caps: critical zone + boost
+  with pytest.raises(ValueError, match="budget_start"):
+    sq.STQuantPolicy(budget_start="m_first")
+
+
+def test_default_policy_starts_at_8_bits_and_settles_near_5():
+  """The default zones average 4.75 quantized bits (5 with the scales) and the
+  annealing boost (3 bits over 100 steps) starts every adaptive moment at 8."""
+  policy = sq.STQuantPolicy()
+  assert policy.initial_bits() == (8, 8)
+  table = policy.zone_table()
+  assert table.mean() == 4.75 and (table[:, 1] >= table[:, 0]).all()  # v never below m

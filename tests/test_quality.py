@@ -1,6 +1,7 @@
 """The quality protocol's statistics: paired deltas, the control's noise floor, verdicts,
 the adaptive-vs-uniform frontier (``experiments/quality.py``), on synthetic run logs."""
 
+import json
 import math
 
 import pytest
@@ -247,3 +248,26 @@ def test_early_precision_probe_is_the_suite_run_with_an_8_bit_start(tmp_path):
   policy = sq.STQuantPolicy(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in cfg.optimizer_kwargs.items()})
   assert policy.initial_bits() == (8, 8) and policy.redundant == (4, 4)
+
+
+def test_v_precision_probe_reuses_only_a_finished_run_of_the_same_config(tmp_path):
+  """``benchmarks.v_precision`` trains the suite's own GPT-2 runs (only the log
+  path differs) and reuses a log only when it is a finished run of that config."""
+  import dataclasses
+  from benchmarks import v_precision
+  from experiments import compare
+  cfg = v_precision.config("stquant8v4", 4, tmp_path)
+  suite = dataclasses.replace(compare.SUITES["full"], seeds=(4,), models=("gpt2",),
+                              optimizers=("stquant8v4",))
+  (base,) = compare.run_configs(suite, tmp_path)
+  assert dataclasses.replace(base, log_path=cfg.log_path) == cfg
+  path = tmp_path / "run.json"
+  elsewhere = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  elsewhere["log_path"] = "/somewhere/else.json"
+  path.write_text(json.dumps({"config": elsewhere, "final_eval": {"loss": 1.0}}))
+  assert v_precision._reusable(path, cfg)
+  path.write_text(json.dumps({"config": elsewhere}))  # unfinished
+  assert not v_precision._reusable(path, cfg)
+  other = {**elsewhere, "seed": 3}
+  path.write_text(json.dumps({"config": other, "final_eval": {"loss": 1.0}}))
+  assert not v_precision._reusable(path, cfg)

@@ -55,6 +55,8 @@ from stquant_jax._src.policy.scores import (
 from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
+BUDGET_STARTS = ("v_first", "even")
+_V_FIRST_MU_BITS = 3  # m's bits in a "v_first" budget's first layout (if min_bits allows)
 _NEVER = -(2**30)  # "last change" of a moment that never changed
 
 
@@ -93,20 +95,27 @@ class STQuantPolicy(Policy):
     every: K, steps between decisions; each step samples 1/K of every adaptive
       leaf's blocks for the statistics, so a decision sees each block once.
     critical, magnitude, structure, redundant: ``(mu_bits, nu_bits)`` of each zone,
-      non-increasing from critical to redundant. The defaults, (6, 6), (5, 5),
-      (5, 4) and (4, 4), average about 5 bits with metadata (the paper's 5.1)
-      and were chosen from the uniform curve of ``experiments.compare``
-      (docs/quality.md): fixed 5- and 4-bit moments were indistinguishable from
-      fp32 AdamW on GPT-2 at 3 seeds, so the zones spend one or two bits above
-      4 where the statistics say a leaf needs them.
+      non-increasing from critical to redundant. The defaults, (5, 6), (5, 5),
+      (4, 5) and (4, 4), settle at about 5 bits with metadata (the paper's 5.1)
+      once the annealing boost is gone. v gets a bit more than m where the two
+      differ: on the quality suite's GPT-2 v's precision, not m's, decided
+      whether a run fell onto a slower trajectory (docs/policy.md).
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
       magnitude / structure factor, relative to the geometric mean over the
       adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
     ema: EMA decay of the log2 factors across decisions, in [0, 1).
     anneal_steps: time constant of the early-training boost (0: none).
-    anneal_bits: extra bits at full annealing (tau = 1).
+    anneal_bits: extra bits at full annealing (tau = 1). The defaults (3 bits,
+      100 steps) start every adaptive moment at 8 bits, keep one extra bit
+      after the first decision and none from the first change after that:
+      the first ~100 steps are where low-bit v sent GPT-2 runs onto a slower
+      trajectory, and 8 bits there kept every seed on fp32 AdamW's
+      (docs/quality.md, docs/policy.md).
     instability: mean change of relative log2 N + log2 R between decisions
-      that counts as fully unstable (tau = 1).
+      that counts as fully unstable (tau = 1). The default (2.0) lets only a
+      large shift hold the boost: at 0.5 the ordinary drift of GPT-2's
+      statistics (about 0.2 per decision, partly caused by the policy's own
+      bit changes) held one bit of a 3-bit boost for the whole run.
     rearm: whether drift may raise tau above the previous decision's value. The
       default (False) anneals monotonically: drift can hold the boost while the
       statistics still move early on, but cannot bring it back once it has
@@ -125,6 +134,16 @@ class STQuantPolicy(Policy):
     target_bits: optional memory budget, average stored bits per moment value,
       metadata and policy state included (as :func:`stquant_jax.average_bits`).
       Met from the first decision on.
+    budget_start: how a budget's first layout (the steps before the first
+      decision) splits each adaptive leaf's bits between m and v.
+      ``"v_first"`` (default): m at 3 bits (``min_bits`` if higher), v at the
+      most bits that fit (at most its critical-zone bits plus the boost), any
+      rest back to m; at ``target_bits=4.5`` that is m 3 / v 5 bits. ``"even"``: both moments at
+      the same bits (m 4 / v 4). Why v first: on the quality suite's GPT-2 the
+      runs whose v had 4-6 bits in the first ~50 steps fell onto a slower
+      trajectory in 2 of 5 seeds (+8-17% final loss), whatever m's width
+      (m 8 / v 4 and m 8 / v 5 fell; m 4 / v 8 and m 5 / v 8 did not), while
+      3-bit m never did (docs/policy.md, "The first steps").
     min_interval: minimum steps between two changes of one moment's bits.
     max_changes: maximum changes of one moment's bits per run (None: no limit).
     mu_factors, nu_factors: ``(magnitude, structure)`` factor names for m and v
@@ -163,20 +182,21 @@ class STQuantPolicy(Policy):
   """
 
   every: int = 100
-  critical: tuple = (6, 6)
+  critical: tuple = (5, 6)
   magnitude: tuple = (5, 5)
-  structure: tuple = (5, 4)
+  structure: tuple = (4, 5)
   redundant: tuple = (4, 4)
   n_thresholds: tuple = (0.8, 1.25)
   r_thresholds: tuple = (0.8, 1.25)
   ema: float = 0.5
-  anneal_steps: int = 1000
-  anneal_bits: int = 1
-  instability: float = 0.5
+  anneal_steps: int = 100
+  anneal_bits: int = 3
+  instability: float = 2.0
   rearm: bool = False
   min_bits: int = 3  # the 2-bit signed map is {-1, 0, 1}: opt in explicitly
   max_bits: int = MAX_BITS
   target_bits: float | None = None
+  budget_start: str = "v_first"
   min_interval: int = 300
   max_changes: int | None = None
   mu_factors: tuple = ("moment_rms", "probe_err")
@@ -236,6 +256,7 @@ class STQuantPolicy(Policy):
     if ax is not None and not isinstance(ax, str) and not (
         isinstance(ax, tuple) and all(isinstance(a, str) for a in ax)):
       raise TypeError(f"axis_name={ax!r} must be None, a str or a tuple of str")
+    check_choice("budget_start", self.budget_start, BUDGET_STARTS)
     if self.target_bits is not None:
       check_number("target_bits", self.target_bits, 0.0, math.inf, lo_open=True, hi_open=True)
       relative_error_table(self.min_bits, self.max_bits)  # measured once, outside jit
@@ -273,16 +294,24 @@ class STQuantPolicy(Policy):
 
   def initial_bits(self) -> tuple[int | None, int | None]:
     """Bits every adaptive leaf starts with: the critical zone plus the full
-    annealing boost, lowered to fit ``target_bits`` per leaf when it is set."""
-    out = []
-    for b in self.critical:
-      if b is not None:
-        b = min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
-      if self.target_bits is not None:
-        fit = int(math.floor(self.target_bits - 32.0 / self._block))
-        b = max(self.min_bits, min(self.max_bits if b is None else b, fit))
-      out.append(b)
-    return tuple(out)
+    annealing boost; with ``target_bits``, lowered to fit the budget per leaf
+    as ``budget_start`` says."""
+    caps = [None if b is None else
+            min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
+            for b in self.critical]
+    if self.target_bits is None:
+      return tuple(caps)
+    per_moment = self.target_bits - 32.0 / self._block  # bits per value, scales paid
+    top = [self.max_bits if b is None else b for b in caps]
+    if self.budget_start == "v_first":
+      # m at 3 bits (2-bit m stalls training), v as high as fits up to its cap, and
+      # whatever is left back to m.
+      mu = max(self.min_bits, min(top[0], _V_FIRST_MU_BITS))
+      nu = max(self.min_bits, min(top[1], int(math.floor(2 * per_moment - mu))))
+      mu = max(self.min_bits, min(top[0], int(math.floor(2 * per_moment - nu))))
+      return mu, nu
+    fit = int(math.floor(per_moment))
+    return tuple(max(self.min_bits, min(t, fit)) for t in top)
 
   def leaf_bits(self, shape, dtype):
     if not self._adaptive(tuple(shape), dtype):
