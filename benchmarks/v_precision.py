@@ -9,7 +9,7 @@ seed 4 (``stquant4`` fell there) and ``stquant8v5`` / ``stquant5v8`` on seed 3
 schedule, seed). Each final validation loss is compared, paired, with the
 suite's ``adamw`` run of the same seed (read from ``--runs``, written by
 ``python -m experiments.compare``). A finished run in ``--out`` with the same
-config (its log's path aside) is reused.
+config (``experiments.compare.same_config``) is reused.
 
 Usage: ``python -m benchmarks.v_precision --runs results/runs --out /tmp/v_precision
 --json docs/v_precision.json``
@@ -39,22 +39,12 @@ def config(name: str, seed: int, out: pathlib.Path) -> train.TrainConfig:
   return dataclasses.replace(cfg, log_path=str(out / f"gpt2__{name}__s{seed}.json"))
 
 
-def _reusable(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
-  """Whether ``path`` holds a finished run of ``cfg`` (where it was first written aside)."""
-  try:
-    log = json.loads(path.read_text())
-  except (OSError, ValueError):
-    return False
-  same = dataclasses.replace(cfg, log_path=log.get("config", {}).get("log_path"))
-  return "final_eval" in log and compare._same_config(path, same)  # pylint: disable=protected-access
-
-
 def run(probes, runs: pathlib.Path, out: pathlib.Path) -> dict:
   rows = []
   for name, seed in probes:
     cfg = config(name, seed, out)
     path = pathlib.Path(cfg.log_path)
-    log = json.loads(path.read_text()) if _reusable(path, cfg) else train.train(cfg)
+    log = json.loads(path.read_text()) if compare.same_config(path, cfg) else train.train(cfg)
     ref = quality.final_loss(json.loads((runs / f"gpt2__adamw__s{seed}.json").read_text()))
     loss = quality.final_loss(log)
     rows.append({"optimizer": name, "seed": seed, "final_loss": loss,

@@ -163,16 +163,26 @@ def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
   return configs
 
 
-def _same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
-  """Whether the log at ``path`` ran ``cfg`` (a field the log predates counts as
-  the same when ``cfg`` leaves it at its default)."""
+# Fields that do not change what a run computes: a log moved or copied to another
+# folder (as the suite's are, into results/runs) is still a finished run of its config.
+_NOT_THE_RUN = ("log_path", "progress")
+
+
+def same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
+  """Whether ``path`` holds a finished run of ``cfg``: its log has the same config
+  up to where the log was written and whether a progress bar was shown (a
+  field the log predates counts as the same when ``cfg`` leaves it at its
+  default), and the final evaluation."""
   try:
-    old = json.loads(path.read_text())["config"]
+    log = json.loads(path.read_text())
+    old = log["config"]
   except (OSError, ValueError, KeyError):
     return False
   new = json.loads(json.dumps(dataclasses.asdict(cfg)))
   defaults = json.loads(json.dumps(dataclasses.asdict(train.TrainConfig())))
-  return all(old[k] == v if k in old else v == defaults[k] for k, v in new.items())
+  return "final_eval" in log and all(
+      old[k] == v if k in old else v == defaults[k]
+      for k, v in new.items() if k not in _NOT_THE_RUN)
 
 
 def enable_compilation_cache() -> None:
@@ -196,7 +206,7 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
              desc=f"{suite.name}: {len(configs)} runs", dynamic_ncols=True)
   for i, cfg in enumerate(configs, 1):
     path = pathlib.Path(cfg.log_path)
-    if resume and path.exists() and _same_config(path, cfg):
+    if resume and path.exists() and same_config(path, cfg):
       logs.append(json.loads(path.read_text()))
       bar.update(cfg.steps)
       continue

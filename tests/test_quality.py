@@ -252,7 +252,8 @@ def test_early_precision_probe_is_the_suite_run_with_an_8_bit_start(tmp_path):
 
 def test_v_precision_probe_reuses_only_a_finished_run_of_the_same_config(tmp_path):
   """``benchmarks.v_precision`` trains the suite's own GPT-2 runs (only the log
-  path differs) and reuses a log only when it is a finished run of that config."""
+  path differs), and a log is reused (here and by ``compare --resume``) only when
+  it is a finished run of that config, wherever it was first written."""
   import dataclasses
   from benchmarks import v_precision
   from experiments import compare
@@ -265,9 +266,9 @@ def test_v_precision_probe_reuses_only_a_finished_run_of_the_same_config(tmp_pat
   elsewhere = json.loads(json.dumps(dataclasses.asdict(cfg)))
   elsewhere["log_path"] = "/somewhere/else.json"
   path.write_text(json.dumps({"config": elsewhere, "final_eval": {"loss": 1.0}}))
-  assert v_precision._reusable(path, cfg)
+  assert compare.same_config(path, cfg)
   path.write_text(json.dumps({"config": elsewhere}))  # unfinished
-  assert not v_precision._reusable(path, cfg)
+  assert not compare.same_config(path, cfg)
   other = {**elsewhere, "seed": 3}
   path.write_text(json.dumps({"config": other, "final_eval": {"loss": 1.0}}))
-  assert not v_precision._reusable(path, cfg)
+  assert not compare.same_config(path, cfg)
