@@ -124,11 +124,11 @@ def abstract_state(tx, params, bits=None, *, param_shardings=None):
     >>> import stquant_jax as sq
     >>> params = {"w": jnp.zeros((256, 64)), "b": jnp.zeros((64,))}
     >>> tx = sq.adamw(1e-3, policy=sq.STQuantPolicy())
-    >>> abs7 = sq.abstract_state(tx, params)  # critical zone (6, 6) + 1 annealing bit
-    >>> abs7[0].mu["w"].codes.shape
-    (128, 28)
+    >>> abs8 = sq.abstract_state(tx, params)  # critical zone (5, 6) + 3 annealing bits, at most 8
+    >>> abs8[0].mu["w"].codes.shape
+    (128, 32)
     >>> abs4 = sq.abstract_state(tx, params, bits={"mu_bits": {"w": 4}, "nu_bits": {"w": 5}})
-    >>> abs4[0].mu["w"].codes.shape, abs4[0].nu["w"].bits, sq.state_nbytes(abs4) < sq.state_nbytes(abs7)
+    >>> abs4[0].mu["w"].codes.shape, abs4[0].nu["w"].bits, sq.state_nbytes(abs4) < sq.state_nbytes(abs8)
     ((128, 16), 5, True)
   """
   abstract = jax.eval_shape(tx.init, params)
