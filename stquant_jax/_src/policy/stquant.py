@@ -139,11 +139,12 @@ class STQuantPolicy(Policy):
       ``"v_first"`` (default): m at 3 bits (``min_bits`` if higher), v at the
       most bits that fit (at most its critical-zone bits plus the boost), any
       rest back to m; at ``target_bits=4.5`` that is m 3 / v 5 bits.
-      ``"even"``: both moments at the same bits (m 4 / v 4). Why v first: on the quality suite's GPT-2 the
-      runs whose v had 4-6 bits in the first ~50 steps fell onto a slower
-      trajectory in 2 of 5 seeds (+8-17% final loss), whatever m's width
-      (m 8 / v 4 and m 8 / v 5 fell; m 4 / v 8 and m 5 / v 8 did not), while
-      3-bit m never did (docs/policy.md, "The first steps").
+      ``"even"``: both moments at the same bits (m 4 / v 4). Why v first: on
+      the quality suite's GPT-2 the runs whose v had 4-6 bits in the first ~50
+      steps fell onto a slower trajectory in 2 of 5 seeds (+8-17% final loss),
+      whatever m's width (m 8 / v 4 and m 8 / v 5 fell; m 4 / v 8 and m 5 / v 8
+      did not), while 3-bit m never did (docs/policy.md, "The first steps").
+      On ViT, v-first and even starts were indistinguishable (docs/quality.md).
     min_interval: minimum steps between two changes of one moment's bits.
     max_changes: maximum changes of one moment's bits per run (None: no limit).
     mu_factors, nu_factors: ``(magnitude, structure)`` factor names for m and v
