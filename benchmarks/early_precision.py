@@ -35,9 +35,7 @@ EARLY = {"critical": [4, 4], "magnitude": [4, 4], "structure": [4, 4],
 
 def config(seed: int, out: pathlib.Path) -> train.TrainConfig:
   """The suite's GPT-2 ``stquant_adaptive`` run of ``seed`` with the early-precision policy."""
-  suite = dataclasses.replace(compare.SUITES["full"], seeds=(seed,), models=("gpt2",),
-                              optimizers=("stquant_adaptive",))
-  (cfg,) = compare.run_configs(suite, out)
+  cfg = compare.suite_config("gpt2", "stquant_adaptive", seed, out)
   return dataclasses.replace(cfg, optimizer_kwargs={**cfg.optimizer_kwargs, **EARLY},
                              log_path=str(out / f"gpt2__early8to5__s{seed}.json"))
 

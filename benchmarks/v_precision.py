@@ -18,7 +18,6 @@ Usage: ``python -m benchmarks.v_precision --runs results/runs --out /tmp/v_preci
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import tempfile
@@ -33,10 +32,7 @@ PROBES = (("stquant4", 4), ("stquant8v4", 4), ("stquant4v8", 4),
 
 def config(name: str, seed: int, out: pathlib.Path) -> train.TrainConfig:
   """The suite's GPT-2 run of ``name`` and ``seed``, logged under ``out``."""
-  suite = dataclasses.replace(compare.SUITES["full"], seeds=(seed,), models=("gpt2",),
-                              optimizers=(name,))
-  (cfg,) = compare.run_configs(suite, out)
-  return dataclasses.replace(cfg, log_path=str(out / f"gpt2__{name}__s{seed}.json"))
+  return compare.suite_config("gpt2", name, seed, out)
 
 
 def run(probes, runs: pathlib.Path, out: pathlib.Path) -> dict:

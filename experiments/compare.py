@@ -163,6 +163,16 @@ def run_configs(suite: Suite, out: pathlib.Path) -> list[train.TrainConfig]:
   return configs
 
 
+def suite_config(model: str, optimizer: str, seed: int, out: pathlib.Path) -> train.TrainConfig:
+  """The full suite's config of one run (``model``, ``optimizer``, ``seed``), its
+  log at ``out/<model>__<optimizer>__s<seed>.json``: what the benchmarks that
+  probe a suite run start from."""
+  suite = dataclasses.replace(SUITES["full"], seeds=(seed,), models=(model,),
+                              optimizers=(optimizer,))
+  (cfg,) = run_configs(suite, out)
+  return dataclasses.replace(cfg, log_path=str(out / f"{model}__{optimizer}__s{seed}.json"))
+
+
 # Fields that do not change what a run computes: a log moved or copied to another
 # folder (as the suite's are, into results/runs) is still a finished run of its config.
 _NOT_THE_RUN = ("log_path", "progress")
