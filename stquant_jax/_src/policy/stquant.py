@@ -98,8 +98,8 @@ class STQuantPolicy(Policy):
       non-increasing from critical to redundant. The defaults, (5, 6), (5, 5),
       (4, 5) and (4, 4), settle at about 5 bits with metadata (the paper's 5.1)
       once the annealing boost is gone. v gets a bit more than m where the two
-      differ: on the quality suite's GPT-2 v's precision, not m's, decided
-      whether a run fell onto a slower trajectory (docs/policy.md).
+      differ: on the quality suite's GPT-2, raising v's precision, not m's,
+      kept runs off a slower trajectory in our probes (docs/policy.md).
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
       magnitude / structure factor, relative to the geometric mean over the
       adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
