@@ -59,7 +59,7 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
                 eval_batches=8, final_eval_batches=0),
 }
 BASELINES = ("adamw", "adamw_control", "adamw_jitter", "adamw_bf16")
-FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3")
+FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3", "stquant3v2")
 ROUNDING = ("stquant8_nearest", "stquant4_nearest")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
 # Is the reference tuned? fp32 AdamW at 0.7x and 1.4x its learning rate: if either
@@ -121,18 +121,21 @@ def budget_bits(cfg: train.TrainConfig, match: str = "stquant4") -> float:
   return round(optimizers.average_bits(state), 4)
 
 
-def reachable(cfg: train.TrainConfig, name: str, kw: dict) -> dict[str, int]:
-  """``{"min_bits": 2}`` when a budget is below what ``min_bits=3`` can reach on this
-  model (e.g. 3.5 bits: the policy's state and float32 small leaves cost a little
-  over 3.5 at 3 bits everywhere), else ``{}``: the allocator may then put the
-  moments that its damage model finds cheapest at 2 bits."""
+def reachable(cfg: train.TrainConfig, name: str, kw: dict) -> dict:
+  """The lowest bits a budget needs on this model: ``{}`` when ``min_bits=3`` can
+  reach it; else ``{"min_bits": (3, 2)}`` (e.g. 3.5 bits: the policy's state and
+  float32 small leaves cost a little over 3.5 at 3 bits everywhere), so that the
+  allocator may put the v moments its damage model finds cheapest at 2 bits
+  (2-bit v is harmless, 2-bit m stalls: docs/reliability.md); ``{"min_bits": 2}``
+  only when even that does not fit."""
   policy = optimizers.make_policy(name, **kw)
   target = getattr(policy, "target_bits", None)
   if target is None:
     return {}
   params = train.abstract_params(cfg)
-  if target >= policy.min_average_bits(params):
-    return {}
+  for extra in ({}, {"min_bits": (3, 2)}):
+    if target >= optimizers.make_policy(name, **{**kw, **extra}).min_average_bits(params):
+      return extra
   return {"min_bits": 2}
 
 

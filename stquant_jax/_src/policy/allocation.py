@@ -88,15 +88,21 @@ def relative_error_table(min_bits: int, max_bits: int) -> np.ndarray:
 
 
 def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixed, fp32_bytes,
-             budget_bytes, min_bits: int, max_bits: int):
-  """Bits per moment meeting ``budget_bytes`` (jnp; linear time).
+             budget_bytes, min_bits: int, max_bits: int, floor_bits=None):
+  """Bits per moment meeting ``budget_bytes`` (jnp; linear time plus one sort of
+  the ``M`` moments).
 
   Minimises ``sum_j 2**priority_log2[j] * size_j * err2[j, b_j]`` subject to
   ``sum_j bytes_j(b_j) <= budget_bytes`` by Lagrangian relaxation (Shoham &
   Gersho 1988): for a multiplier ``lam`` each moment independently takes the
   ladder level minimising ``damage + lam * bytes`` (O(levels) per moment);
   bytes fall as ``lam`` grows, so bisection on ``log lam`` (a fixed number of
-  steps) finds the smallest multiplier whose allocation fits.
+  steps) finds the smallest multiplier whose allocation fits. That allocation
+  lies on the lower convex hull of the trade-off and can leave much of the
+  budget unused (moments with the same priority all change level at the same
+  multiplier: all of them at 2 bits fits, all at 3 does not). The slack is then
+  filled greedily: moments move up one level, most damage saved per extra byte
+  first, while the running total fits.
 
   Args:
     priority_log2: float32 ``[M]``, ``log2 p_j`` (damage weight per value).
@@ -109,12 +115,14 @@ def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixe
       ``min_bits..max_bits`` (float32, the level above, has error 0).
     per_bit, fixed, fp32_bytes: float ``[M]`` cost model (:func:`cost_coefficients`).
     budget_bytes: float scalar: bytes available to these ``M`` moments.
-    min_bits, max_bits: the allowed quantized range.
+    min_bits, max_bits: the allowed quantized range (of ``err2``'s columns).
+    floor_bits: optional int ``[M]``, each moment's lowest allowed bits
+      (``>= min_bits``; default ``min_bits`` everywhere), e.g. m at 3 and v at 2.
 
   Returns:
     int32 ``[M]``: ``cap_bits`` when it fits, else the Lagrangian allocation.
-    When even ``min_bits`` everywhere does not fit, every free moment gets
-    ``min_bits`` (callers check feasibility up front).
+    When even the floors everywhere do not fit, every free moment gets its
+    floor (callers check feasibility up front).
   """
   per_bit = jnp.asarray(per_bit, jnp.float32)[:, None]
   fixed = jnp.asarray(fixed, jnp.float32)[:, None]
@@ -131,6 +139,9 @@ def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixe
   dmg_l = w * fp32_bytes * err2
   allowed = bits_code <= jnp.where(cap_bits == FLOAT32, FLOAT32, cap_bits)[:, None]
   allowed = allowed & ((bits[None, :] <= max_bits) | (cap_bits == FLOAT32)[:, None])
+  floor = (jnp.full(cap_bits.shape, min_bits, jnp.int32) if floor_bits is None
+           else jnp.asarray(floor_bits, jnp.int32))
+  allowed = allowed & (bits[None, :] >= floor[:, None])
 
   def cost(b):
     q = jnp.where(b == FLOAT32, fp32_bytes[:, 0],
@@ -155,9 +166,27 @@ def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixe
     # levels tie, and re-evaluating could round the other way.
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi), jnp.where(ok, b, best)
 
-  lowest = jnp.full(cap_bits.shape, min_bits, jnp.int32)
   _, _, alloc = jax.lax.fori_loop(0, _BISECT_STEPS, body,
-                                  (jnp.float32(-80.0), jnp.float32(60.0), lowest))
+                                  (jnp.float32(-80.0), jnp.float32(60.0), floor))
+  alloc = _fill_slack(alloc, free, allowed, dmg_l, cost_l, bits_code[0], min_bits,
+                      avail - jnp.sum(jnp.where(free, cost(alloc), 0.0)))
   cap_fits = jnp.sum(jnp.where(free, cost(cap_bits), 0.0)) <= avail
   out = jnp.where(cap_fits, cap_bits, alloc)
   return jnp.where(free, out, current_bits).astype(jnp.int32)
+
+
+def _fill_slack(alloc, free, allowed, dmg_l, cost_l, bits_code, min_bits: int, slack):
+  """``alloc`` with free moments raised one allowed level, most damage saved per
+  extra byte first, as long as the running total of extra bytes stays within
+  ``slack`` (a prefix of that order: O(M log M) for the sort)."""
+  levels = cost_l.shape[1]
+  k = jnp.where(alloc == FLOAT32, levels - 1, alloc - min_bits)       # level index now
+  up = jnp.minimum(k + 1, levels - 1)
+  at = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]
+  ok = free & (k + 1 < levels) & at(allowed, up)
+  extra = jnp.where(ok, at(cost_l, up) - at(cost_l, k), 0.0)
+  gain = jnp.where(ok, at(dmg_l, k) - at(dmg_l, up), 0.0)
+  order = jnp.argsort(jnp.where(ok, -gain / jnp.maximum(extra, 1e-30), jnp.inf))
+  fits = jnp.cumsum(extra[order]) <= slack
+  take = jnp.zeros_like(ok).at[order].set(fits & ok[order])
+  return jnp.where(take, bits_code[up], alloc).astype(jnp.int32)

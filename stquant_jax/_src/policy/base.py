@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from stquant_jax._src.codec.packing import check_bits
@@ -27,7 +28,8 @@ class Policy:
   """Interface every bit-allocation policy implements.
 
   * :meth:`leaf_bits` (required) decides, at ``init``, each leaf's bit-widths
-    from its global shape and dtype.
+    from its global shape and dtype; :meth:`layout` (optional) decides them
+    for the whole tree at once (a memory budget counts every leaf).
   * :meth:`init_state` / :meth:`update_state` (optional) keep the policy's own
     state inside the optimizer state. ``update_state`` runs inside the jitted
     update after the moments are refreshed; it must be pure jnp (no host
@@ -42,6 +44,11 @@ class Policy:
   def leaf_bits(self, shape: tuple[int, ...], dtype) -> tuple[int | None, int | None]:
     """(mu_bits, nu_bits) for a float leaf of global ``shape``; None keeps float32."""
     raise NotImplementedError
+
+  def layout(self, params) -> list[tuple[int | None, int | None]]:
+    """(mu_bits, nu_bits) per leaf of ``jax.tree.leaves(params)`` (global shapes):
+    what ``init`` stores. Default: :meth:`leaf_bits` of each leaf."""
+    return [self.leaf_bits(tuple(p.shape), p.dtype) for p in jax.tree.leaves(params)]
 
   def init_state(self, params) -> Any:
     del params

@@ -130,7 +130,9 @@ class STQuantPolicy(Policy):
       ``min_bits=2`` is stable but stalls: tiny GPT-2 with every zone at
       (2, 2) never diverged in 2000 steps, yet ended at 1.89x fp32 AdamW's
       loss, because ~88% of 2-bit m codes are 0; 2-bit v alone is harmless
-      (tests/test_stability.py, docs/reliability.md).
+      (tests/test_stability.py, docs/reliability.md). ``min_bits`` may be an
+      ``(mu, nu)`` pair: ``(3, 2)`` lets a tight budget take v, not m, down
+      to 2 bits.
     target_bits: optional memory budget, average stored bits per moment value,
       metadata and policy state included (as :func:`stquant_jax.average_bits`).
       Met from the first decision on.
@@ -194,7 +196,7 @@ class STQuantPolicy(Policy):
   anneal_bits: int = 3
   instability: float = 2.0
   rearm: bool = False
-  min_bits: int = 3  # the 2-bit signed map is {-1, 0, 1}: opt in explicitly
+  min_bits: Any = 3  # int or (mu, nu); the 2-bit signed map is {-1, 0, 1}: opt in explicitly
   max_bits: int = MAX_BITS
   target_bits: float | None = None
   budget_start: str = "v_first"
@@ -209,20 +211,25 @@ class STQuantPolicy(Policy):
 
   def __post_init__(self):
     check_int("every", self.every, 1)
-    check_bits(self.min_bits, "min_bits")
+    if isinstance(self.min_bits, (tuple, list)):
+      object.__setattr__(self, "min_bits", check_pair("min_bits", self.min_bits, "(mu, nu)"))
+      for b in self.min_bits:
+        check_bits(b, "min_bits")
+    else:
+      check_bits(self.min_bits, "min_bits")
     check_bits(self.max_bits, "max_bits")
-    if self.min_bits > self.max_bits:
+    if max(self._floors) > self.max_bits:
       raise ValueError(f"min_bits={self.min_bits} > max_bits={self.max_bits}; "
                        "swap them or widen the range")
     for z in ZONES:
       pair = check_pair(z, getattr(self, z), "(mu_bits, nu_bits)")
-      for b in pair:
+      for b, lo in zip(pair, self._floors):
         if b is None:
           continue
         check_int(f"{z} bits", b)
-        if not self.min_bits <= b <= self.max_bits:
+        if not lo <= b <= self.max_bits:
           raise ValueError(f"{z}={pair}: bits {b} outside min_bits..max_bits = "
-                           f"{self.min_bits}..{self.max_bits}; change the zone or the range")
+                           f"{lo}..{self.max_bits}; change the zone or the range")
     table = self.zone_table()
     for k, mom in enumerate(("mu", "nu")):
       c, m, s, r = (int(table[z, k]) for z in range(4))
@@ -260,14 +267,24 @@ class STQuantPolicy(Policy):
     check_choice("budget_start", self.budget_start, BUDGET_STARTS)
     if self.target_bits is not None:
       check_number("target_bits", self.target_bits, 0.0, math.inf, lo_open=True, hi_open=True)
-      relative_error_table(self.min_bits, self.max_bits)  # measured once, outside jit
-      floor = self.min_bits + 32.0 / self._block
+      relative_error_table(self._lowest, self.max_bits)  # measured once, outside jit
+      floor = sum(self._floors) / 2 + 32.0 / self._block
       if self.target_bits < floor:
         raise ValueError(
             f"target_bits={self.target_bits} is below {floor:g}, the fewest bits per value "
-            f"a quantized moment can use (min_bits={self.min_bits} + scales 32/"
+            f"a quantized moment can use (min_bits={self.min_bits}, averaged over m and v, + scales 32/"
             f"block_size={self._block}); raise target_bits, lower min_bits or raise "
             "block_size")
+
+  @property
+  def _floors(self) -> tuple[int, int]:
+    """(m, v) lowest bits."""
+    mb = self.min_bits
+    return tuple(mb) if isinstance(mb, tuple) else (mb, mb)
+
+  @property
+  def _lowest(self) -> int:
+    return min(self._floors)
 
   @property
   def _block(self) -> int:
@@ -293,31 +310,72 @@ class STQuantPolicy(Policy):
   def _adaptive(self, shape, dtype) -> bool:
     return is_float(dtype) and math.prod(shape) >= self.min_size
 
-  def initial_bits(self) -> tuple[int | None, int | None]:
-    """Bits every adaptive leaf starts with: the critical zone plus the full
-    annealing boost; with ``target_bits``, lowered to fit the budget per leaf
-    as ``budget_start`` says."""
-    caps = [None if b is None else
+  def _caps(self) -> list[int | None]:
+    """Bits of the critical zone plus the full annealing boost (None: float32)."""
+    return [None if b is None else
             min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
             for b in self.critical]
-    if self.target_bits is None:
-      return tuple(caps)
-    per_moment = self.target_bits - 32.0 / self._block  # bits per value, scales paid
-    top = [self.max_bits if b is None else b for b in caps]
+
+  def _split(self, total: int) -> tuple[int, int]:
+    """A budget's (m, v) bits for ``total`` bits per value over the two moments,
+    as ``budget_start`` says (each within its floor and its cap)."""
+    (lo_m, lo_v), top = self._floors, [self.max_bits if b is None else b for b in self._caps()]
     if self.budget_start == "v_first":
       # m at 3 bits (2-bit m stalls training), v as high as fits up to its cap, and
       # whatever is left back to m.
-      mu = max(self.min_bits, min(top[0], _V_FIRST_MU_BITS))
-      nu = max(self.min_bits, min(top[1], int(math.floor(2 * per_moment - mu))))
-      mu = max(self.min_bits, min(top[0], int(math.floor(2 * per_moment - nu))))
+      mu = max(lo_m, min(top[0], _V_FIRST_MU_BITS))
+      nu = max(lo_v, min(top[1], total - mu))
+      mu = max(lo_m, min(top[0], total - nu))
       return mu, nu
-    fit = int(math.floor(per_moment))
-    return tuple(max(self.min_bits, min(t, fit)) for t in top)
+    return max(lo_m, min(top[0], total // 2)), max(lo_v, min(top[1], total // 2))
+
+  def initial_bits(self) -> tuple[int | None, int | None]:
+    """Bits every adaptive leaf starts with: the critical zone plus the full
+    annealing boost; with ``target_bits``, lowered to fit the budget per value
+    as ``budget_start`` says (:meth:`layout` then lowers them further, if
+    needed, so that the whole first layout fits)."""
+    if self.target_bits is None:
+      return tuple(self._caps())
+    return self._split(int(math.floor(2 * (self.target_bits - 32.0 / self._block))))
 
   def leaf_bits(self, shape, dtype):
+    """The per-leaf rule (:meth:`initial_bits` for adaptive leaves); ``init``
+    uses :meth:`layout`, which also fits a budget over the whole tree."""
     if not self._adaptive(tuple(shape), dtype):
       return None, None
     return self.initial_bits()
+
+  def layout(self, params) -> list[tuple[int | None, int | None]]:
+    """The first layout, per leaf of ``jax.tree.leaves(params)``. With
+    ``target_bits`` it fits the budget from the first step, everything counted
+    (float32 moments of small leaves, scales, the policy state): the adaptive
+    leaves' bits are lowered together, as ``budget_start`` splits them, until
+    :func:`stquant_jax.average_bits` of the state is at most ``target_bits``;
+    then leaves, largest first, take one bit more where it still fits.
+
+    Raises:
+      ValueError: the budget cannot be met for these params (message: the floor).
+    """
+    leaves = jax.tree.leaves(params)
+    adaptive = [self._adaptive(tuple(p.shape), p.dtype) for p in leaves]
+    pair = self.initial_bits()
+    if self.target_bits is None:
+      return [pair if ad else (None, None) for ad in adaptive]
+    self._check_budget(leaves)
+    total = sum(pair)
+    while self._average_bits(leaves, pair) > self.target_bits and total > sum(self._floors):
+      total -= 1
+      pair = self._split(total)
+    out = [pair if ad else (None, None) for ad in adaptive]
+    up = self._split(total + 1)
+    room = self.target_bits * self._values(leaves) / 8.0 - self._nbytes(leaves, out)
+    for i in sorted(np.flatnonzero(adaptive), key=lambda i: -math.prod(leaves[i].shape)):
+      size = math.prod(leaves[i].shape)
+      extra = sum(moment_nbytes(size, b, self._block) - moment_nbytes(size, a, self._block)
+                  for a, b in zip(pair, up))
+      if 0 < extra <= room:
+        out[i], room = up, room - extra
+    return out
 
   def sum_keys(self) -> tuple[str, ...]:
     """Names (in :data:`SUMS` order) of the statistics the policy accumulates."""
@@ -330,17 +388,8 @@ class STQuantPolicy(Policy):
   def init_state(self, params) -> STQuantPolicyState:
     leaves = jax.tree.leaves(params)
     n = len(leaves)
-    init = []
-    for p in leaves:
-      shape, dtype = tuple(p.shape), p.dtype
-      if not is_float(dtype):
-        init.append((NO_MOMENT, NO_MOMENT))
-      elif self._adaptive(shape, dtype):
-        init.append(tuple(_bits_code(b) for b in self.initial_bits()))
-      else:
-        init.append((FLOAT32, FLOAT32))
-    if self.target_bits is not None:
-      self._check_budget(leaves)
+    init = [(NO_MOMENT, NO_MOMENT) if not is_float(p.dtype) else tuple(map(_bits_code, b))
+            for p, b in zip(leaves, self.layout(leaves))]
     bits = np.array(init, np.int32).reshape(n, 2)
     # Distinct buffers per field, so a donating jitted step never sees one buffer twice.
     return STQuantPolicyState(
@@ -353,16 +402,28 @@ class STQuantPolicy(Policy):
 
   def min_average_bits(self, params) -> float:
     """The fewest average bits (as :func:`stquant_jax.average_bits`) reachable for ``params``."""
-    leaves = jax.tree.leaves(params)
-    nbytes, values = 4 + self._state_nbytes(len(leaves)), 0
-    for p in leaves:
-      size = math.prod(p.shape)
-      if not is_float(p.dtype):
-        continue
-      values += 2 * size
-      bits = self.min_bits if self._adaptive(tuple(p.shape), p.dtype) else FLOAT32
-      nbytes += 2 * moment_nbytes(size, bits, self._block)
-    return 8.0 * nbytes / max(values, 1)
+    return self._average_bits(jax.tree.leaves(params), self._floors)
+
+  def _average_bits(self, leaves, pair) -> float:
+    """:func:`stquant_jax.average_bits` of a state whose adaptive leaves all have
+    ``pair`` (m, v) bits (None: float32)."""
+    layout = [pair if self._adaptive(tuple(p.shape), p.dtype) else (None, None) for p in leaves]
+    return 8.0 * self._nbytes(leaves, layout) / max(self._values(leaves), 1)
+
+  @staticmethod
+  def _values(leaves) -> int:
+    """Moment values of a state: 2 per float parameter."""
+    return sum(2 * math.prod(p.shape) for p in leaves if is_float(p.dtype))
+
+  def _nbytes(self, leaves, layout) -> int:
+    """Bytes of a state with per-leaf ``layout`` (m, v) bits (None: float32), the
+    step count and the policy state included (as :func:`stquant_jax.state_nbytes`)."""
+    nbytes = 4 + self._state_nbytes(len(leaves))
+    for p, pair in zip(leaves, layout):
+      if is_float(p.dtype):
+        nbytes += sum(moment_nbytes(math.prod(p.shape), _bits_code(b), self._block)
+                      for b in pair)
+    return nbytes
 
   def _check_budget(self, leaves):
     floor = self.min_average_bits(leaves)
@@ -487,13 +548,15 @@ class STQuantPolicy(Policy):
       sz = np.repeat(np.asarray(sizes, np.int64)[:, None], 2, axis=1).reshape(-1)
       nb = -(-sz // bsz)
       budget = self.target_bits * values / 8.0 - fixed_bytes
-      err = relative_error_table(self.min_bits, self.max_bits) ** 2  # [2, levels]
+      err = relative_error_table(self._lowest, self.max_bits) ** 2  # [2, levels]
       err2 = np.tile(err[None], (len(sizes), 1, 1)).reshape(-1, err.shape[1])
+      floors = np.tile(np.asarray(self._floors, np.int32), len(sizes))
       desired = allocate(
           (2.0 * (n_rel + r_rel)).reshape(-1), desired.reshape(-1), free.reshape(-1),
           st.proposed.reshape(-1), err2=err2, per_bit=nb * bsz / 8.0, fixed=4.0 * nb,
           fp32_bytes=4.0 * sz, budget_bytes=jnp.float32(budget),
-          min_bits=self.min_bits, max_bits=self.max_bits).reshape(desired.shape)
+          min_bits=self._lowest, max_bits=self.max_bits,
+          floor_bits=floors).reshape(desired.shape)
     proposed = jnp.where(free, desired, st.proposed)
     changed = proposed != st.proposed
     return STQuantPolicyState(

@@ -159,11 +159,13 @@ def scale_by_stquant(
     params = jax.tree.map(_as_array, params)
     config = make_config(params, block_size, mu_maps, nu_maps)
 
+    leaves, treedef = jax.tree.flatten(params)
+    layout = policy.layout(leaves)
+
     def moments(signed):
-      def leaf(p):
-        bits = policy.leaf_bits(tuple(p.shape), p.dtype)[0 if signed else 1]
-        return init_moment(p, bits, signed, block_size, config.code_map)
-      return jax.tree.map(leaf, params)
+      return treedef.unflatten([
+          init_moment(p, bits[0 if signed else 1], signed, block_size, config.code_map)
+          for p, bits in zip(leaves, layout)])
 
     count, policy_state = jnp.zeros([], jnp.int32), policy.init_state(params)
     # Concrete params sharded over a mesh: the small leaves go replicated on
