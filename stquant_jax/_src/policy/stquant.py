@@ -357,6 +357,18 @@ class STQuantPolicy(Policy):
 
     Raises:
       ValueError: the budget cannot be met for these params (message: the floor).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import stquant_jax as sq
+      >>> params = {"b": jnp.zeros((4000,)), "w": jnp.zeros((512, 512))}
+      >>> policy = sq.STQuantPolicy(target_bits=4.0)
+      >>> policy.initial_bits()   # the per-value split: m 3, v 4 bits
+      (3, 4)
+      >>> policy.layout(params)   # "b" keeps float32 moments, so "w" gets less
+      [(None, None), (3, 3)]
+      >>> sq.average_bits(sq.adamw(1e-3, policy=policy).init(params)) <= 4.0
+      True
     """
     leaves = jax.tree.leaves(params)
     adaptive = [self._adaptive(tuple(p.shape), p.dtype) for p in leaves]
