@@ -3,7 +3,7 @@
 Trains each model with each optimizer for several seeds: ``optax.adamw`` in
 float32 (the reference), its control (m perturbed by 1e-6 each step: the noise
 floor), with a bfloat16 first moment; ``stquant_jax.adamw`` at fixed widths
-(the uniform curve: 8, 6, 5, 4, m4/v3 and 3 bits; 8 and 4 bits also with
+(the uniform curve: 8, 6, 5, 4, m4/v3, 3 and m3/v2 bits; 8 and 4 bits also with
 round-to-nearest moments), the default adaptive ``STQuantPolicy`` and the
 adaptive policy held to memory budgets of 5, 4.5, 4 and 3.5 bits. Writes every
 run's JSON log, then the paired table, the frontier and the plots with
@@ -12,7 +12,7 @@ run's JSON log, then the paired table, the frontier and the plots with
 Usage::
 
   python -m experiments.compare --quick   # the demo: a few minutes on a CPU
-  python -m experiments.compare           # the protocol: 16 optimizers x 2 models x 5 seeds
+  python -m experiments.compare           # the protocol: 21 optimizers x 2 models x 5 seeds
   python -m experiments.compare --models gpt2 --optimizers stquant_t4,stquant4
   python -m experiments.report results/   # re-render table and plots only
 
@@ -126,7 +126,7 @@ def reachable(cfg: train.TrainConfig, name: str, kw: dict) -> dict:
   reach it; else ``{"min_bits": (3, 2)}`` (e.g. 3.5 bits: the policy's state and
   float32 small leaves cost a little over 3.5 at 3 bits everywhere), so that the
   allocator may put the v moments its damage model finds cheapest at 2 bits
-  (2-bit v is harmless, 2-bit m stalls: docs/reliability.md); ``{"min_bits": 2}``
+  (2-bit m stalls training, 2-bit v does not: docs/reliability.md); ``{"min_bits": 2}``
   only when even that does not fit."""
   policy = optimizers.make_policy(name, **kw)
   target = getattr(policy, "target_bits", None)

@@ -177,8 +177,9 @@ def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixe
 
 def _fill_slack(alloc, free, allowed, dmg_l, cost_l, bits_code, min_bits: int, slack):
   """``alloc`` with free moments raised one allowed level, most damage saved per
-  extra byte first, as long as the running total of extra bytes stays within
-  ``slack`` (a prefix of that order: O(M log M) for the sort)."""
+  extra byte first: in that order, each moment whose extra bytes still fit in
+  what is left of ``slack`` takes them (one that does not fit is skipped, so a
+  large moment cannot block smaller ones after it). O(M log M) for the sort."""
   levels = cost_l.shape[1]
   k = jnp.where(alloc == FLOAT32, levels - 1, alloc - min_bits)       # level index now
   up = jnp.minimum(k + 1, levels - 1)
@@ -187,6 +188,11 @@ def _fill_slack(alloc, free, allowed, dmg_l, cost_l, bits_code, min_bits: int, s
   extra = jnp.where(ok, at(cost_l, up) - at(cost_l, k), 0.0)
   gain = jnp.where(ok, at(dmg_l, k) - at(dmg_l, up), 0.0)
   order = jnp.argsort(jnp.where(ok, -gain / jnp.maximum(extra, 1e-30), jnp.inf))
-  fits = jnp.cumsum(extra[order]) <= slack
-  take = jnp.zeros_like(ok).at[order].set(fits & ok[order])
+
+  def step(left, j):
+    t = ok[j] & (extra[j] <= left)
+    return left - jnp.where(t, extra[j], 0.0), t
+
+  _, took = jax.lax.scan(step, jnp.asarray(slack, jnp.float32), order)
+  take = jnp.zeros_like(ok).at[order].set(took)
   return jnp.where(take, bits_code[up], alloc).astype(jnp.int32)

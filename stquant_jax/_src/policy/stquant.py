@@ -130,10 +130,11 @@ class STQuantPolicy(Policy):
       pushed m there cost +18-23% loss in benchmarks/policy_tradeoff.py).
       ``min_bits=2`` is stable but stalls: tiny GPT-2 with every zone at
       (2, 2) never diverged in 2000 steps, yet ended at 1.89x fp32 AdamW's
-      loss, because ~88% of 2-bit m codes are 0; 2-bit v alone is harmless
+      loss, because ~88% of 2-bit m codes are 0; 2-bit v alone did not stall it
       (tests/test_stability.py, docs/reliability.md). ``min_bits`` may be an
       ``(mu, nu)`` pair: ``(3, 2)`` lets a tight budget take v, not m, down
-      to 2 bits.
+      to 2 bits (uniform m3/v2 still costs quality: +10% on the quality
+      suite's ViT, against +5.5% for 3-bit; docs/quality.md).
     target_bits: optional memory budget, average stored bits per moment value,
       metadata and policy state included (as :func:`stquant_jax.average_bits`).
       Met from the first step on: the first layout (:meth:`layout`) fits it
@@ -380,6 +381,8 @@ class STQuantPolicy(Policy):
     while self._average_bits(leaves, pair) > self.target_bits and total > sum(self._floors):
       total -= 1
       pair = self._split(total)
+    if self._average_bits(leaves, pair) > self.target_bits:  # a split above the floors
+      pair = self._floors                                    # (_check_budget: they fit)
     out = [pair if ad else (None, None) for ad in adaptive]
     up = self._split(total + 1)
     room = self.target_bits * self._values(leaves) / 8.0 - self._nbytes(leaves, out)
