@@ -1,5 +1,6 @@
 """STQuantPolicy: construction checks, decisions, budget, relayout, wrappers, telemetry."""
 
+import dataclasses
 import json
 import math
 
@@ -357,6 +358,12 @@ def test_first_budget_layout_fits_the_whole_tree_and_uses_it():
     assert target - 0.25 < got <= target, (target, start, got, sq.bit_widths(state))
     rows = np.asarray(state[0].policy_state.proposed)
     assert (rows[rows[:, 0] != 32] >= np.array(pol._floors)).all()
+  # A budget at the floors, where the even split of m + v bits lies above them
+  # (6 bits: 3 / 4 with v's floor at 4): the first layout is the floors.
+  pol = sq.STQuantPolicy(budget_start="even", min_bits=(2, 4), target_bits=8.0)
+  pol = dataclasses.replace(pol, target_bits=pol.min_average_bits(params))
+  assert pol._split(6) == (3, 4)
+  assert set(pol.layout(params)) == {(None, None), (2, 4)}
 
 
 def test_decisions_spend_the_budget_when_small_leaves_keep_float32():
