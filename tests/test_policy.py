@@ -1,6 +1,6 @@
-"""STQuantPolicy: construction checks, decisions, budget, relayout, wrappers, telemetry."""
+"""STQuantPolicy: construction checks, decisions, relayout, wrappers, telemetry, per-step
+cost (the memory budget: tests/test_policy_budget.py)."""
 
-import dataclasses
 import json
 import math
 
@@ -12,73 +12,9 @@ import optax
 import pytest
 
 import stquant_jax as sq
-from stquant_jax._src.policy.allocation import FLOAT32, allocate, relative_error_table
+from _policy_setup import _STEPS, _adamw, _grads, _loss, _params, _policy, _step_fn, _train
+from stquant_jax._src.policy.allocation import FLOAT32
 from stquant_jax._src.policy.scores import NUM_SUMS, SUMS
-
-
-def _params():
-  k = jax.random.split(jax.random.key(0), 4)
-  return {"big": jax.random.normal(k[0], (64, 256)) * 0.1,     # 16384 values
-          "mid": jax.random.normal(k[1], (32, 256)) * 0.1,     # 8192
-          "out": jax.random.normal(k[2], (64, 128)) * 0.1,     # 8192
-          "bias": jnp.zeros((128,)),                           # small: float32
-          "step": jnp.zeros((), jnp.int32)}                    # integer: no moments
-
-
-_SCALE = {"big": 0.01, "mid": 1.0, "out": 0.1}
-
-
-def _grads(params, i):
-  """Leaves with gradient scales 100x apart, one with outliers; changes with i."""
-  out = {}
-  for j, (k, p) in enumerate(sorted(params.items())):
-    if not jnp.issubdtype(p.dtype, jnp.floating):
-      out[k] = jnp.zeros(p.shape, p.dtype)
-      continue
-    x = jax.random.normal(jax.random.fold_in(jax.random.key(i), j), p.shape)
-    if k == "out":
-      x = x * jnp.where(jax.random.uniform(jax.random.key(j), p.shape) < 0.01, 20.0, 1.0)
-    out[k] = _SCALE.get(k, 1.0) * (x + 0.5) + 0.01 * p
-  return out
-
-
-# The zones these tests were written for (critical 8/8, so a leaf starts at 8 bits and
-# every decision can only lower it), independent of the library's defaults.
-ZONES = {"critical": (8, 8), "magnitude": (6, 8), "structure": (6, 6), "redundant": (4, 5)}
-
-
-def _policy(**kw):
-  kw = {"every": 2, "min_interval": 0, "anneal_steps": 0, **ZONES, **kw}
-  return sq.STQuantPolicy(**kw)
-
-
-_STEPS = {}
-
-
-def _step_fn(tx):
-  """One jitted step per transform, cached, so tests sharing a policy share compilations."""
-  key = id(tx)
-  if key not in _STEPS:
-    @jax.jit
-    def step(params, state, i):
-      u, state = tx.update(_grads(params, i), state, params)
-      return optax.apply_updates(params, u), state
-    _STEPS[key] = (tx, step)
-  return _STEPS[key][1]
-
-
-_TX = {}
-
-
-def _adamw(policy):
-  """sq.adamw(1e-2, policy=policy), one object per policy (policies are hashable)."""
-  if policy not in _TX:
-    _TX[policy] = sq.adamw(1e-2, policy=policy)
-  return _TX[policy]
-
-
-def _loss(params):
-  return sum(jnp.sum(jnp.square(p - 0.5)) for k, p in params.items() if k != "step")
 
 
 # --- construction ------------------------------------------------------------
@@ -114,16 +50,6 @@ def test_bad_configuration_fails_at_construction(kwargs, exc, words):
     sq.STQuantPolicy(**kwargs)
 
 
-def test_unreachable_budget_fails_at_init_with_the_floor():
-  """Many small float32 leaves: 4 bits on average is impossible; init says what is reachable."""
-  params = {f"b{i}": jnp.zeros((1000,)) for i in range(20)} | {"w": jnp.zeros((128, 128))}
-  pol = sq.STQuantPolicy(target_bits=4.0)
-  floor = pol.min_average_bits(params)
-  assert floor > 4.0
-  with pytest.raises(ValueError, match=f"raise target_bits to >= {floor:.3f}"):
-    sq.adamw(1e-3, policy=pol).init(params)
-  sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=floor + 0.01)).init(params)  # fits
-
 
 def test_policy_takes_the_transforms_block_size():
   """One source of truth: the transform binds its block size into the policy (stated
@@ -141,14 +67,6 @@ def test_policy_takes_the_transforms_block_size():
 
 # --- decisions ---------------------------------------------------------------
 
-def _train(tx, params, steps, relayout_every=None, start=0):
-  state = tx.init(params)
-  step = _step_fn(tx)
-  for i in range(start, start + steps):
-    params, state = step(params, state, i)
-    if relayout_every and (i + 1) % relayout_every == 0:
-      state = sq.relayout(state)
-  return params, state
 
 
 def test_decisions_separate_leaves_and_moments_and_are_deterministic():
@@ -260,138 +178,6 @@ def test_drift_holds_the_boost_but_re_arms_it_only_when_asked(rearm):
   else:
     assert float(st.anneal) < 0.02 and (boost(st) == 0).all()
 
-
-# --- budget ------------------------------------------------------------------
-
-def test_allocation_meets_budget_respects_caps_and_priorities():
-  rng = np.random.default_rng(0)
-  M = 40
-  pri = rng.normal(size=M).astype(np.float32) * 3
-  cap = rng.integers(4, 9, size=M).astype(np.int32)
-  size = np.full(M, 8192.0)
-  nb = size / 128
-  err2 = np.tile((2.0 ** -np.arange(2, 9))[None] ** 2, (M, 1))
-  kw = dict(err2=err2, per_bit=nb * 16, fixed=4 * nb, fp32_bytes=4 * size, min_bits=2, max_bits=8)
-  cost = lambda b: float(np.sum(nb * (16 * b + 4)))
-  for budget in (cost(np.full(M, 2)), cost(np.full(M, 3.5)), cost(np.full(M, 6))):
-    out = np.asarray(allocate(jnp.asarray(pri), jnp.asarray(cap), jnp.ones(M, bool),
-                              jnp.asarray(cap), budget_bytes=jnp.float32(budget), **kw))
-    assert cost(out) <= budget + 1e-3
-    assert (out <= cap).all() and (out >= 2).all()
-    # higher priority never gets fewer bits among moments with room under their caps
-    free = out < cap
-    order = np.argsort(pri[free])
-    assert (np.diff(out[free][order]) >= 0).all()
-  out = np.asarray(allocate(jnp.asarray(pri), jnp.asarray(cap), jnp.ones(M, bool), jnp.asarray(cap),
-                            budget_bytes=jnp.float32(cost(cap) + 1), **kw))
-  np.testing.assert_array_equal(out, cap)
-
-
-def test_allocation_fills_the_slack_the_lagrangian_leaves():
-  """Identical moments all change level at the same multiplier, so the Lagrangian
-  alone gives all-2 (fits) or all-3 (does not): half the gap unused. The fill
-  raises as many moments by one level as the budget allows, never past it."""
-  M, size = 20, 8192.0
-  nb = size / 128
-  err2 = np.tile((2.0 ** -np.arange(2, 9))[None] ** 2, (M, 1))
-  kw = dict(err2=err2, per_bit=np.full(M, nb * 16), fixed=np.full(M, 4 * nb),
-            fp32_bytes=np.full(M, 4 * size), min_bits=2, max_bits=8)
-  one = lambda b: nb * (16 * b + 4)
-  budget = M * one(2) + 7.5 * (one(3) - one(2))  # room for 7 of the 20 moments at 3 bits
-  out = np.asarray(allocate(jnp.zeros(M), jnp.full(M, 8, jnp.int32), jnp.ones(M, bool),
-                            jnp.full(M, 8, jnp.int32), budget_bytes=jnp.float32(budget), **kw))
-  assert sorted(out.tolist()) == [2] * 13 + [3] * 7
-  # A large moment first in the order (ties keep index order) whose extra bit does not
-  # fit must not block the smaller ones after it.
-  sizes = np.array([65536.0] + [8192.0] * 10)
-  nb2 = sizes / 128
-  kw2 = dict(err2=np.tile((2.0 ** -np.arange(2, 9))[None] ** 2, (11, 1)), per_bit=nb2 * 16,
-             fixed=4 * nb2, fp32_bytes=4 * sizes, min_bits=2, max_bits=8)
-  cost2 = lambda b: float(np.sum(nb2 * (16 * b + 4)))
-  budget = cost2(np.full(11, 2)) + 5.5 * 1024  # 1 KiB per small moment's bit, 8 KiB for the big
-  out = np.asarray(allocate(jnp.zeros(11), jnp.full(11, 8, jnp.int32), jnp.ones(11, bool),
-                            jnp.full(11, 8, jnp.int32), budget_bytes=jnp.float32(budget), **kw2))
-  assert out[0] == 2 and sorted(out[1:].tolist()) == [2] * 5 + [3] * 5, out
-  assert cost2(out) <= budget
-
-
-def test_per_moment_floor_keeps_m_at_3_bits_while_v_takes_the_cut():
-  """``min_bits=(3, 2)``: a budget below 3 bits everywhere lowers only v (2-bit m
-  stalls training, 2-bit v does not); a zone below a moment's floor is an error."""
-  pol = _policy(min_bits=(3, 2), target_bits=3.0, critical=(8, 8))
-  assert pol.min_bits == (3, 2) and pol.initial_bits() == (3, 2)
-  M = 8
-  kw = dict(err2=np.tile(relative_error_table(2, 8) ** 2, (M // 2, 1)),
-            per_bit=np.full(M, 64 * 16.0), fixed=np.full(M, 256.0),
-            fp32_bytes=np.full(M, 4 * 8192.0), min_bits=2, max_bits=8)
-  budget = (M // 2) * (64 * 16.0 * 6.6 + 2 * 256)  # m + v = 6.6 bits per leaf
-  pri = jnp.asarray(np.tile([-8.0, 8.0], M // 2), jnp.float32)  # v matters far more than m
-  run = lambda **k: np.asarray(allocate(pri, jnp.full(M, 8, jnp.int32), jnp.ones(M, bool),
-                                        jnp.full(M, 8, jnp.int32),
-                                        budget_bytes=jnp.float32(budget), **kw, **k))
-  assert (run()[0::2] == 2).all()  # without floors the damage model sends m to 2 bits
-  out = run(floor_bits=np.tile([3, 2], M // 2))
-  assert out[0::2].tolist() == [3] * (M // 2), out
-  assert sorted(out[1::2].tolist()) == [3, 3, 4, 4], out  # v takes the rest: 3.5 on average
-  with pytest.raises(ValueError, match="outside min_bits"):
-    sq.STQuantPolicy(min_bits=(3, 2), redundant=(2, 2))  # m's zone below m's floor
-  sq.STQuantPolicy(min_bits=(3, 2), redundant=(3, 2))
-  with pytest.raises(TypeError, match="pair"):
-    sq.STQuantPolicy(min_bits=(3,))
-  with pytest.raises(ValueError, match="min_bits"):
-    sq.STQuantPolicy(min_bits=(3, 1))
-
-
-def test_first_budget_layout_fits_the_whole_tree_and_uses_it():
-  """Many float32 small leaves (biases, norms, a small head): a budget's first layout
-  counts them, so the state fits ``target_bits`` from step 0 (the per-leaf rule
-  alone would exceed it), and leaves take one bit more where it still fits."""
-  params = {f"b{i}": jnp.zeros((1000,)) for i in range(8)}
-  params |= {f"w{i}": jnp.zeros((256, 256 * (1 + i % 2))) for i in range(6)}
-  for target, start in ((4.0, "v_first"), (4.5, "v_first"), (4.5, "even"), (3.5, "v_first")):
-    pol = sq.STQuantPolicy(target_bits=target, budget_start=start,
-                           min_bits=(3, 2) if target < 4 else 3)
-    per_leaf = pol._average_bits(jax.tree.leaves(params), pol.initial_bits())
-    assert per_leaf > target  # the case this guards: the per-leaf split does not fit
-    state = sq.adamw(1e-3, policy=pol).init(params)
-    got = sq.average_bits(state)
-    assert target - 0.25 < got <= target, (target, start, got, sq.bit_widths(state))
-    rows = np.asarray(state[0].policy_state.proposed)
-    assert (rows[rows[:, 0] != 32] >= np.array(pol._floors)).all()
-  # A budget at the floors, where the even split of m + v bits lies above them
-  # (6 bits: 3 / 4 with v's floor at 4): the first layout is the floors.
-  pol = sq.STQuantPolicy(budget_start="even", min_bits=(2, 4), target_bits=8.0)
-  pol = dataclasses.replace(pol, target_bits=pol.min_average_bits(params))
-  assert pol._split(6) == (3, 4)
-  assert set(pol.layout(params)) == {(None, None), (2, 4)}
-
-
-def test_decisions_spend_the_budget_when_small_leaves_keep_float32():
-  """Float32 moments of small leaves are paid once: a decision's layout uses the budget
-  up to less than one level of one moment (until 2026-12 their bytes were taken off
-  twice, and budgets settled 0.26 bits under target on GPT-2, 1 bit here)."""
-  params = _params() | {f"b{i}": jnp.zeros((200,)) for i in range(6)}
-  target = 6.0
-  _, state = _train(_adamw(_policy(target_bits=target)), params, 2, relayout_every=2)
-  values = 2 * sum(p.size for p in jax.tree.leaves(params) if p.dtype == jnp.float32)
-  one_level = 16384 / values  # one more bit on the largest adaptive moment
-  got = sq.average_bits(state)
-  assert target - one_level < got <= target, (got, sq.bit_widths(state))
-
-
-def test_budget_is_met_after_relayout_and_training_continues():
-  params = _params()
-  free = _adamw(_policy())
-  _, st_free = _train(free, params, 2, relayout_every=2)
-  assert sq.average_bits(st_free) > 5.0  # the budget below is binding
-  tx = _adamw(_policy(target_bits=5.0))
-  p, state = _train(tx, params, 2, relayout_every=2)
-  assert sq.average_bits(state) <= 5.0, sq.bit_widths(state)
-  step = _step_fn(tx)
-  for i in range(2, 6):
-    p, state = step(p, state, i)
-  assert np.isfinite(float(_loss(p)))
-  assert sq.average_bits(sq.relayout(state)) <= 5.0
 
 
 # --- relayout ----------------------------------------------------------------
@@ -589,25 +375,6 @@ def test_degenerate_leaf_does_not_move_the_others():
   assert len(set(np.asarray(without.zone)[:3, 0].tolist())) > 1  # the others do differ
 
 
-def test_budget_starts_with_v_first_and_fits_the_budget():
-  """A budget's first layout gives v the bits and m 3 ("v_first", the default; low-bit
-  v early is what sent GPT-2 runs onto a slower trajectory), fits the budget per
-  leaf (m + v <= 2 (target - scales)), gives leftovers back to m, never goes below
-  min_bits and never above the caps; "even" keeps the old split; other names fail."""
-  cases = {3.0: (3, 2), 3.5: (3, 3), 4.0: (3, 4), 4.5: (3, 5), 5.0: (3, 6), 6.0: (3, 8),
-           8.5: (8, 8)}
-  for target, want in cases.items():
-    policy = sq.STQuantPolicy(target_bits=target, min_bits=2)
-    got = policy.initial_bits()
-    assert got == want, (target, got)
-    assert sum(got) <= 2 * (target - 32 / 128) or got == (8, 8)
-    even = sq.STQuantPolicy(target_bits=target, min_bits=2, budget_start="even").initial_bits()
-    assert even[0] == even[1] == max(2, min(8, math.floor(target - 0.25)))
-  assert sq.STQuantPolicy(target_bits=3.3).initial_bits() == (3, 3)  # min_bits=3 floor
-  capped = sq.STQuantPolicy(target_bits=8.0, anneal_bits=0)  # critical (5, 6)
-  assert capped.initial_bits() == (5, 6)  # caps: critical zone + boost
-  with pytest.raises(ValueError, match="budget_start"):
-    sq.STQuantPolicy(budget_start="m_first")
 
 
 def test_default_policy_starts_at_8_bits_and_settles_near_5():
