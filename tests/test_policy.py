@@ -142,14 +142,20 @@ def test_transitions_are_bounded():
     assert (np.diff(when) >= 20).all(), when
 
 
-def test_annealing_gives_more_bits_early():
-  pol = _policy(ema=0.0, anneal_steps=100, anneal_bits=2)
+@pytest.mark.parametrize("boost", [2, (0, 2)])
+def test_annealing_gives_more_bits_early(boost):
+  """Early decisions add the boost (per moment when it is a pair: (0, 2) raises v
+  only, m's early bits equal its late ones); late decisions add none."""
+  pol = _policy(ema=0.0, anneal_steps=100, anneal_bits=boost,
+                critical=(6, 6), magnitude=(5, 5), structure=(5, 4), redundant=(4, 4))
   st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
   early = _decide(pol, st, n_m=[2.0, 1.0, 0.5], r_m=[1.0, 1.0, 1.0], count=1)
   late = _decide(pol, early, n_m=[2.0, 1.0, 0.5], r_m=[1.0, 1.0, 1.0], count=2000)
   assert float(early.anneal) > 0.9 and float(late.anneal) < 0.1
   e, l = np.asarray(early.proposed), np.asarray(late.proposed)
   assert (e >= l).all() and (e > l).any()
+  if boost == (0, 2):
+    assert (e[:3, 0] == l[:3, 0]).all() and (e[:3, 1] > l[:3, 1]).all()
 
 
 @pytest.mark.parametrize("rearm", [False, True])
@@ -377,10 +383,17 @@ def test_degenerate_leaf_does_not_move_the_others():
 
 
 
-def test_default_policy_starts_at_8_bits_and_settles_near_5():
+def test_default_policy_starts_v_at_8_bits_and_settles_near_5():
   """The default zones average 4.75 quantized bits (5 with the scales) and the
-  annealing boost (3 bits over 100 steps) starts every adaptive moment at 8."""
+  annealing boost (3 bits over 100 steps, v only) starts every adaptive v at 8
+  bits and m at its critical zone's 5; a scalar boost applies to both."""
   policy = sq.STQuantPolicy()
-  assert policy.initial_bits() == (8, 8)
+  assert policy.initial_bits() == (5, 8)
+  assert sq.STQuantPolicy(anneal_bits=3).initial_bits() == (8, 8)
+  assert sq.STQuantPolicy(anneal_bits=[1, 2]).anneal_bits == (1, 2)  # JSON lists
+  assert sq.STQuantPolicy(anneal_steps=0).initial_bits() == (5, 6)
+  for bad in ((1, -1), (1, 2, 3), -1):
+    with pytest.raises((ValueError, TypeError), match="anneal_bits"):
+      sq.STQuantPolicy(anneal_bits=bad)
   table = policy.zone_table()
   assert table.mean() == 4.75 and (table[:, 1] >= table[:, 0]).all()  # v never below m

@@ -19,8 +19,9 @@ once):
 3. **Temporal annealing**: ``tau = max(exp(-t / anneal_steps), drift / instability)``
    (clipped to [0, 1]; ``drift`` is the mean change of the leaves' relative
    log2 N and log2 R since the last decision), never above the previous
-   decision's tau unless ``rearm``, adds ``round(tau * anneal_bits)`` bits: more
-   precision early and while the statistics move, less as training settles.
+   decision's tau unless ``rearm``, adds ``round(tau * anneal_bits)`` bits (per
+   moment; by default to v only): more precision early and while the statistics
+   move, less as training settles.
 4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
    (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
    ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least, then spends what
@@ -106,12 +107,16 @@ class STQuantPolicy(Policy):
       adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
     ema: EMA decay of the log2 factors across decisions, in [0, 1).
     anneal_steps: time constant of the early-training boost (0: none).
-    anneal_bits: extra bits at full annealing (tau = 1). The defaults (3 bits,
-      100 steps) start every adaptive moment at 8 bits, keep one extra bit
-      after the first decision and none from the first change after that:
+    anneal_bits: extra bits at full annealing (tau = 1), an int or a
+      ``(mu, nu)`` pair. The default ``(0, 3)`` with 100 steps starts every
+      adaptive v at 8 bits (m at its critical-zone bits, 5), keeps one extra v
+      bit after the first decision and none from the first change after that:
       the first ~100 steps are where low-bit v sent GPT-2 runs onto a slower
-      trajectory, and 8 bits there kept every seed on fp32 AdamW's
-      (docs/quality.md, docs/policy.md).
+      trajectory, whatever m's width (m 4 / v 8 and m 5 / v 8 did not fall,
+      m 8 / v 4 and m 8 / v 5 did; docs/policy.md, "The first steps"). Until
+      2026-12 the boost was 3 bits for both moments, which started m at 8 bits
+      too and cost 0.4-0.5 average bits over the suite's short runs without a
+      measurable gain (docs/quality.md).
     instability: mean change of relative log2 N + log2 R between decisions
       that counts as fully unstable (tau = 1). The default (2.0) lets only a
       large shift hold the boost: at 0.5 the ordinary drift of GPT-2's
@@ -196,7 +201,7 @@ class STQuantPolicy(Policy):
   r_thresholds: tuple = (0.8, 1.25)
   ema: float = 0.5
   anneal_steps: int = 100
-  anneal_bits: int = 3
+  anneal_bits: Any = (0, 3)  # int or (mu, nu)
   instability: float = 2.0
   rearm: bool = False
   min_bits: Any = 3  # int or (mu, nu); the 2-bit signed map is {-1, 0, 1}: opt in explicitly
@@ -249,7 +254,13 @@ class STQuantPolicy(Policy):
                          f"enter {band[1]} (swap them)")
     check_number("ema", self.ema, 0.0, 1.0, hi_open=True)
     check_int("anneal_steps", self.anneal_steps, 0)
-    check_int("anneal_bits", self.anneal_bits, 0)
+    if isinstance(self.anneal_bits, (tuple, list)):
+      object.__setattr__(self, "anneal_bits",
+                         check_pair("anneal_bits", self.anneal_bits, "(mu, nu)"))
+      for b in self.anneal_bits:
+        check_int("anneal_bits", b, 0)
+    else:
+      check_int("anneal_bits", self.anneal_bits, 0)
     check_number("instability", self.instability, 0.0, math.inf, lo_open=True, hi_open=True)
     if not isinstance(self.rearm, bool):
       raise TypeError(f"rearm={self.rearm!r} must be True or False")
@@ -286,6 +297,14 @@ class STQuantPolicy(Policy):
     return tuple(mb) if isinstance(mb, tuple) else (mb, mb)
 
   @property
+  def _boosts(self) -> tuple[int, int]:
+    """(m, v) extra bits at full annealing (0, 0 without annealing)."""
+    if not self.anneal_steps:
+      return (0, 0)
+    ab = self.anneal_bits
+    return tuple(ab) if isinstance(ab, tuple) else (ab, ab)
+
+  @property
   def _lowest(self) -> int:
     return min(self._floors)
 
@@ -315,9 +334,8 @@ class STQuantPolicy(Policy):
 
   def _caps(self) -> list[int | None]:
     """Bits of the critical zone plus the full annealing boost (None: float32)."""
-    return [None if b is None else
-            min(b + (self.anneal_bits if self.anneal_steps else 0), self.max_bits)
-            for b in self.critical]
+    return [None if b is None else min(b + boost, self.max_bits)
+            for b, boost in zip(self.critical, self._boosts)]
 
   def _split(self, total: int) -> tuple[int, int]:
     """A budget's (m, v) bits for ``total`` bits per value over the two moments,
@@ -551,7 +569,7 @@ class STQuantPolicy(Policy):
     tau = jnp.clip(jnp.maximum(decay, drift / self.instability), 0.0, 1.0)
     if not self.rearm:  # annealing only goes down (st.anneal starts at 1)
       tau = jnp.minimum(tau, st.anneal)
-    boost = jnp.round(tau * self.anneal_bits).astype(jnp.int32)
+    boost = jnp.round(tau * jnp.asarray(self._boosts, jnp.float32)).astype(jnp.int32)  # [2]
     table = jnp.asarray(self.zone_table())
     zb = table[zone, jnp.arange(2)[None, :]]
     desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
