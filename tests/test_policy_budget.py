@@ -177,3 +177,30 @@ def test_budget_is_met_after_relayout_and_training_continues():
     p, state = step(p, state, i)
   assert np.isfinite(float(_loss(p)))
   assert sq.average_bits(sq.relayout(state)) <= 5.0
+
+
+def test_allocation_never_exceeds_the_budget_in_exact_bytes_on_large_models():
+  """Byte counts are float32 inside the allocator; on a model with thousands of
+  moments and terabyte budgets (budget one byte under, at and one byte over the
+  caps' exact bytes, and 1e-7 under) the exact integer bytes of every allocation
+  still fit, and the margin that ensures it wastes under 1e-3 of the budget.
+  (Without a margin the float32 cast of the budget alone lets 1e-7 through.)"""
+  from stquant_jax._src.policy.allocation import allocate, moment_nbytes, relative_error_table
+  rng = np.random.default_rng(1)
+  m, bs = 3000, 128
+  err2 = np.tile(relative_error_table(3, 8)[[0, 1]] ** 2, (m // 2, 1))
+  run = jax.jit(lambda pr, cap, per_bit, fixed, fp32, budget: allocate(
+      pr, cap, jnp.ones(m, bool), cap, err2=err2, per_bit=per_bit, fixed=fixed,
+      fp32_bytes=fp32, budget_bytes=budget, min_bits=3, max_bits=8))
+  exact = lambda sizes, bits: sum(moment_nbytes(int(s), int(b), bs) for s, b in zip(sizes, bits))
+  for _ in range(4):
+    sizes = (rng.integers(1, 10**5, m) * rng.choice([1, 10, 100, 1000], m)).astype(np.int64) * bs
+    cap = rng.integers(3, 9, m).astype(np.int32)
+    pr = rng.normal(size=m).astype(np.float32)
+    full = exact(sizes, cap)
+    for budget in (full - 1, full, full + 1, int(full * (1 - 1e-7))):
+      nb = sizes // bs  # the cost model as the policy builds it, in numpy float64
+      got = np.asarray(run(pr, cap, nb * bs / 8.0, 4.0 * nb, 4.0 * sizes, jnp.float32(budget)))
+      used = exact(sizes, got)
+      assert used <= budget, (budget, used - budget)
+      assert used >= budget * (1 - 1e-3), (budget, budget - used)
