@@ -158,6 +158,29 @@ def test_annealing_gives_more_bits_early(boost):
     assert (e[:3, 0] == l[:3, 0]).all() and (e[:3, 1] > l[:3, 1]).all()
 
 
+def test_drift_leaves_out_moments_the_last_decision_re_packed():
+  """A moment whose bits the previous decision changed has statistics moved by that
+  change (its own re-packing), so it does not count as drift: the same collapse of
+  one leaf's structure factor holds the boost when that leaf's bits were left alone,
+  and does not when the last decision had just changed them."""
+  # (factors of 2, not 1: log2 EMAs both exactly 0 mean "never live")
+  pol = _policy(ema=0.0, anneal_steps=100, anneal_bits=(0, 3), instability=1.0, every=10,
+                critical=(5, 5), magnitude=(5, 5), structure=(5, 5), redundant=(5, 5))
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  st = _decide(pol, st, n_m=[2.0] * 3, r_m=[1.0] * 3, count=10)
+  st = _decide(pol, st, n_m=[2.0] * 3, r_m=[1.0] * 3, count=20)
+  assert float(st.anneal) == pytest.approx(math.exp(-0.2))
+
+  def after(last_change_of_leaf0):
+    lc = np.asarray(st.last_change).copy()
+    lc[0, :] = last_change_of_leaf0
+    s = st._replace(last_change=jnp.asarray(lc, jnp.int32))
+    return float(_decide(pol, s, n_m=[2.0] * 3, r_m=[2.0**-6, 1, 1], count=30).anneal)
+
+  assert after(-(2**30)) == pytest.approx(math.exp(-0.2))   # steady leaf: drift 8/3 holds tau
+  assert after(20) == pytest.approx(math.exp(-0.3))         # re-packed at 20: decay only
+
+
 @pytest.mark.parametrize("rearm", [False, True])
 def test_drift_holds_the_boost_but_re_arms_it_only_when_asked(rearm):
   """Annealing is monotone by default: drift (leaves trading ranks) holds tau while
