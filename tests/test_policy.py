@@ -406,14 +406,14 @@ def test_degenerate_leaf_does_not_move_the_others():
 
 
 
-def test_default_policy_starts_v_at_8_bits_and_settles_near_5():
+def test_default_policy_starts_at_8_bits_and_settles_near_5():
   """The default zones average 4.75 quantized bits (5 with the scales) and the
-  annealing boost (3 bits over 100 steps, v only) starts every adaptive v at 8
-  bits and m at its critical zone's 5; a scalar boost applies to both."""
+  annealing boost (3 bits over 100 steps) starts every adaptive moment at 8; a
+  pair boosts each moment by its own bits (lists from JSON become tuples)."""
   policy = sq.STQuantPolicy()
-  assert policy.initial_bits() == (5, 8)
-  assert sq.STQuantPolicy(anneal_bits=3).initial_bits() == (8, 8)
-  assert sq.STQuantPolicy(anneal_bits=[1, 2]).anneal_bits == (1, 2)  # JSON lists
+  assert policy.initial_bits() == (8, 8)
+  assert sq.STQuantPolicy(anneal_bits=[0, 3]).initial_bits() == (5, 8)
+  assert sq.STQuantPolicy(anneal_bits=[1, 2]).anneal_bits == (1, 2)
   assert sq.STQuantPolicy(anneal_steps=0).initial_bits() == (5, 6)
   for bad in ((1, -1), (1, 2, 3), -1):
     with pytest.raises((ValueError, TypeError), match="anneal_bits"):

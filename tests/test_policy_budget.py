@@ -32,15 +32,15 @@ def test_budget_starts_with_v_first_and_fits_the_budget():
   leaf (m + v <= 2 (target - scales)), gives leftovers back to m, never goes below
   min_bits and never above the caps; "even" keeps the old split; other names fail."""
   cases = {3.0: (3, 2), 3.5: (3, 3), 4.0: (3, 4), 4.5: (3, 5), 5.0: (3, 6), 6.0: (3, 8),
-           8.5: (5, 8)}
+           8.5: (8, 8)}
   for target, want in cases.items():
     policy = sq.STQuantPolicy(target_bits=target, min_bits=2)
     got = policy.initial_bits()
     assert got == want, (target, got)
-    assert sum(got) <= 2 * (target - 32 / 128) or got == (5, 8)  # the caps
+    assert sum(got) <= 2 * (target - 32 / 128) or got == (8, 8)  # the caps
     even = sq.STQuantPolicy(target_bits=target, min_bits=2, budget_start="even").initial_bits()
     half = max(2, math.floor(target - 0.25))
-    assert even == (min(5, half), min(8, half))  # caps: critical (5, 6) + boost (0, 3)
+    assert even == (min(8, half), min(8, half))  # caps: critical (5, 6) + boost 3
   assert sq.STQuantPolicy(target_bits=3.3).initial_bits() == (3, 3)  # min_bits=3 floor
   capped = sq.STQuantPolicy(target_bits=8.0, anneal_bits=0)  # critical (5, 6)
   assert capped.initial_bits() == (5, 6)  # caps: critical zone + boost

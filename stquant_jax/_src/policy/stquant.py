@@ -20,8 +20,8 @@ once):
    (clipped to [0, 1]; ``drift`` is the mean change of the leaves' relative
    log2 N and log2 R since the last decision), never above the previous
    decision's tau unless ``rearm``, adds ``round(tau * anneal_bits)`` bits (per
-   moment; by default to v only): more precision early and while the statistics
-   move, less as training settles.
+   moment when ``anneal_bits`` is a pair): more precision early and while the
+   statistics move, less as training settles.
 4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
    (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
    ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least, then spends what
@@ -108,15 +108,14 @@ class STQuantPolicy(Policy):
     ema: EMA decay of the log2 factors across decisions, in [0, 1).
     anneal_steps: time constant of the early-training boost (0: none).
     anneal_bits: extra bits at full annealing (tau = 1), an int or a
-      ``(mu, nu)`` pair. The default ``(0, 3)`` with 100 steps starts every
-      adaptive v at 8 bits (m at its critical-zone bits, 5), keeps one extra v
-      bit after the first decision and none from the first change after that:
-      the first ~100 steps are where low-bit v sent GPT-2 runs onto a slower
-      trajectory, whatever m's width (m 4 / v 8 and m 5 / v 8 did not fall,
-      m 8 / v 4 and m 8 / v 5 did; docs/policy.md, "The first steps"). Until
-      2026-12 the boost was 3 bits for both moments, which started m at 8 bits
-      too and cost 0.4-0.5 average bits over the suite's short runs without a
-      measurable gain (docs/quality.md).
+      ``(mu, nu)`` pair. The default (3 bits, 100 steps) starts every adaptive
+      moment at 8 bits, keeps one extra bit after the first decision and none
+      from the first change after that: the first ~100 steps are where
+      low-bit moments sent GPT-2 runs onto a slower trajectory, and 8 bits
+      there kept every seed on fp32 AdamW's (docs/quality.md). A v-only boost,
+      ``(0, 3)`` (m at its critical zone's 5 bits from the start), saves about
+      0.4 average bits on the suite's short runs but let GPT-2's seed 4 fall
+      (+4.5%; docs/policy.md, "The first steps").
     instability: mean change of relative log2 N + log2 R between decisions
       that counts as fully unstable (tau = 1). The default (2.0) lets only a
       large shift hold the boost: at 0.5 the ordinary drift of GPT-2's
@@ -202,7 +201,7 @@ class STQuantPolicy(Policy):
   r_thresholds: tuple = (0.8, 1.25)
   ema: float = 0.5
   anneal_steps: int = 100
-  anneal_bits: Any = (0, 3)  # int or (mu, nu)
+  anneal_bits: Any = 3  # int or (mu, nu)
   instability: float = 2.0
   rearm: bool = False
   min_bits: Any = 3  # int or (mu, nu); the 2-bit signed map is {-1, 0, 1}: opt in explicitly
