@@ -396,6 +396,12 @@ def test_report_renders_table_and_plots_from_logs(smoke_dir, tmp_path, capsys):
   assert "stquant 4-bit" in stdout and "results.md" in stdout
   # Same logs, same table: nothing in it comes from anywhere else.
   assert report.markdown_table(report.render(out)) == table
+  # A partial rerun's header says which rows it reran and that the rest are older.
+  meta = {"suite": {"name": "full"}, "argv": ["--optimizers", "stquant4"], "partial": True,
+          "wall_time_s": 60.0}
+  head = report.markdown_table(report.render(out, meta=meta)).splitlines()[2]
+  assert head.startswith("Rows last rerun by `python -m experiments.compare --optimizers "
+                         "stquant4` (1.0 min of training") and "earlier runs" in head
 
 
 def test_compare_quick_suite_covers_the_demo_optimizers(tmp_path):
