@@ -181,6 +181,21 @@ def test_drift_leaves_out_moments_the_last_decision_re_packed():
   assert after(20) == pytest.approx(math.exp(-0.3))         # re-packed at 20: decay only
 
 
+def test_no_annealing_means_no_boost_whatever_the_drift():
+  """``anneal_steps=0`` starts at the critical zone's bits and never adds a boost,
+  even re-armed when the leaves swap ranks (a drift far above ``instability``)."""
+  pol = _policy(ema=0.0, anneal_steps=0, anneal_bits=3, instability=0.5, every=10, rearm=True,
+                critical=(6, 6), magnitude=(5, 5), structure=(5, 4), redundant=(4, 4))
+  assert pol.initial_bits() == (6, 6)
+  st = pol.init_state({f"l{i}": jnp.zeros((64, 64)) for i in range(3)})
+  table = np.asarray(pol.zone_table())
+  for count, n in ((10, [4.0, 1.0, 0.25]), (30, [0.25, 1.0, 4.0])):
+    st = _decide(pol, st, n_m=n, r_m=[2.0] * 3, count=count)
+    zone = np.asarray(st.zone)
+    want = table[zone, np.arange(2)[None, :]]
+    assert (np.asarray(st.proposed) == want).all()
+
+
 @pytest.mark.parametrize("rearm", [False, True])
 def test_drift_holds_the_boost_but_re_arms_it_only_when_asked(rearm):
   """Annealing is monotone by default: drift (leaves trading ranks) holds tau while
