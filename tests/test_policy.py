@@ -177,7 +177,7 @@ def test_drift_leaves_out_moments_the_last_decision_re_packed():
     s = st._replace(last_change=jnp.asarray(lc, jnp.int32))
     return float(_decide(pol, s, n_m=[2.0] * 3, r_m=[2.0**-6, 1, 1], count=30).anneal)
 
-  assert after(-(2**30)) == pytest.approx(math.exp(-0.2))   # steady leaf: drift 8/3 holds tau
+  assert after(-(2**30)) == pytest.approx(math.exp(-0.2))   # steady leaf: drift 2 holds tau
   assert after(20) == pytest.approx(math.exp(-0.3))         # re-packed at 20: decay only
 
 

@@ -151,10 +151,11 @@ def allocate(priority_log2, cap_bits, free, current_bits, *, err2, per_bit, fixe
   frozen_cost = jnp.sum(jnp.where(free, 0.0, cost(current_bits)))
   # Byte counts are float32 (int64 needs x64). Summing M nonnegative float32 terms
   # errs by at most ~M * 2**-24 of the total (any summation order), and the
-  # budget's own cast by 2**-24: keep that far inside, so the exact integer bytes
-  # of the result never exceed the budget (1e-6 at least: a few moments).
+  # budget's own cast by 2**-24: keep that far inside the whole budget (frozen
+  # bytes included, whose sum errs as much), so the exact integer bytes of the
+  # result never exceed it (1e-6 at least: a few moments).
   margin = max(1e-6, (cap_bits.shape[0] + 4) * 2.0 ** -24)
-  avail = (budget_bytes - frozen_cost) * (1 - margin)
+  avail = budget_bytes * (1 - margin) - frozen_cost
 
   def bits_at(log_lam):
     obj = dmg_l + jnp.exp(log_lam) * cost_l
