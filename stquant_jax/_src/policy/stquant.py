@@ -115,7 +115,7 @@ class STQuantPolicy(Policy):
       low-bit moments sent GPT-2 runs onto a slower trajectory, and 8 bits
       there kept every seed on fp32 AdamW's (docs/quality.md). A v-only boost,
       ``(0, 3)`` (m at its critical zone's 5 bits from the start), saved 0.17
-      (GPT-2) and 0.77 (ViT) time-averaged bits on the suite's short runs but
+      (GPT-2) and 0.54 (ViT) time-averaged bits on the suite's short runs but
       let GPT-2's seed 4 fall (+4.5%; docs/policy.md, "The first steps").
       With ``anneal_steps=0`` there is no boost, whatever the drift.
     instability: mean change of relative log2 N + log2 R between decisions
@@ -123,7 +123,9 @@ class STQuantPolicy(Policy):
       large shift hold the boost: at 0.5 the ordinary drift of GPT-2's
       statistics (about 0.2 per decision) held one bit of a 3-bit boost for the
       whole run. Moments whose bits the previous decision changed are left out
-      of the drift: re-packing moves their own statistics (``probe_err``).
+      of the drift: re-packing moves their own statistics (``probe_err``). With
+      the defaults the first decision changes every moment, so the boost then
+      follows time alone (docs/policy.md, "Temporal annealing").
     rearm: whether drift may raise tau above the previous decision's value. The
       default (False) anneals monotonically: drift can hold the boost while the
       statistics still move early on, but cannot bring it back once it has
