@@ -44,6 +44,11 @@ def test_budget_starts_with_v_first_and_fits_the_budget():
   assert sq.STQuantPolicy(target_bits=3.3).initial_bits() == (3, 3)  # min_bits=3 floor
   capped = sq.STQuantPolicy(target_bits=8.0, anneal_bits=0)  # critical (5, 6)
   assert capped.initial_bits() == (5, 6)  # caps: critical zone + boost
+  # A pair boost caps each moment by its own bits: m's leftovers stop at 5 + 0.
+  v_only = lambda t, **kw: sq.STQuantPolicy(target_bits=t, anneal_bits=(0, 3), **kw)
+  assert v_only(6.0).initial_bits() == (3, 8)
+  assert v_only(8.5).initial_bits() == (5, 8)
+  assert v_only(8.5, budget_start="even").initial_bits() == (5, 8)
   with pytest.raises(ValueError, match="budget_start"):
     sq.STQuantPolicy(budget_start="m_first")
 
