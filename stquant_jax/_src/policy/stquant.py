@@ -50,6 +50,7 @@ from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
+from stquant_jax._src.policy import annealing
 from stquant_jax._src.policy.allocation import allocate, moment_nbytes, relative_error_table
 from stquant_jax._src.policy.base import Policy, is_float
 from stquant_jax._src.policy.scores import (
@@ -78,6 +79,11 @@ class STQuantPolicyState(NamedTuple):
   anneal: jax.Array       # float32 []: annealing factor tau of the last decision
   acc: jax.Array          # float32 [L, S]: statistics accumulated since the last decision
                           # (the S sums the factors read, in SUMS order; local to the device)
+
+
+def _pair(v) -> tuple:
+  """An int or ``(mu, nu)`` field as a ``(mu, nu)`` tuple."""
+  return tuple(v) if isinstance(v, tuple) else (v, v)
 
 
 def _bits_code(b):
@@ -223,12 +229,7 @@ class STQuantPolicy(Policy):
 
   def __post_init__(self):
     check_int("every", self.every, 1)
-    if isinstance(self.min_bits, (tuple, list)):
-      object.__setattr__(self, "min_bits", check_pair("min_bits", self.min_bits, "(mu, nu)"))
-      for b in self.min_bits:
-        check_bits(b, "min_bits")
-    else:
-      check_bits(self.min_bits, "min_bits")
+    self._int_or_pair("min_bits", lambda b: check_bits(b, "min_bits"))
     check_bits(self.max_bits, "max_bits")
     if max(self._floors) > self.max_bits:
       raise ValueError(f"min_bits={self.min_bits} > max_bits={self.max_bits}; "
@@ -258,13 +259,7 @@ class STQuantPolicy(Policy):
                          f"enter {band[1]} (swap them)")
     check_number("ema", self.ema, 0.0, 1.0, hi_open=True)
     check_int("anneal_steps", self.anneal_steps, 0)
-    if isinstance(self.anneal_bits, (tuple, list)):
-      object.__setattr__(self, "anneal_bits",
-                         check_pair("anneal_bits", self.anneal_bits, "(mu, nu)"))
-      for b in self.anneal_bits:
-        check_int("anneal_bits", b, 0)
-    else:
-      check_int("anneal_bits", self.anneal_bits, 0)
+    self._int_or_pair("anneal_bits", lambda b: check_int("anneal_bits", b, 0))
     check_number("instability", self.instability, 0.0, math.inf, lo_open=True, hi_open=True)
     if not isinstance(self.rearm, bool):
       raise TypeError(f"rearm={self.rearm!r} must be True or False")
@@ -294,19 +289,25 @@ class STQuantPolicy(Policy):
             f"block_size={self._block}); raise target_bits, lower min_bits or raise "
             "block_size")
 
+  def _int_or_pair(self, name: str, check) -> None:
+    """Checks field ``name``, an int or an ``(mu, nu)`` pair (a JSON list becomes a
+    tuple), with ``check`` on each int."""
+    value = getattr(self, name)
+    if isinstance(value, (tuple, list)):
+      value = check_pair(name, value, "(mu, nu)")
+      object.__setattr__(self, name, value)
+    for b in _pair(value):
+      check(b)
+
   @property
   def _floors(self) -> tuple[int, int]:
     """(m, v) lowest bits."""
-    mb = self.min_bits
-    return tuple(mb) if isinstance(mb, tuple) else (mb, mb)
+    return _pair(self.min_bits)
 
   @property
   def _boosts(self) -> tuple[int, int]:
     """(m, v) extra bits at full annealing (0, 0 without annealing)."""
-    if not self.anneal_steps:
-      return (0, 0)
-    ab = self.anneal_bits
-    return tuple(ab) if isinstance(ab, tuple) else (ab, ab)
+    return _pair(self.anneal_bits) if self.anneal_steps else (0, 0)
 
   @property
   def _lowest(self) -> int:
@@ -552,26 +553,12 @@ class STQuantPolicy(Policy):
     n_ema = jnp.where(first, x_n, b * st.n_ema + (1 - b) * x_n)
     r_ema = jnp.where(first, x_r, b * st.r_ema + (1 - b) * x_r)
 
-    def rel(x):  # log2 of the factor relative to the geometric mean of live leaves
-      mean = jnp.sum(jnp.where(live, x, 0.0), axis=0) / jnp.maximum(jnp.sum(live, axis=0), 1)
-      return x - mean
-
-    # Instability: how far the moments' relative standing moved since the last
-    # decision, among those whose bits that decision left alone. A moment re-packed
-    # at a new width moves its own statistics (the 4-bit probe error of a 4-bit m is
-    # near 0), which is the policy's doing, not training's: counted, it held the
-    # boost for most of a run (docs/policy.md, "Temporal annealing").
-    steady = live & ~first & (count - st.last_change > self.every)
-
-    def rel_steady(x):
-      mean = (jnp.sum(jnp.where(steady, x, 0.0), axis=0)
-              / jnp.maximum(jnp.sum(steady, axis=0), 1))
-      return x - mean
-
-    moved = (jnp.abs(rel_steady(x_n) - rel_steady(st.n_ema))
-             + jnp.abs(rel_steady(x_r) - rel_steady(st.r_ema)))
-    drift = jnp.sum(jnp.where(steady, moved, 0.0)) / jnp.maximum(jnp.sum(steady), 1)
-    n_rel, r_rel = rel(n_ema), rel(r_ema)
+    since = count - st.last_change
+    # Drift over the moments the last decision did not re-pack (annealing.py).
+    steady = live & ~first & (since > self.every)
+    drift = annealing.drift(x_n, x_r, st.n_ema, st.r_ema, steady)
+    # log2 of the factors relative to the geometric mean of the live moments
+    n_rel, r_rel = annealing.relative(n_ema, live), annealing.relative(r_ema, live)
     z = st.zone
     n_was_hi, r_was_hi = z < 2, (z % 2) == 0
     lg = lambda t: jnp.float32(math.log2(t))
@@ -579,17 +566,13 @@ class STQuantPolicy(Policy):
     r_hi = jnp.where(r_was_hi, r_rel >= lg(self.r_thresholds[0]), r_rel > lg(self.r_thresholds[1]))
     zone = jnp.where(live, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
 
-    t = count.astype(jnp.float32)
-    decay = jnp.exp(-t / self.anneal_steps) if self.anneal_steps else jnp.float32(0)
-    tau = jnp.clip(jnp.maximum(decay, drift / self.instability), 0.0, 1.0)
-    if not self.rearm:  # annealing only goes down (st.anneal starts at 1)
-      tau = jnp.minimum(tau, st.anneal)
-    boost = jnp.round(tau * jnp.asarray(self._boosts, jnp.float32)).astype(jnp.int32)  # [2]
+    tau = annealing.tau(count, drift, st.anneal, anneal_steps=self.anneal_steps,
+                        instability=self.instability, rearm=self.rearm)
+    boost = annealing.boost(tau, self._boosts)  # [2]
     table = jnp.asarray(self.zone_table())
     zb = table[zone, jnp.arange(2)[None, :]]
     desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
 
-    since = count - st.last_change
     free = live & (since >= self.min_interval)
     if self.max_changes is not None:
       free = free & (st.changes < self.max_changes)
