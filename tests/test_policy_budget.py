@@ -195,40 +195,41 @@ def test_allocation_never_exceeds_the_budget_in_exact_bytes_on_large_models():
   rng = np.random.default_rng(1)
   m, bs = 3000, 128
   err2 = np.tile(relative_error_table(3, 8)[[0, 1]] ** 2, (m // 2, 1))
-  run = jax.jit(lambda pr, cap, per_bit, fixed, fp32, budget: allocate(
-      pr, cap, jnp.ones(m, bool), cap, err2=err2, per_bit=per_bit, fixed=fixed,
-      fp32_bytes=fp32, budget_bytes=budget, min_bits=3, max_bits=8))
+  alloc = jax.jit(lambda pr, cap, free, cur, per_bit, fixed, fp32, budget: allocate(
+      pr, cap, free, cur, err2=err2, per_bit=per_bit, fixed=fixed, fp32_bytes=fp32,
+      budget_bytes=budget, min_bits=3, max_bits=8))
+
+  def run(sizes, cap, budget, pr, free, cur):
+    nb = sizes // bs  # the cost model as the policy builds it, in numpy float64
+    return np.asarray(alloc(pr, cap, free, cur, nb * bs / 8.0, 4.0 * nb, 4.0 * sizes,
+                            jnp.float32(budget)))
+
+  draw = lambda rng: (rng.integers(1, 10**5, m)
+                      * rng.choice([1, 10, 100, 1000], m)).astype(np.int64) * bs
   exact = lambda sizes, bits: sum(moment_nbytes(int(s), int(b), bs) for s, b in zip(sizes, bits))
   for _ in range(4):
-    sizes = (rng.integers(1, 10**5, m) * rng.choice([1, 10, 100, 1000], m)).astype(np.int64) * bs
+    sizes = draw(rng)
     cap = rng.integers(3, 9, m).astype(np.int32)
     pr = rng.normal(size=m).astype(np.float32)
     full = exact(sizes, cap)
     for budget in (full - 1, full, full + 1, int(full * (1 - 1e-7))):
-      nb = sizes // bs  # the cost model as the policy builds it, in numpy float64
-      got = np.asarray(run(pr, cap, nb * bs / 8.0, 4.0 * nb, 4.0 * sizes, jnp.float32(budget)))
-      used = exact(sizes, got)
+      used = exact(sizes, run(sizes, cap, budget, pr, np.ones(m, bool), cap))
       assert used <= budget, (budget, used - budget)
       assert used >= budget * (1 - 1e-3), (budget, budget - used)
   # Every moment frozen but a small one (transition limits): the frozen bytes'
   # float32 sum errs by far more than the free moment's levels differ, so the
   # free moment may only take what fits for certain (here, its floor). With the
   # margin on the free bytes only, the first draw went over by up to 2369 bytes.
-  run_frozen = jax.jit(lambda cur, free, per_bit, fixed, fp32, budget: allocate(
-      jnp.zeros(m), jnp.full(m, 8, jnp.int32), free, cur, err2=err2, per_bit=per_bit,
-      fixed=fixed, fp32_bytes=fp32, budget_bytes=budget, min_bits=3, max_bits=8))
   free = np.zeros(m, bool)
   free[0] = True
   for seed in range(3):
     rng = np.random.default_rng(seed)
-    sizes = (rng.integers(1, 10**5, m) * rng.choice([1, 10, 100, 1000], m)).astype(np.int64) * bs
+    sizes = draw(rng)
     cur = rng.integers(3, 9, m).astype(np.int32)
     sizes[0], cur[0] = bs * 37, 3
-    nb = sizes // bs
     frozen = exact(sizes[1:], cur[1:])
     for bits in (4, 6, 8):  # budget one byte under the free moment at `bits`
       budget = frozen + moment_nbytes(int(sizes[0]), bits, bs) - 1
-      got = np.asarray(run_frozen(cur, free, nb * bs / 8.0, 4.0 * nb, 4.0 * sizes,
-                                  jnp.float32(budget)))
+      got = run(sizes, np.full(m, 8, np.int32), budget, np.zeros(m, np.float32), free, cur)
       assert (got[1:] == cur[1:]).all()
       assert exact(sizes, got) <= budget, (seed, bits, exact(sizes, got) - budget)

@@ -16,13 +16,14 @@ once):
    "high" above ``enter`` and stays high until it falls below ``exit``. The
    (N, R) quadrant picks a zone: critical (high, high), magnitude (high, low),
    structure (low, high), redundant (low, low); the zone's table gives the bits.
-3. **Temporal annealing**: ``tau = max(exp(-t / anneal_steps), drift / instability)``
-   (clipped to [0, 1]; ``drift`` is the mean change of the relative log2 N and
-   log2 R since the last decision, over the moments whose bits that decision
-   left alone), never above the previous
-   decision's tau unless ``rearm``, adds ``round(tau * anneal_bits)`` bits (per
-   moment when ``anneal_bits`` is a pair): more precision early and while the
-   statistics move, less as training settles.
+3. **Temporal annealing** (:mod:`stquant_jax._src.policy.annealing`):
+   ``tau = max(exp(-t / anneal_steps), drift / instability)`` (clipped to
+   [0, 1]; ``drift`` is the mean change of the relative log2 N and log2 R since
+   the last decision, over the moments whose bits that decision left alone),
+   never above the previous decision's tau unless ``rearm``, adds
+   ``round(tau * anneal_bits)`` bits (per moment when ``anneal_bits`` is a
+   pair): more precision early and while the statistics move, less as training
+   settles.
 4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
    (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
    ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least, then spends what
