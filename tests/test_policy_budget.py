@@ -156,6 +156,35 @@ def test_first_budget_layout_fits_the_whole_tree_and_uses_it():
   assert set(pol.layout(params)) == {(None, None), (2, 4)}
 
 
+def test_first_layout_fit_is_under_budget_and_no_leaf_left_out_could_afford_its_bit():
+  """``first_layout.fit`` on random trees: the layout's exact bytes are within the
+  budget, and every adaptive leaf left at the lower pair would break it by taking the
+  upper one (the largest-first fill leaves no affordable bit unspent)."""
+  from stquant_jax._src.policy import first_layout as fl
+  rng = np.random.default_rng(0)
+  kw = dict(block_size=128, overhead=400)
+  to_pair = lambda t: fl.split(t, floors=(3, 3), caps=(8, 8), start="v_first")
+  for _ in range(50):
+    leaves = [((int(rng.integers(1, 3000)), int(rng.integers(1, 600))), True)
+              for _ in range(int(rng.integers(1, 8)))]
+    leaves += [((int(rng.integers(1, 4096)),), False) for _ in range(int(rng.integers(0, 5)))]
+    floor = fl.average_bits(leaves, fl.uniform(leaves, (3, 3)), **kw)
+    target = floor + float(rng.uniform(0.01, 3.0))
+    out = fl.fit(leaves, target_bits=target, total=11, to_pair=to_pair, floors=(3, 3), **kw)
+    budget = target * fl.num_values(leaves) / 8.0
+    used = fl.nbytes(leaves, out, **kw)
+    assert used <= budget, (leaves, target, out)
+    pairs = {p for p, (_, ad) in zip(out, leaves) if ad}
+    assert len(pairs) <= 2  # one pair, and the next one up for some leaves
+    low = min(pairs, key=sum)
+    up = to_pair(sum(low) + 1)
+    for i, (_, ad) in enumerate(leaves):
+      if ad and out[i] == low and up != low:
+        trial = list(out)
+        trial[i] = up
+        assert fl.nbytes(leaves, trial, **kw) > budget, (leaves, target, out, i)
+
+
 def test_decisions_spend_the_budget_when_small_leaves_keep_float32():
   """Float32 moments of small leaves are paid once: a decision's layout uses the budget
   up to less than one level of one moment (until 2026-12 their bytes were taken off

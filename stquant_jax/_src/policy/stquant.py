@@ -51,8 +51,8 @@ from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
-from stquant_jax._src.policy import annealing
-from stquant_jax._src.policy.allocation import allocate, moment_nbytes, relative_error_table
+from stquant_jax._src.policy import annealing, first_layout
+from stquant_jax._src.policy.allocation import allocate, relative_error_table
 from stquant_jax._src.policy.base import Policy, is_float
 from stquant_jax._src.policy.scores import (
     MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaves_sums,
@@ -61,7 +61,6 @@ from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 BUDGET_STARTS = ("v_first", "even")
-_V_FIRST_MU_BITS = 3  # m's bits in a "v_first" budget's first layout (if min_bits allows)
 _NEVER = -(2**30)  # "last change" of a moment that never changed
 
 
@@ -344,17 +343,9 @@ class STQuantPolicy(Policy):
             for b, boost in zip(self.critical, self._boosts)]
 
   def _split(self, total: int) -> tuple[int, int]:
-    """A budget's (m, v) bits for ``total`` bits per value over the two moments,
-    as ``budget_start`` says (each within its floor and its cap)."""
-    (lo_m, lo_v), top = self._floors, [self.max_bits if b is None else b for b in self._caps()]
-    if self.budget_start == "v_first":
-      # m at 3 bits (2-bit m stalls training), v as high as fits up to its cap, and
-      # whatever is left back to m.
-      mu = max(lo_m, min(top[0], _V_FIRST_MU_BITS))
-      nu = max(lo_v, min(top[1], total - mu))
-      mu = max(lo_m, min(top[0], total - nu))
-      return mu, nu
-    return max(lo_m, min(top[0], total // 2)), max(lo_v, min(top[1], total // 2))
+    """A budget's (m, v) bits for ``total`` bits per value (:func:`first_layout.split`)."""
+    caps = [self.max_bits if b is None else b for b in self._caps()]
+    return first_layout.split(total, floors=self._floors, caps=caps, start=self.budget_start)
 
   def initial_bits(self) -> tuple[int | None, int | None]:
     """Bits every adaptive leaf starts with: the critical zone plus the full
@@ -396,26 +387,18 @@ class STQuantPolicy(Policy):
       True
     """
     leaves = jax.tree.leaves(params)
-    adaptive = [self._adaptive(tuple(p.shape), p.dtype) for p in leaves]
     pair = self.initial_bits()
     if self.target_bits is None:
-      return [pair if ad else (None, None) for ad in adaptive]
+      return [pair if self._adaptive(tuple(p.shape), p.dtype) else (None, None) for p in leaves]
     self._check_budget(leaves)
-    total = sum(pair)
-    while self._average_bits(leaves, pair) > self.target_bits and total > sum(self._floors):
-      total -= 1
-      pair = self._split(total)
-    if self._average_bits(leaves, pair) > self.target_bits:  # a split above the floors
-      pair = self._floors                                    # (_check_budget: they fit)
-    out = [pair if ad else (None, None) for ad in adaptive]
-    up = self._split(total + 1)
-    room = self.target_bits * self._values(leaves) / 8.0 - self._nbytes(leaves, out)
-    for i in sorted(np.flatnonzero(adaptive), key=lambda i: -math.prod(leaves[i].shape)):
-      size = math.prod(leaves[i].shape)
-      extra = sum(moment_nbytes(size, b, self._block) - moment_nbytes(size, a, self._block)
-                  for a, b in zip(pair, up))
-      if 0 < extra <= room:
-        out[i], room = up, room - extra
+    floats = [i for i, p in enumerate(leaves) if is_float(p.dtype)]
+    fitted = first_layout.fit(
+        self._float_leaves(leaves), target_bits=self.target_bits, total=sum(pair),
+        to_pair=self._split, floors=self._floors, block_size=self._block,
+        overhead=4 + self._state_nbytes(len(leaves)))
+    out = [(None, None)] * len(leaves)
+    for i, fitted_pair in zip(floats, fitted):
+      out[i] = fitted_pair
     return out
 
   def sum_keys(self) -> tuple[str, ...]:
@@ -445,26 +428,18 @@ class STQuantPolicy(Policy):
     """The fewest average bits (as :func:`stquant_jax.average_bits`) reachable for ``params``."""
     return self._average_bits(jax.tree.leaves(params), self._floors)
 
+  def _float_leaves(self, leaves) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, adaptive) of each float leaf (the leaves with moments)."""
+    return [(tuple(p.shape), self._adaptive(tuple(p.shape), p.dtype))
+            for p in leaves if is_float(p.dtype)]
+
   def _average_bits(self, leaves, pair) -> float:
     """:func:`stquant_jax.average_bits` of a state whose adaptive leaves all have
     ``pair`` (m, v) bits (None: float32)."""
-    layout = [pair if self._adaptive(tuple(p.shape), p.dtype) else (None, None) for p in leaves]
-    return 8.0 * self._nbytes(leaves, layout) / max(self._values(leaves), 1)
-
-  @staticmethod
-  def _values(leaves) -> int:
-    """Moment values of a state: 2 per float parameter."""
-    return sum(2 * math.prod(p.shape) for p in leaves if is_float(p.dtype))
-
-  def _nbytes(self, leaves, layout) -> int:
-    """Bytes of a state with per-leaf ``layout`` (m, v) bits (None: float32), the
-    step count and the policy state included (as :func:`stquant_jax.state_nbytes`)."""
-    nbytes = 4 + self._state_nbytes(len(leaves))
-    for p, pair in zip(leaves, layout):
-      if is_float(p.dtype):
-        nbytes += sum(moment_nbytes(math.prod(p.shape), _bits_code(b), self._block)
-                      for b in pair)
-    return nbytes
+    floats = self._float_leaves(leaves)
+    return first_layout.average_bits(floats, first_layout.uniform(floats, pair),
+                                     block_size=self._block,
+                                     overhead=4 + self._state_nbytes(len(leaves)))
 
   def _check_budget(self, leaves):
     floor = self.min_average_bits(leaves)
