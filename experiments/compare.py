@@ -97,17 +97,18 @@ SUITES = {
 
 def adaptive_kwargs(steps: int) -> dict[str, int]:
   """``STQuantPolicy`` timing for a run of ``steps``: the library defaults (decide
-  every 100 steps, at most one change per moment per 300 steps, anneal over 100
-  steps) from 1000 steps on; scaled down for the short demo runs, where every new
-  bit layout recompiles the train step (on this 2-core CPU, 5-25 s for a mixed
-  layout): 4 decisions (the last one, at the final step, is logged, not trained
-  with), a moment changes at most once per two decisions, the annealing boost
-  fades over the first quarter.
+  every 100 steps, at most one change per moment per 300 steps, anneal with a
+  50-step time constant) from 1000 steps on; scaled down for the short demo runs,
+  where every new bit layout recompiles the train step (on this 2-core CPU, 5-25 s
+  for a mixed layout): 4 decisions (the last one, at the final step, is logged,
+  not trained with), a moment changes at most once per two decisions, and the
+  annealing boost, at the library's ratio (time constant half the decision
+  interval), is gone at the first decision.
   """
   if steps >= 1000:
     return {}
   every = max(steps // 4, 1)
-  return {"every": every, "min_interval": 2 * every, "anneal_steps": every}
+  return {"every": every, "min_interval": 2 * every, "anneal_steps": max(every // 2, 1)}
 
 
 def budget_bits(cfg: train.TrainConfig, match: str = "stquant4") -> float:

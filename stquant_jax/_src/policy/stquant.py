@@ -115,11 +115,14 @@ class STQuantPolicy(Policy):
     ema: EMA decay of the log2 factors across decisions, in [0, 1).
     anneal_steps: time constant of the early-training boost (0: none).
     anneal_bits: extra bits at full annealing (tau = 1), an int or a
-      ``(mu, nu)`` pair. The default (3 bits, 100 steps) starts every adaptive
-      moment at 8 bits, keeps one extra bit after the first decision and none
-      from the first change after that: the first ~100 steps are where
-      low-bit moments sent GPT-2 runs onto a slower trajectory, and 8 bits
-      there kept every seed on fp32 AdamW's (docs/quality.md). A v-only boost,
+      ``(mu, nu)`` pair. The default (3 bits, 50 steps) starts every adaptive
+      moment at 8 bits and gives it its zone's bits at the first decision
+      (step 100: tau = exp(-2) = 0.14, round(3 tau) = 0): the first ~100 steps
+      are where low-bit moments sent GPT-2 runs onto a slower trajectory, and 8
+      bits there kept every seed on fp32 AdamW's (docs/quality.md). Until
+      2026-12 the default was 100 steps, which kept one extra bit from the
+      first decision to the moment's next allowed change (300 more steps,
+      0.3-0.6 time-averaged bits on the suite's runs). A v-only boost,
       ``(0, 3)`` (m at its critical zone's 5 bits from the start), saved 0.17
       (GPT-2) and 0.54 (ViT) time-averaged bits on the suite's short runs but
       let GPT-2's seed 4 fall (+4.5%; docs/policy.md, "The first steps").
@@ -210,7 +213,7 @@ class STQuantPolicy(Policy):
   n_thresholds: tuple = (0.8, 1.25)
   r_thresholds: tuple = (0.8, 1.25)
   ema: float = 0.5
-  anneal_steps: int = 100
+  anneal_steps: int = 50
   anneal_bits: Any = 3  # int or (mu, nu)
   instability: float = 2.0
   rearm: bool = False
