@@ -421,9 +421,26 @@ def test_degenerate_leaf_does_not_move_the_others():
 
 
 
+def test_default_boost_is_gone_at_the_first_decision_and_stays_gone():
+  """With the defaults a moment leaves 8 bits for its zone's at the first decision
+  (tau = exp(-100 / 50), under the 1/6 one bit of a 3-bit boost needs), and no
+  later decision brings a boost bit back, however large the drift (no rearm)."""
+  from stquant_jax._src.policy import annealing
+  pol = sq.STQuantPolicy()
+  kw = dict(anneal_steps=pol.anneal_steps, instability=pol.instability, rearm=pol.rearm)
+  first = annealing.tau(jnp.int32(pol.every), jnp.float32(0.0), jnp.float32(1.0), **kw)
+  assert annealing.boost(first, pol._boosts).tolist() == [0, 0]
+  later = annealing.tau(jnp.int32(2 * pol.every), jnp.float32(100.0), first, **kw)
+  assert annealing.boost(later, pol._boosts).tolist() == [0, 0]
+  # The former default (100 steps) kept one bit at the first decision.
+  old = annealing.tau(jnp.int32(pol.every), jnp.float32(0.0), jnp.float32(1.0),
+                      **{**kw, "anneal_steps": 100})
+  assert annealing.boost(old, pol._boosts).tolist() == [1, 1]
+
+
 def test_default_policy_starts_at_8_bits_and_settles_near_5():
   """The default zones average 4.75 quantized bits (5 with the scales) and the
-  annealing boost (3 bits over 100 steps) starts every adaptive moment at 8; a
+  annealing boost (3 bits, 50-step time constant) starts every adaptive moment at 8; a
   pair boosts each moment by its own bits (lists from JSON become tuples)."""
   policy = sq.STQuantPolicy()
   assert policy.initial_bits() == (8, 8)

@@ -122,10 +122,10 @@ class STQuantPolicy(Policy):
       bits there kept every seed on fp32 AdamW's (docs/quality.md). Until
       2026-12 the default was 100 steps, which kept one extra bit from the
       first decision to the moment's next allowed change (300 more steps,
-      0.3-0.6 time-averaged bits on the suite's runs). A v-only boost,
-      ``(0, 3)`` (m at its critical zone's 5 bits from the start), saved 0.17
-      (GPT-2) and 0.54 (ViT) time-averaged bits on the suite's short runs but
-      let GPT-2's seed 4 fall (+4.5%; docs/policy.md, "The first steps").
+      0.3-0.5 time-averaged bits on the suite's runs, with no measured gain:
+      docs/quality.md, "The default policy"). A v-only boost, ``(0, 3)`` (m at
+      its critical zone's 5 bits from the start), let GPT-2's seed 4 fall
+      (+4.5%; docs/policy.md, "The first steps").
       With ``anneal_steps=0`` there is no boost, whatever the drift.
     instability: mean change of relative log2 N + log2 R between decisions
       that counts as fully unstable (tau = 1). The default (2.0) lets only a
