@@ -156,33 +156,57 @@ def test_first_budget_layout_fits_the_whole_tree_and_uses_it():
   assert set(pol.layout(params)) == {(None, None), (2, 4)}
 
 
-def test_first_layout_fit_is_under_budget_and_no_leaf_left_out_could_afford_its_bit():
-  """``first_layout.fit`` on random trees: the layout's exact bytes are within the
-  budget, and every adaptive leaf left at the lower pair would break it by taking the
-  upper one (the largest-first fill leaves no affordable bit unspent)."""
+def test_first_layout_fit_is_under_budget_lowers_no_further_than_needed_and_leaves_no_bit_unspent():
+  """``first_layout.fit`` on random trees, splits, caps, floors and start pairs:
+  (1) the layout's exact bytes are within the budget; (2) every adaptive leaf is
+  at the first of the start pair, the splits of one bit less each, and the
+  floors, that fits (it lowers no further than needed), or at the split one bit
+  above it; float32 leaves stay float32; (3) every adaptive leaf left at the
+  lower pair would break the budget by taking the upper one (the largest-first
+  fill leaves no affordable bit unspent)."""
   from stquant_jax._src.policy import first_layout as fl
   rng = np.random.default_rng(0)
   kw = dict(block_size=128, overhead=400)
-  to_pair = lambda t: fl.split(t, floors=(3, 3), caps=(8, 8), start="v_first")
-  for _ in range(50):
+  for _ in range(300):
+    floors = ((3, 3), (3, 2), (2, 4))[int(rng.integers(3))]
+    caps = tuple(int(c) for c in rng.integers(5, 9, size=2))
+    mode = ("v_first", "even")[int(rng.integers(2))]
+    to_pair = lambda t: fl.split(t, floors=floors, caps=caps, start=mode)
+    start = to_pair(int(rng.integers(sum(floors), 17)))
     leaves = [((int(rng.integers(1, 3000)), int(rng.integers(1, 600))), True)
               for _ in range(int(rng.integers(1, 8)))]
     leaves += [((int(rng.integers(1, 4096)),), False) for _ in range(int(rng.integers(0, 5)))]
-    floor = fl.average_bits(leaves, fl.uniform(leaves, (3, 3)), **kw)
-    target = floor + float(rng.uniform(0.01, 3.0))
-    out = fl.fit(leaves, target_bits=target, total=11, to_pair=to_pair, floors=(3, 3), **kw)
+    nbytes = lambda layout: fl.nbytes(leaves, layout, **kw)
+    floor = fl.average_bits(leaves, fl.uniform(leaves, floors), **kw)
+    target = floor + float(rng.uniform(0.0, 4.0))
     budget = target * fl.num_values(leaves) / 8.0
-    used = fl.nbytes(leaves, out, **kw)
-    assert used <= budget, (leaves, target, out)
-    pairs = {p for p, (_, ad) in zip(out, leaves) if ad}
-    assert len(pairs) <= 2  # one pair, and the next one up for some leaves
-    low = min(pairs, key=sum)
-    up = to_pair(sum(low) + 1)
-    for i, (_, ad) in enumerate(leaves):
-      if ad and out[i] == low and up != low:
-        trial = list(out)
-        trial[i] = up
-        assert fl.nbytes(leaves, trial, **kw) > budget, (leaves, target, out, i)
+    out = fl.fit(leaves, target_bits=target, start=start, to_pair=to_pair, floors=floors, **kw)
+    case = (floors, caps, mode, start, leaves, target, out)
+    assert nbytes(out) <= budget, case                                        # (1)
+    # The spec of the lowering: the first of start, the splits of one bit less
+    # each down to the floors' total, then the floors themselves, that fits.
+    totals = [None] + list(range(sum(start) - 1, sum(floors) - 1, -1))
+    candidates = [(start, sum(start))] + [(to_pair(t), t) for t in totals[1:]]
+    fits = lambda p: nbytes(fl.uniform(leaves, p)) <= budget
+    base, total = next(((p, t) for p, t in candidates if fits(p)), (floors, sum(floors)))
+    up = to_pair(total + 1)
+    for i, (_, ad) in enumerate(leaves):                                      # (2)
+      assert out[i] in ((base, up) if ad else ((None, None),)), (i, base, up, case)
+    for i, (_, ad) in enumerate(leaves):                                      # (3)
+      trial = list(out)
+      trial[i] = up
+      if ad and out[i] == base and nbytes(trial) > nbytes(out):
+        assert nbytes(trial) > budget, (i, case)
+
+
+def test_first_layout_starts_from_the_policy_s_own_first_pair():
+  """A budget that fits the start pair keeps it, even where re-splitting its total
+  would give another pair (\"even\" with v's cap above m's: (5, 8) is 13 bits,
+  which \"even\" splits as (5, 6))."""
+  params = {"w": jnp.zeros((512, 512))}
+  pol = sq.STQuantPolicy(target_bits=9.0, budget_start="even", anneal_bits=(0, 3))
+  assert pol.initial_bits() == (5, 8) and pol._split(13) == (5, 6)
+  assert pol.layout(params) == [(5, 8)]
 
 
 def test_decisions_spend_the_budget_when_small_leaves_keep_float32():

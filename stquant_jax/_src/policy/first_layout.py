@@ -13,7 +13,7 @@ Example:
   >>> to_pair = lambda total: split(total, floors=(3, 3), caps=(8, 8), start="v_first")
   >>> to_pair(8)   # m at 3 bits, v gets the rest
   (3, 5)
-  >>> fit([((512, 512), True), ((4000,), False)], target_bits=4.0, total=8,
+  >>> fit([((512, 512), True), ((4000,), False)], target_bits=4.0, start=(3, 5),
   ...     to_pair=to_pair, floors=(3, 3), block_size=128, overhead=100)
   [(3, 3), (None, None)]
 
@@ -80,17 +80,18 @@ def average_bits(leaves: Leaves, layout: Sequence[Pair], *, block_size: int,
           / max(num_values(leaves), 1))
 
 
-def fit(leaves: Leaves, *, target_bits: float, total: int, to_pair: Callable[[int], Pair],
+def fit(leaves: Leaves, *, target_bits: float, start: Pair, to_pair: Callable[[int], Pair],
         floors: Pair, block_size: int, overhead: int) -> list[Pair]:
   """The first layout under ``target_bits``.
 
-  Starts every adaptive leaf at ``to_pair(total)``, lowers ``total`` one bit at a
-  time while the state is over budget (down to ``floors``, the pair of last
-  resort; the caller has checked that it fits), then gives leaves, largest
-  first, ``to_pair(total + 1)`` where the bytes left allow.
+  Starts every adaptive leaf at ``start``; while the state is over budget, lowers
+  the total bits of m + v one at a time, split by ``to_pair`` (down to
+  ``floors``, the pair of last resort; the caller has checked that it fits);
+  then gives leaves, largest first, ``to_pair(total + 1)`` where the bytes left
+  allow.
   """
   kw = dict(block_size=block_size, overhead=overhead)
-  pair = to_pair(total)
+  pair, total = tuple(start), sum(start)
   while average_bits(leaves, uniform(leaves, pair), **kw) > target_bits and (
       total > sum(floors)):
     total -= 1

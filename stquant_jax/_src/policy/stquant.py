@@ -396,7 +396,7 @@ class STQuantPolicy(Policy):
     self._check_budget(leaves)
     floats = [i for i, p in enumerate(leaves) if is_float(p.dtype)]
     fitted = first_layout.fit(
-        self._float_leaves(leaves), target_bits=self.target_bits, total=sum(pair),
+        self._float_leaves(leaves), target_bits=self.target_bits, start=pair,
         to_pair=self._split, floors=self._floors, block_size=self._block,
         overhead=4 + self._state_nbytes(len(leaves)))
     out = [(None, None)] * len(leaves)
