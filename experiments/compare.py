@@ -103,7 +103,9 @@ def adaptive_kwargs(steps: int) -> dict[str, int]:
   for a mixed layout): 4 decisions (the last one, at the final step, is logged,
   not trained with), a moment changes at most once per two decisions, and the
   annealing boost, at the library's ratio (time constant half the decision
-  interval), is gone at the first decision.
+  interval), is gone at the first decision (for runs of 8 steps or more; below
+  that the time constant is 1 step and one boost bit stays to the first
+  change).
   """
   if steps >= 1000:
     return {}
