@@ -35,7 +35,8 @@ from stquant_jax._src.distributed.placement import (
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.access import replace_states
 from stquant_jax._src.state.config import resolve_maps
-from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, current_bits, find_states
+from stquant_jax._src.state.opt_state import (
+    FLOAT32, NO_MOMENT, bits_code, current_bits, find_states)
 from stquant_jax._src.state.typed import opt_state_of, typed_state
 
 
@@ -49,7 +50,7 @@ def proposal(state, policy=None) -> np.ndarray | None:
       return None
     flat = jax.tree.leaves(prop, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and not
                            isinstance(x[0], tuple))
-    return np.array([[FLOAT32 if b is None else b for b in pair] for pair in flat],
+    return np.array([[bits_code(b) for b in pair] for pair in flat],
                     np.int32).reshape(-1, 2)
   prop = field(ps, "proposed", None)
   if prop is None or isinstance(prop, jax.ShapeDtypeStruct):

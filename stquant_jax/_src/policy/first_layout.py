@@ -27,7 +27,7 @@ import math
 from typing import Callable, Sequence
 
 from stquant_jax._src.policy.allocation import moment_nbytes
-from stquant_jax._src.state.opt_state import FLOAT32
+from stquant_jax._src.state.opt_state import bits_code
 
 Pair = tuple  # (mu_bits, nu_bits), None for float32
 # (shape, adaptive) per float leaf; leaves without moments are left out by the caller
@@ -58,7 +58,7 @@ def nbytes(leaves: Leaves, layout: Sequence[Pair], *, block_size: int, overhead:
   :func:`stquant_jax.state_nbytes` counts them."""
   total = overhead
   for (shape, _), pair in zip(leaves, layout):
-    total += sum(moment_nbytes(math.prod(shape), FLOAT32 if b is None else b, block_size)
+    total += sum(moment_nbytes(math.prod(shape), bits_code(b), block_size)
                  for b in pair)
   return total
 
@@ -91,12 +91,14 @@ def fit(leaves: Leaves, *, target_bits: float, start: Pair, to_pair: Callable[[i
   allow.
   """
   kw = dict(block_size=block_size, overhead=overhead)
+  def over(pair):
+    return average_bits(leaves, uniform(leaves, pair), **kw) > target_bits
+
   pair, total = tuple(start), sum(start)
-  while average_bits(leaves, uniform(leaves, pair), **kw) > target_bits and (
-      total > sum(floors)):
+  while (too_big := over(pair)) and total > sum(floors):
     total -= 1
     pair = to_pair(total)
-  if average_bits(leaves, uniform(leaves, pair), **kw) > target_bits:
+  if too_big:
     pair = floors  # a split above the floors that does not fit
   out = uniform(leaves, pair)
   up = to_pair(total + 1)

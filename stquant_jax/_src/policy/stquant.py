@@ -57,7 +57,7 @@ from stquant_jax._src.policy.base import Policy, is_float
 from stquant_jax._src.policy.scores import (
     MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaves_sums,
     needed_sums, reduce_sums)
-from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
+from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, bits_code, moment_bits
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 BUDGET_STARTS = ("v_first", "even")
@@ -84,10 +84,6 @@ class STQuantPolicyState(NamedTuple):
 def _pair(v) -> tuple:
   """An int or ``(mu, nu)`` field as a ``(mu, nu)`` tuple."""
   return tuple(v) if isinstance(v, tuple) else (v, v)
-
-
-def _bits_code(b):
-  return FLOAT32 if b is None else b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +331,7 @@ class STQuantPolicy(Policy):
 
   def zone_table(self) -> np.ndarray:
     """int32 ``[4, 2]``: bits of (m, v) per zone (32 = float32)."""
-    return np.array([[_bits_code(b) for b in getattr(self, z)] for z in ZONES], np.int32)
+    return np.array([[bits_code(b) for b in getattr(self, z)] for z in ZONES], np.int32)
 
   def _adaptive(self, shape, dtype) -> bool:
     return is_float(dtype) and math.prod(shape) >= self.min_size
@@ -398,7 +394,7 @@ class STQuantPolicy(Policy):
     fitted = first_layout.fit(
         self._float_leaves(leaves), target_bits=self.target_bits, start=pair,
         to_pair=self._split, floors=self._floors, block_size=self._block,
-        overhead=4 + self._state_nbytes(len(leaves)))
+        overhead=self._overhead(len(leaves)))
     out = [(None, None)] * len(leaves)
     for i, fitted_pair in zip(floats, fitted):
       out[i] = fitted_pair
@@ -412,10 +408,14 @@ class STQuantPolicy(Policy):
   def _state_nbytes(self, num_leaves: int) -> int:
     return num_leaves * 2 * 4 * 7 + num_leaves * 4 * len(self.sum_keys()) + 4 + 4
 
+  def _overhead(self, num_leaves: int) -> int:
+    """A state's bytes outside the moments: the int32 step count and the policy state."""
+    return 4 + self._state_nbytes(num_leaves)
+
   def init_state(self, params) -> STQuantPolicyState:
     leaves = jax.tree.leaves(params)
     n = len(leaves)
-    init = [(NO_MOMENT, NO_MOMENT) if not is_float(p.dtype) else tuple(map(_bits_code, b))
+    init = [(NO_MOMENT, NO_MOMENT) if not is_float(p.dtype) else tuple(map(bits_code, b))
             for p, b in zip(leaves, self.layout(leaves))]
     bits = np.array(init, np.int32).reshape(n, 2)
     # Distinct buffers per field, so a donating jitted step never sees one buffer twice.
@@ -442,7 +442,7 @@ class STQuantPolicy(Policy):
     floats = self._float_leaves(leaves)
     return first_layout.average_bits(floats, first_layout.uniform(floats, pair),
                                      block_size=self._block,
-                                     overhead=4 + self._state_nbytes(len(leaves)))
+                                     overhead=self._overhead(len(leaves)))
 
   def _check_budget(self, leaves):
     floor = self.min_average_bits(leaves)

@@ -21,6 +21,11 @@ FLOAT32 = 32   # bits code of a float32 moment
 NO_MOMENT = 0  # bits code of a leaf without moments (integer leaves, placeholders)
 
 
+def bits_code(bits: int | None) -> int:
+  """Bits code of a moment's width: ``bits``, or :data:`FLOAT32` for None (float32)."""
+  return FLOAT32 if bits is None else bits
+
+
 class ScaleByStquantState(NamedTuple):
   """State of :func:`~stquant_jax.scale_by_stquant`.
 
