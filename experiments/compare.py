@@ -201,6 +201,41 @@ def same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
       for k, v in new.items() if k not in _NOT_THE_RUN)
 
 
+def earlier_runs(suite: Suite, out: pathlib.Path,
+                 skip: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
+  """Finished runs already in ``out/runs`` that ``suite`` did not (re)run but would
+  have run the same way (same model settings, steps, evaluations and, for the
+  policies, the same policy settings): the rest of the comparison a partial rerun
+  (``--optimizers``, ``--models`` or ``--seeds`` over an existing folder) renders
+  next to its own rows.
+
+  Args:
+    suite: The suite this invocation ran.
+    out: Its output folder.
+    skip: Log paths this invocation wrote or resumed.
+
+  Returns:
+    The kept logs, and the names of the logs left out (another config, e.g. other
+    steps, or not a log of a known model and optimizer).
+  """
+  kept, left_out = [], []
+  for path in sorted((out / "runs").glob("*.json")):
+    if str(path) in skip:
+      continue
+    model, name, seed = (path.stem.split("__") + ["", "", ""])[:3]
+    ok = (model in MODEL_RUNS and model in suite.steps and optimizers.is_known(name)
+          and seed[:1] == "s" and seed[1:].isdigit())
+    if ok:
+      one = dataclasses.replace(suite, seeds=(int(seed[1:]),), models=(model,),
+                                optimizers=(name,))
+      ok = same_config(path, run_configs(one, out)[0])
+    if ok:
+      kept.append(json.loads(path.read_text()))
+    else:
+      left_out.append(path.name)
+  return kept, left_out
+
+
 def enable_compilation_cache() -> None:
   """Persistent XLA cache under ``~/.cache/stquant_jax/jax`` (reruns start
   faster); ``STQUANT_NO_JAX_CACHE=1`` turns it off."""
@@ -302,12 +337,23 @@ def main(argv=None) -> dict[str, Any]:
   t0 = time.perf_counter()
   logs = run_suite(suite, out, resume=args.resume, progress=args.progress)
   wall = time.perf_counter() - t0
-  summary = report.render(out, logs, meta={
-      "suite": dataclasses.asdict(suite), "wall_time_s": wall,
-      "argv": sys.argv[1:] if argv is None else list(argv)})
+  # The folder's other finished runs of the same settings stay in the table (a
+  # partial rerun updates its rows; it does not drop the others).
+  earlier, left_out = earlier_runs(suite, out, {c.log_path for c in run_configs(suite, out)})
+  meta = {"suite": dataclasses.asdict(suite), "wall_time_s": wall,
+          "argv": sys.argv[1:] if argv is None else list(argv)}
+  if earlier:
+    meta["partial"] = True
+  summary = report.render(out, logs + earlier, meta=meta)
   print()
   print(report.short_table(summary))
   print(f"\nTrained {len(logs)} runs in {wall / 60:.1f} min.")
+  if earlier:
+    print(f"Kept {len(earlier)} earlier runs of the same settings from {out / 'runs'} "
+          "in the table.")
+  if left_out:
+    print(f"Left out {len(left_out)} logs in {out / 'runs'} with other settings "
+          f"(e.g. {left_out[0]}).")
   print(f"Table:   {out / 'results.md'}")
   print(f"Plots:   {', '.join(str(out / p) for p in summary['plots'])}")
   print(f"Logs:    {out / 'runs'}/*.json, summary {out / 'summary.json'}")

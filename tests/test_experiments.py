@@ -419,3 +419,44 @@ def test_compare_quick_suite_covers_the_demo_optimizers(tmp_path):
   adaptive = [c for c in configs if c.optimizer == "stquant_adaptive"]
   assert adaptive and all(c.optimizer_kwargs["every"] < c.steps
                           for c in adaptive)
+
+
+def test_a_partial_rerun_keeps_the_folder_s_other_finished_runs(tmp_path, monkeypatch, capsys):
+  """``compare --optimizers X`` over an existing folder renders X's rows next to the
+  folder's other finished runs of the same settings (and says the table is partial);
+  logs of other settings (here: other steps) and foreign files are left out."""
+  out = tmp_path / "results"
+  (out / "runs").mkdir(parents=True)
+
+  def fake_log(cfg, **changes):
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    config.update(changes)
+    return {"config": config, "final_eval": {"loss": 1.0}}
+
+  earlier = dataclasses.replace(compare.SUITES["full"], seeds=(0,), models=("gpt2",),
+                                optimizers=("adamw", "stquant6", "stquant4"))
+  for cfg in compare.run_configs(earlier, out):
+    changes = {"steps": 7} if cfg.optimizer == "stquant4" else {}
+    pathlib.Path(cfg.log_path).write_text(json.dumps(fake_log(cfg, **changes)))
+  (out / "runs" / "notes.json").write_text("{}")
+  rendered = []
+  monkeypatch.setattr(compare, "enable_compilation_cache", lambda: None)
+  monkeypatch.setattr(compare, "run_suite", lambda suite, out, **kw: [
+      fake_log(c) for c in compare.run_configs(suite, out)])
+  monkeypatch.setattr(report, "render", lambda out, logs, meta: rendered.append(
+      (logs, meta)) or {"plots": []})
+  monkeypatch.setattr(report, "short_table", lambda summary: "")
+  argv = ["--out", str(out), "--models", "gpt2", "--seeds", "1", "--no-progress"]
+
+  compare.main(argv + ["--optimizers", "stquant8"])
+  logs, meta = rendered[-1]
+  assert sorted(l["config"]["optimizer"] for l in logs) == [
+      "adamw", "adamw_control", "stquant6", "stquant8"]  # adamw rerun, stquant6 kept
+  assert meta["partial"] is True
+  stdout = capsys.readouterr().out
+  assert "Kept 1 earlier runs" in stdout and "Left out 2 logs" in stdout
+
+  empty = tmp_path / "fresh"
+  compare.main(argv + ["--out", str(empty), "--optimizers", "stquant8"])
+  logs, meta = rendered[-1]
+  assert len(logs) == 3 and "partial" not in meta
