@@ -286,3 +286,26 @@ def test_allocation_never_exceeds_the_budget_in_exact_bytes_on_large_models():
       got = run(sizes, np.full(m, 8, np.int32), budget, np.zeros(m, np.float32), free, cur)
       assert (got[1:] == cur[1:]).all()
       assert exact(sizes, got) <= budget, (seed, bits, exact(sizes, got) - budget)
+
+
+def test_model_size_bits_splits_the_average_into_small_leaves_codes_and_scales():
+  """``benchmarks.model_size_bits`` (where a budget's bits go as models grow): its
+  parts (float32 small leaves, the first layout's code bits, one float32 scale per
+  128 values) add up to :func:`stquant_jax.average_bits` of the state the policy
+  builds, which stays within the target."""
+  from benchmarks.model_size_bits import TARGETS, UNIFORM, measure
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  params = {"w": sds(512, 1024), "u": sds(300, 128), "b": sds(1000), "g": sds(64)}
+  row = measure(params)
+  total = 512 * 1024 + 300 * 128 + 1000 + 64
+  quantized = (512 * 1024 + 300 * 128) / total
+  assert row["small_bits"] == pytest.approx(32 * 1064 / total)
+  for b in UNIFORM:  # the same split for fixed widths
+    assert row["uniform"][str(b)] == pytest.approx(
+        row["small_bits"] + (b + 32 / 128) * quantized, abs=0.01)
+  for t in TARGETS:
+    budget = row["budgets"][str(t)]
+    code = (budget["mu_code_bits"] + budget["nu_code_bits"]) / 2
+    assert budget["average_bits"] == pytest.approx(
+        row["small_bits"] + (code + 32 / 128) * quantized, abs=0.01)
+    assert budget["average_bits"] <= t
