@@ -61,6 +61,10 @@ MODEL_RUNS: dict[str, dict[str, Any]] = {
 BASELINES = ("adamw", "adamw_control", "adamw_jitter", "adamw_bf16")
 FIXED = ("stquant8", "stquant6", "stquant5", "stquant4", "stquant4v3", "stquant3", "stquant3v2")
 ROUNDING = ("stquant8_nearest", "stquant4_nearest")
+# The block-size axis of the frontier: 3-bit moments with more scales (32 / B bits
+# of float32 scale per value). On ViT, 3-bit m is what low budgets cost, and
+# smaller blocks were the lever a probe found (docs/quality.md).
+BLOCKS = ("stquant3_b64", "stquant3_b32")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
 # Is the reference tuned? fp32 AdamW at 0.7x and 1.4x its learning rate: if either
 # does better, a quantized optimizer's gain over the reference may be a step-size
@@ -87,7 +91,8 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", BASELINES + LR_CHECK + NOISE_CHECK + FIXED + ROUNDING + ADAPTIVE, (0, 1, 2, 3, 4),
+    "full": Suite("full", BASELINES + LR_CHECK + NOISE_CHECK + FIXED + BLOCKS + ROUNDING + ADAPTIVE,
+                  (0, 1, 2, 3, 4),
                   {"gpt2": 1000, "vit": 600}),
     "quick": Suite("quick", ("adamw", "adamw_control", "stquant8", "stquant4",
                              "stquant_adaptive"), (0,),
@@ -136,8 +141,12 @@ def reachable(cfg: train.TrainConfig, name: str, kw: dict) -> dict:
   if target is None:
     return {}
   params = train.abstract_params(cfg)
+  block = optimizers.parse_stquant(name)[2].get("block_size", policy.block_size)
   for extra in ({}, {"min_bits": (3, 2)}):
-    if target >= optimizers.make_policy(name, **{**kw, **extra}).min_average_bits(params):
+    bound = optimizers.make_policy(name, **{**kw, **extra})
+    if block is not None:
+      bound = bound.bind(block)  # the transform's block size (scales: 32 / block bits)
+    if target >= bound.min_average_bits(params):
       return extra
   return {"min_bits": 2}
 

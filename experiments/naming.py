@@ -22,7 +22,8 @@ MODEL_TITLES = {"gpt2": "GPT-2 on CPython stdlib (bytes)",
 
 
 def fixed_bits(name: str) -> tuple[int, int] | None:
-  m = re.fullmatch(r"stquant(\d)(?:v(\d))?(_nearest)?", name)
+  """``(m, v)`` bits of a fixed-width name (any block size or rounding), else None."""
+  m = re.fullmatch(r"stquant(\d)(?:v(\d))?", quality.name_parts(name)[0])
   return (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
 
 
@@ -30,25 +31,27 @@ def order(names) -> list[str]:
   """Reference, control, other baselines, fixed widths (most bits first), adaptive."""
   def key(n):
     fb = fixed_bits(n)
+    _, block, nearest = quality.name_parts(n)
     return (_KIND_ORDER[quality.kind(n)], -(fb[0] + fb[1]) if fb else 0,
-            n.endswith("_nearest"), n)
+            nearest, -(block or 128), n)
   return sorted(names, key=key)
 
 
 def label(name: str, stats: dict | None = None) -> str:
   """Display name: fixed widths show m/v bits, budgets their target."""
-  nearest = ", nearest rounding" if name.endswith("_nearest") else ""
+  base, block, near = quality.name_parts(name)
+  nearest = (f", block {block}" if block else "") + (", nearest rounding" if near else "")
   fb = fixed_bits(name)
   if fb:
     text = (f"stquant {fb[0]}-bit" if fb[0] == fb[1] else f"stquant m{fb[0]}/v{fb[1]}")
     return text + nearest
   target = (stats or {}).get("target_bits")
-  if target is None and name.startswith("stquant_t"):  # the name says it: stquant_t4.5
-    target = float(name.removeprefix("stquant_t").removesuffix("_nearest"))
-  if target is not None and (name.startswith("stquant_t") or name == "stquant_budget"):
+  if target is None and base.startswith("stquant_t"):  # the name says it: stquant_t4.5
+    target = float(base.removeprefix("stquant_t"))
+  if target is not None and (base.startswith("stquant_t") or base == "stquant_budget"):
     return f"STQuant budget ≤ {target:g} bits" + nearest
-  if name in LABELS:
-    return LABELS[name] + nearest
+  if base in LABELS:
+    return LABELS[base] + nearest
   if (size := optimizers.jitter_size(name)) is not None:
     return f"fp32, m × (1 ± {size:g})"
   if (scale := optimizers.lr_scale(name)) is not None:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import quality
+
 # name -> (stquant_jax policy class name, policy keyword arguments).
 STQUANT_POLICIES = {
     "stquant8": ("FixedBits", {"mu_bits": 8, "nu_bits": 8}),
@@ -26,7 +28,8 @@ STQUANT_POLICIES = {
 OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_control", "adamw_jitter", *STQUANT_POLICIES)
 GRAMMAR = ("stquant<M> / stquant<M>v<V> (fixed bits for m and v, e.g. stquant4v3), "
            "stquant_t<X> (STQuantPolicy(target_bits=X), e.g. stquant_t4.5); "
-           "a trailing _nearest selects round-to-nearest moments; "
+           "_b<B> after either sets the block size (e.g. stquant3_b32: 3 bits in blocks of 32; "
+           "default 128); a trailing _nearest selects round-to-nearest moments; "
            "adamw_lr<F> is fp32 AdamW with the learning rate scaled by F "
            "(e.g. adamw_lr0.5: is the reference's learning rate tuned?); "
            "adamw_jitter<X> multiplies fp32 AdamW's m by 1 ± X u each step "
@@ -49,11 +52,15 @@ def parse_stquant(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     ('FixedBits', {'mu_bits': 4, 'nu_bits': 3}, {'rounding': 'nearest'})
     >>> parse_stquant("stquant_t4.5")
     ('STQuantPolicy', {'target_bits': 4.5}, {})
+    >>> parse_stquant("stquant3_b32")
+    ('FixedBits', {'mu_bits': 3, 'nu_bits': 3}, {'block_size': 32})
   """
-  opt_kw = {}
-  base = name
-  if base.endswith("_nearest"):
-    base, opt_kw = base[:-len("_nearest")], {"rounding": "nearest"}
+  base, block, nearest = quality.name_parts(name)
+  opt_kw = {"rounding": "nearest"} if nearest else {}
+  if block is not None:
+    if block <= 0 or block % 32:
+      raise ValueError(f"{name!r}: the block size must be a positive multiple of 32")
+    opt_kw["block_size"] = block
   if base in STQUANT_POLICIES:
     cls, kw = STQUANT_POLICIES[base]
     return cls, dict(kw), opt_kw

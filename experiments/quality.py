@@ -67,6 +67,22 @@ def final_loss(log: dict) -> float:
   return (log.get("final_eval") or log["eval"][-1])["loss"]
 
 
+def name_parts(name: str) -> tuple[str, int | None, bool]:
+  """``(base, block size, nearest rounding)`` of an optimizer name: a quantized
+  name may end in ``_b<B>`` (blocks of ``B`` values) and then ``_nearest``.
+
+  Example:
+    >>> name_parts("stquant3_b32_nearest"), name_parts("stquant_t4")
+    (('stquant3', 32, True), ('stquant_t4', None, False))
+  """
+  nearest = name.endswith("_nearest")
+  base = name.removesuffix("_nearest")
+  m = re.fullmatch(r"(stquant.*)_b(\d+)", base)
+  if m:
+    return m.group(1), int(m.group(2)), nearest
+  return base, None, nearest
+
+
 def kind(name: str) -> str:
   """``"reference"``, ``"control"``, ``"baseline"`` (other optax), ``"fixed"``, ``"adaptive"``."""
   if name == REFERENCE:
@@ -75,8 +91,7 @@ def kind(name: str) -> str:
     return "control"
   if not name.startswith("stquant"):
     return "baseline"
-  base = name.removesuffix("_nearest")
-  return "fixed" if re.fullmatch(r"stquant\d(v\d)?", base) else "adaptive"
+  return "fixed" if re.fullmatch(r"stquant\d(v\d)?", name_parts(name)[0]) else "adaptive"
 
 
 def paired(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:

@@ -115,7 +115,7 @@ def summarize(logs: list[dict[str, Any]]) -> dict[str, Any]:
       mean, std = _mean_std(st["final_loss"].values())
       target = first["config"]["optimizer_kwargs"].get("target_bits")
       if target is None and name.startswith("stquant_t"):
-        target = float(name.removeprefix("stquant_t").removesuffix("_nearest"))
+        target = float(quality.name_parts(name)[0].removeprefix("stquant_t"))
       rows[name] = {
           "label": label(name, {"target_bits": target}),
           "kind": st["kind"],

@@ -4,6 +4,7 @@ the adaptive-vs-uniform frontier (``experiments/quality.py``), on synthetic run 
 import json
 import math
 
+import jax.numpy as jnp
 import pytest
 
 from experiments import naming, optimizers, quality
@@ -113,6 +114,25 @@ def test_kinds_and_names():
   with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
     optimizers.parse_stquant("sgd")
   assert math.isinf(quality.ci95([1.0])[1])
+
+
+def test_block_size_suffix_builds_that_block_size_and_stays_a_fixed_width_row():
+  """``_b<B>`` (the frontier's block-size axis) reaches ``sq.adamw(block_size=B)``,
+  keeps the name's kind and bits, and only multiples of 32 are accepted."""
+  assert optimizers.parse_stquant("stquant3_b32") == (
+      "FixedBits", {"mu_bits": 3, "nu_bits": 3}, {"block_size": 32})
+  assert optimizers.parse_stquant("stquant_t4_b64_nearest")[2] == {
+      "block_size": 64, "rounding": "nearest"}
+  assert [quality.kind(n) for n in ("stquant3_b32", "stquant_t4_b64")] == ["fixed", "adaptive"]
+  assert naming.fixed_bits("stquant4v3_b64") == (4, 3)
+  assert naming.label("stquant3_b32") == "stquant 3-bit, block 32"
+  assert naming.label("stquant_t4_b64") == "STQuant budget ≤ 4 bits, block 64"
+  assert naming.order(["stquant3_b32", "stquant3_nearest", "stquant3", "stquant3_b64"]) == [
+      "stquant3", "stquant3_b64", "stquant3_b32", "stquant3_nearest"]
+  assert not optimizers.is_known("stquant3_b48") and not optimizers.is_known("stquant3_b0")
+  sq = pytest.importorskip("stquant_jax")
+  state = optimizers.make_optimizer("stquant3_b32", 1e-3).init({"w": jnp.zeros((64, 64))})
+  assert sq.average_bits(state) == pytest.approx(3 + 32 / 32, abs=0.01)
 
 
 def test_within_one_percent_needs_the_whole_interval_and_a_floor_below_it():
