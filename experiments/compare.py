@@ -65,6 +65,9 @@ ROUNDING = ("stquant8_nearest", "stquant4_nearest")
 # of float32 scale per value). On ViT, 3-bit m is what low budgets cost, and
 # smaller blocks were the lever a probe found (docs/quality.md).
 BLOCKS = ("stquant3_b64", "stquant3_b32")
+# Budgets at those block sizes: the code bits a budget leaves after the scales
+# (32 / B bits per value) and the float32 small leaves.
+ADAPTIVE_BLOCKS = ("stquant_t4.5_b64", "stquant_t5_b64", "stquant_t5_b32")
 ADAPTIVE = ("stquant_adaptive", "stquant_t5", "stquant_t4.5", "stquant_t4", "stquant_t3.5")
 # Is the reference tuned? fp32 AdamW at 0.7x and 1.4x its learning rate: if either
 # does better, a quantized optimizer's gain over the reference may be a step-size
@@ -91,8 +94,8 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", BASELINES + LR_CHECK + NOISE_CHECK + FIXED + BLOCKS + ROUNDING + ADAPTIVE,
-                  (0, 1, 2, 3, 4),
+    "full": Suite("full", BASELINES + LR_CHECK + NOISE_CHECK + FIXED + BLOCKS + ROUNDING
+                  + ADAPTIVE + ADAPTIVE_BLOCKS, (0, 1, 2, 3, 4),
                   {"gpt2": 1000, "vit": 600}),
     "quick": Suite("quick", ("adamw", "adamw_control", "stquant8", "stquant4",
                              "stquant_adaptive"), (0,),
@@ -256,8 +259,10 @@ def enable_compilation_cache() -> None:
 
 
 def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
-              progress: bool = True) -> list[dict[str, Any]]:
-  """Trains every run of ``suite``; returns the logs (also written to disk)."""
+              progress: bool = True, resumed: list[str] | None = None) -> list[dict[str, Any]]:
+  """Trains every run of ``suite``; returns the logs (also written to disk).
+  With ``resume``, finished runs are read back, and their log paths appended to
+  ``resumed`` (when given)."""
   from tqdm.auto import tqdm
   configs = run_configs(suite, out)
   total = sum(c.steps for c in configs)
@@ -268,6 +273,8 @@ def run_suite(suite: Suite, out: pathlib.Path, *, resume: bool = False,
     path = pathlib.Path(cfg.log_path)
     if resume and path.exists() and same_config(path, cfg):
       logs.append(json.loads(path.read_text()))
+      if resumed is not None:
+        resumed.append(str(path))
       bar.update(cfg.steps)
       continue
     bar.set_description(f"[{i}/{len(configs)}] {cfg.model} {cfg.optimizer} "
@@ -344,7 +351,8 @@ def main(argv=None) -> dict[str, Any]:
 
   enable_compilation_cache()
   t0 = time.perf_counter()
-  logs = run_suite(suite, out, resume=args.resume, progress=args.progress)
+  resumed = []
+  logs = run_suite(suite, out, resume=args.resume, progress=args.progress, resumed=resumed)
   wall = time.perf_counter() - t0
   # The folder's other finished runs of the same settings stay in the table (a
   # partial rerun updates its rows; it does not drop the others).
@@ -356,7 +364,8 @@ def main(argv=None) -> dict[str, Any]:
   summary = report.render(out, logs + earlier, meta=meta)
   print()
   print(report.short_table(summary))
-  print(f"\nTrained {len(logs)} runs in {wall / 60:.1f} min.")
+  print(f"\nTrained {len(logs) - len(resumed)} runs in {wall / 60:.1f} min"
+        + (f" ({len(resumed)} more read back from finished logs)." if resumed else "."))
   if earlier:
     print(f"Kept {len(earlier)} earlier runs of the same settings from {out / 'runs'} "
           "in the table.")

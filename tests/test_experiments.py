@@ -442,7 +442,7 @@ def test_a_partial_rerun_keeps_the_folder_s_other_finished_runs(tmp_path, monkey
   rendered = []
   monkeypatch.setattr(compare, "enable_compilation_cache", lambda: None)
   monkeypatch.setattr(compare, "run_suite", lambda suite, out, **kw: [
-      fake_log(c) for c in compare.run_configs(suite, out)])
+      fake_log(c) for c in compare.run_configs(suite, out)])  # trains all, resumes none
   monkeypatch.setattr(report, "render", lambda out, logs, meta: rendered.append(
       (logs, meta)) or {"plots": []})
   monkeypatch.setattr(report, "short_table", lambda summary: "")
@@ -455,6 +455,7 @@ def test_a_partial_rerun_keeps_the_folder_s_other_finished_runs(tmp_path, monkey
   assert meta["partial"] is True
   stdout = capsys.readouterr().out
   assert "Kept 1 earlier runs" in stdout and "Left out 2 logs" in stdout
+  assert "Trained 3 runs" in stdout and "read back" not in stdout
 
   empty = tmp_path / "fresh"
   compare.main(argv + ["--out", str(empty), "--optimizers", "stquant8"])
