@@ -200,7 +200,7 @@ def plot_bits(by, model: str, path: pathlib.Path) -> bool:
 def plot_frontier(summary, path: pathlib.Path) -> None:
   """Δ final validation loss (mean ± 95% CI) against average bits: fixed widths (the
   uniform curve: its lower envelope drawn) and the adaptive policy, the control's
-  noise floor shaded."""
+  noise floor shaded; runs with another block size than 128 are hollow markers."""
   plt = _plt()
   fig, panels = _model_panels(plt, summary, width=6.5)
   for ax, model in panels:
@@ -219,12 +219,19 @@ def plot_frontier(summary, path: pathlib.Path) -> None:
         continue
       b, d, e, names = zip(*pts)
       e = [0 if not np.isfinite(x) else x for x in e]
-      ax.errorbar(b, d, yerr=e, fmt=mk, color=c, capsize=3, label=name, ms=5)
-      if kind == "fixed":  # lower envelope: best delta at no more bits
+      # Blocks of 128 (the default) filled; other block sizes hollow, off the line.
+      blocks = [quality.name_parts(n)[1] for n in names]
+      for default, face, text in ((True, c, name), (False, "white", f"{name}, other block sizes")):
+        idx = [i for i, blk in enumerate(blocks) if (blk is None) == default]
+        if idx:
+          ax.errorbar([b[i] for i in idx], [d[i] for i in idx], yerr=[e[i] for i in idx],
+                      fmt=mk, color=c, mfc=face, capsize=3, label=text, ms=5)
+      if kind == "fixed":  # lower envelope: best delta at no more bits, any block size
         env = [min(dd for bb, dd in zip(b, d) if bb <= x) for x in b]
         ax.step(b, env, where="post", color=c, lw=1, alpha=0.7)
-      else:
-        ax.plot(b, d, color=c, lw=1, alpha=0.7)
+      else:  # the default block size's curve
+        idx = [i for i, blk in enumerate(blocks) if blk is None]
+        ax.plot([b[i] for i in idx], [d[i] for i in idx], color=c, lw=1, alpha=0.7)
       for x, y, n in zip(b, d, names):
         ax.annotate(rows[n]["label"].replace("stquant ", "").replace("STQuant ", ""),
                     (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
