@@ -81,7 +81,7 @@ def measure(params, min_size: int = 4096) -> dict:
           code[k] += n * pair[k]
     row["budgets"][str(target)] = {
         "mu_code_bits": code[0] / max(quantized, 1), "nu_code_bits": code[1] / max(quantized, 1),
-        "min_bits": list(policy._floors),  # pylint: disable=protected-access
+        "min_bits": policy.min_bits,
         "average_bits": sq.average_bits(_state(params, policy))}
   return row
 
@@ -95,7 +95,7 @@ def markdown(rows: dict) -> str:
     uni = " / ".join(f"{r['uniform'][str(b)]:.2f}" for b in UNIFORM)
     budgets = " | ".join(
         f"{r['budgets'][str(t)]['mu_code_bits']:.2f} / {r['budgets'][str(t)]['nu_code_bits']:.2f}"
-        + ("*" if r["budgets"][str(t)]["min_bits"] != [3, 3] else "") for t in TARGETS)
+        + ("*" if r["budgets"][str(t)]["min_bits"] != 3 else "") for t in TARGETS)
     lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {100 * r['small_share']:.2f}% | "
                  f"{r['small_bits']:.3f} | {uni} | {budgets} |")
   return "\n".join(lines)

@@ -214,7 +214,7 @@ def same_config(path: pathlib.Path, cfg: train.TrainConfig) -> bool:
 
 
 def earlier_runs(suite: Suite, out: pathlib.Path,
-                 skip: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
+                 skip: set[tuple[str, str, int]]) -> tuple[list[dict[str, Any]], list[str]]:
   """Finished runs already in ``out/runs`` that ``suite`` did not (re)run but would
   have run the same way (same model settings, steps, evaluations and, for the
   policies, the same policy settings): the rest of the comparison a partial rerun
@@ -224,7 +224,8 @@ def earlier_runs(suite: Suite, out: pathlib.Path,
   Args:
     suite: The suite this invocation ran.
     out: Its output folder.
-    skip: Log paths this invocation wrote or resumed.
+    skip: ``(model, optimizer, seed)`` of the runs this invocation trained or
+      resumed.
 
   Returns:
     The kept logs, and the names of the logs left out (another config, e.g. other
@@ -232,11 +233,11 @@ def earlier_runs(suite: Suite, out: pathlib.Path,
   """
   kept, left_out = [], []
   for path in sorted((out / "runs").glob("*.json")):
-    if str(path) in skip:
-      continue
     model, name, seed = (path.stem.split("__") + ["", "", ""])[:3]
     ok = (model in MODEL_RUNS and model in suite.steps and optimizers.is_known(name)
           and seed[:1] == "s" and seed[1:].isdigit())
+    if ok and (model, name, int(seed[1:])) in skip:
+      continue
     if ok:
       one = dataclasses.replace(suite, seeds=(int(seed[1:]),), models=(model,),
                                 optimizers=(name,))
@@ -356,7 +357,8 @@ def main(argv=None) -> dict[str, Any]:
   wall = time.perf_counter() - t0
   # The folder's other finished runs of the same settings stay in the table (a
   # partial rerun updates its rows; it does not drop the others).
-  earlier, left_out = earlier_runs(suite, out, {c.log_path for c in run_configs(suite, out)})
+  earlier, left_out = earlier_runs(suite, out, {
+      (l["config"]["model"], l["config"]["optimizer"], l["config"]["seed"]) for l in logs})
   meta = {"suite": dataclasses.asdict(suite), "wall_time_s": wall,
           "argv": sys.argv[1:] if argv is None else list(argv)}
   if earlier:

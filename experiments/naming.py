@@ -39,24 +39,24 @@ def order(names) -> list[str]:
 
 def label(name: str, stats: dict | None = None) -> str:
   """Display name: fixed widths show m/v bits, budgets their target."""
-  base, block, near = quality.name_parts(name)
-  nearest = (f", block {block}" if block else "") + (", nearest rounding" if near else "")
+  base, block, nearest = quality.name_parts(name)
+  suffix = (f", block {block}" if block else "") + (", nearest rounding" if nearest else "")
   fb = fixed_bits(name)
   if fb:
     text = (f"stquant {fb[0]}-bit" if fb[0] == fb[1] else f"stquant m{fb[0]}/v{fb[1]}")
-    return text + nearest
+    return text + suffix
   target = (stats or {}).get("target_bits")
   if target is None and base.startswith("stquant_t"):  # the name says it: stquant_t4.5
     target = float(base.removeprefix("stquant_t"))
   if target is not None and (base.startswith("stquant_t") or base == "stquant_budget"):
-    return f"STQuant budget ≤ {target:g} bits" + nearest
+    return f"STQuant budget ≤ {target:g} bits" + suffix
   if base in LABELS:
-    return LABELS[base] + nearest
+    return LABELS[base] + suffix
   if (size := optimizers.jitter_size(name)) is not None:
     return f"fp32, m × (1 ± {size:g})"
   if (scale := optimizers.lr_scale(name)) is not None:
     return f"optax.adamw (fp32), lr × {scale:g}"
-  return name + nearest
+  return name + suffix
 
 
 def color(name: str) -> str:
