@@ -52,6 +52,7 @@ import stquant_jax as sq
 from benchmarks import _gpt2_step as gs
 from benchmarks._compile_cases import OUR_KERNELS, run_cases
 from benchmarks._io import write_json
+from benchmarks._targets import HBM_BYTES_PER_S, compile_for
 from experiments import fsdp, optimizers, train
 
 OPTIMIZERS = ("adamw", "adamw_bf16", "stquant8", "stquant4", "stquant_budget")
@@ -119,7 +120,7 @@ def fsdp_state_bytes(params, opt_state, n: int) -> int:
 
 def largest_buffers(dump_dir: str, k: int = 5):
   """The ``k`` largest allocations of the last compiled program (XLA's memory report)."""
-  reports = sorted(glob.glob(os.path.join(dump_dir, "*gpu*memory-usage-report.txt")),
+  reports = sorted(glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt")),
                    key=os.path.getmtime)
   if not reports:
     return []
@@ -136,8 +137,9 @@ def largest_buffers(dump_dir: str, k: int = 5):
 
 
 def measure(preset: str, optimizer: str, batch: int, seq: int, layout: str | None,
-            dump_dir: str | None = None, vocab: int | None = None) -> dict:
-  """Compiles one train step for an H100 and returns its numbers (see the module doc)."""
+            dump_dir: str | None = None, vocab: int | None = None, target: str = "h100") -> dict:
+  """Compiles one train step for ``target`` (an H100 by default, or a TPU chip:
+  ``benchmarks/_targets.py``) and returns its numbers (see the module doc)."""
   extra = {} if vocab is None else {"vocab_size": vocab}
   cfg = gs.gpt2_config(preset, dtype="bfloat16", **extra)
   tx = train.make_tx(train.TrainConfig(optimizer=optimizer, steps=1000))
@@ -145,16 +147,18 @@ def measure(preset: str, optimizer: str, batch: int, seq: int, layout: str | Non
   if optimizer == "stquant_budget":
     opt_state = gs.with_layout(opt_state, transferred_layout(layout, cfg.num_layers))
   t0 = time.perf_counter()
-  compiled = pk.compile_for_target(step, params, opt_state, tokens, donate_argnums=(0, 1))
+  compiled = compile_for(target, step, params, opt_state, tokens, donate_argnums=(0, 1))
   seconds = time.perf_counter() - t0
   hlo = compiled.as_text()
-  out = {"model": preset, "optimizer": optimizer, "batch": batch, "seq_len": seq,
+  out = {"model": preset, "optimizer": optimizer, "target": target, "batch": batch,
+         "seq_len": seq,
          "param_count": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
          "param_bytes": sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(params)),
          "state_bytes": optimizers.state_bytes(opt_state),
          "average_bits": (optimizers.average_bits(opt_state)
                           if optimizer.startswith("stquant") else None),
-         "compile_s": seconds, "kernels": hlo.count('custom_call_target="' + pk.TRITON_CALL),
+         "compile_s": seconds, "kernels": (hlo.count('custom_call_target="' + pk.TRITON_CALL)
+                     + hlo.count("tpu_custom_call")),
          "optimizer_hbm_bytes": optimizer_bytes(params, opt_state),
          "fsdp_state_bytes_per_device": fsdp_state_bytes(params, opt_state, FSDP_DEVICES),
          **pk.memory_summary(compiled)}
@@ -175,7 +179,8 @@ import json, os
 from benchmarks import h100_memory as hm
 ARGS = json.loads(os.environ["H100_MEMORY_ARGS"])
 CASES = {f"{m}/{o}": (lambda m=m, o=o: hm.measure(m, o, ARGS["batch"], ARGS["seq"],
-                                                    ARGS["layout"], ARGS["dump"]))
+                                                    ARGS["layout"], ARGS["dump"],
+                                                    target=ARGS["target"]))
          for m in ARGS["models"] for o in ARGS["optimizers"]}
 """
 
@@ -192,7 +197,8 @@ def add_ratios(rows):
     r["drop_over_saved"] = (r["peak_drop_bytes"] / r["state_saved_bytes"]
                             if r["state_saved_bytes"] > 0 else None)
     r["compile_vs_adamw"] = r["compile_s"] / b["compile_s"]
-    r["modeled_optimizer_ms"] = r["optimizer_hbm_bytes"] / pk.H100_HBM_BYTES_PER_S * 1e3
+    bandwidth = HBM_BYTES_PER_S[r.get("target", "h100").split("_jnp")[0]]
+    r["modeled_optimizer_ms"] = r["optimizer_hbm_bytes"] / bandwidth * 1e3
   return rows
 
 
@@ -228,13 +234,15 @@ def main(argv=None):
   parser.add_argument("--seq", type=int, default=1024)
   parser.add_argument("--layout", default=LAYOUT, help="run log with the adaptive layout")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per compile")
+  parser.add_argument("--target", default="h100", help="h100, tpu_v5e, tpu_v6e or tpu_v5p")
   parser.add_argument("--json", help="write the results here")
   parser.add_argument("--md", help="write the Markdown table here")
   args = parser.parse_args(argv)
   dump = tempfile.mkdtemp(prefix="h100_memory_")
   os.environ["H100_MEMORY_ARGS"] = json.dumps(
       {"models": args.models, "optimizers": args.optimizers, "batch": args.batch,
-       "seq": args.seq, "layout": args.layout, "dump": dump})
+       "seq": args.seq, "layout": args.layout, "dump": dump, "target": args.target})
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   names = [f"{m}/{o}" for m in args.models for o in args.optimizers]
   try:
     results = run_cases(CASE_SCRIPT, names, case_timeout=args.timeout, fail_on_spill=False,
@@ -250,7 +258,7 @@ def main(argv=None):
     r["xla_fusion_spills"] = [s for s in r.pop("spills") if not s[0].startswith(OUR_KERNELS)]
     rows.append(r)
   rows = add_ratios(rows)
-  out = {"what": "compiled for H100 (deviceless AOT on a CPU), not run",
+  out = {"what": f"compiled for {args.target} (deviceless AOT on a CPU), not run",
          "jax": jax.__version__, "host": platform.machine(), "rows": rows}
   print(json.dumps(out, indent=1))
   table = markdown(rows)

@@ -41,12 +41,32 @@ def make_params(n_target: float, d: int = 768, seed: int = 0):
   return {k: jax.random.normal(kk, s, jnp.float32) * 0.02 for kk, (k, s) in zip(keys, shapes.items())}
 
 
-def time_optimizer(tx, params, grads, steps: int, warmup: int = 3):
-  state = tx.init(params)
+def flashoptim_peer():
+  """flashoptim-jax's 8-bit AdamW (float32 parameters kept: ``master_weight_bits=None``)
+  as ``(init, step)``, or None when the package is not installed (it is not a dependency)."""
+  try:
+    import flashoptim_jax
+  except ImportError:
+    return None
+  # fused=True is a Pallas GPU kernel; on CPU its jnp path runs.
+  fused = jax.default_backend() == "gpu"
+  opt = flashoptim_jax.flash_adamw(1e-3, quantize=True, master_weight_bits=None, fused=fused)
+  return opt.init, opt.step
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+
+def time_optimizer(tx, params, grads, steps: int, warmup: int = 3):
+  """Median seconds per jitted update + apply (params and state donated); ``tx`` is an
+  optax transform or an ``(init, step)`` pair whose ``step(params, state, grads)``
+  returns ``(params, state)``."""
+  if isinstance(tx, tuple):
+    init, step = tx
+    state = init(params)
+  else:
+    state = tx.init(params)
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
 
   step = jax.jit(step, donate_argnums=(0, 1))
   params = jax.tree.map(jnp.copy, params)
@@ -59,7 +79,9 @@ def time_optimizer(tx, params, grads, steps: int, warmup: int = 3):
     params, state = step(params, state, grads)
     jax.block_until_ready((params, state))
     times.append(time.perf_counter() - t0)
-  return float(np.median(times)), sq.state_nbytes(state), state
+  nbytes = (sq.state_nbytes(state) if not isinstance(tx, tuple)
+            else sum(x.nbytes for x in jax.tree.leaves(state)))
+  return float(np.median(times)), nbytes, state
 
 
 def main(argv=None):
@@ -80,6 +102,9 @@ def main(argv=None):
   variants += [(f"stquant_jax.adamw {b}-bit {r}",
                 sq.adamw(1e-3, policy=sq.FixedBits(b, b), rounding=r))
                for b in args.bits for r in args.rounding]
+  peer = flashoptim_peer()
+  if peer is not None:
+    variants.append(("flashoptim-jax 8-bit (peer)", peer))
   rows = []
   base = None
   for name, tx in variants:

@@ -70,9 +70,14 @@ _SCRIPT = textwrap.dedent(r"""
       for mesh_type in ("Explicit", "Auto"):
         p8, s8, info = run(policy, backend, mesh_type)
         same = {k: bool(np.array_equal(np.asarray(p8[k]), np.asarray(p1[k]))) for k in p1}
+        # Largest difference, in float32 ulps of the largest parameter of the leaf (the
+        # update's last bits; see the test below).
+        ulps = {k: float(np.max(np.abs(np.asarray(p8[k], np.float64) - np.asarray(p1[k])))
+                         / np.spacing(np.max(np.abs(np.asarray(p1[k]))))) for k in p1}
         codes = {k: bool(np.array_equal(np.asarray(s8[0].mu[k].codes),
                                         np.asarray(s1[0].mu[k].codes))) for k in ("w1", "w2")}
-        out[f"{policy}/{backend}/{mesh_type}"] = dict(info, same_params=same, same_codes=codes)
+        out[f"{policy}/{backend}/{mesh_type}"] = dict(info, same_params=same, same_codes=codes,
+                                                      param_ulps=ulps)
   out["limit"] = len(SHAPES) * NUM_SUMS
   print("RESULT" + json.dumps(out))
 """)
@@ -103,6 +108,14 @@ def test_update_moves_only_the_statistics(results, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_steps_equal_one_device(results, case):
+  """The kernel path is bit-identical. The jnp path streams each device's blocks in
+  chunks (``update/stream.py``) where one device streams the whole leaf: the two
+  programs cut the leaf differently, and XLA:CPU contracts ``b * m + c * g`` into an
+  FMA differently inside and outside a loop, so a parameter may differ in its last
+  float32 bits; the stored codes must still be equal."""
   r = results[case]
-  assert all(r["same_params"].values()), r["same_params"]
+  if "/pallas/" in case:
+    assert all(r["same_params"].values()), r["same_params"]
+  else:
+    assert max(r["param_ulps"].values()) <= 4, r["param_ulps"]
   assert all(r["same_codes"].values()), r["same_codes"]

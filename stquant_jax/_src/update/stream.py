@@ -1,0 +1,224 @@
+"""Streaming a leaf through a per-block update: bounded temporaries on every backend.
+
+A per-block update (``fn``: dequantize, a step in float32, requantize) applied
+to a whole leaf at once leaves the compiler free to materialize float32 arrays
+of the leaf's size, several per moment: XLA:TPU keeps the bit-plane unpack and
+pack as ``f32[n_blocks, words, planes]`` intermediates (97x the parameter bytes
+of a 4096 x 4096 leaf at 8 bits), XLA:CPU a few leaf-sized buffers. Here the
+leaf is cut into chunks of whole blocks and a loop runs ``fn`` on one chunk at
+a time, reading its gradient, codes and scales with dynamic slices and writing
+the update, codes and scales back with dynamic update slices into the loop's
+carried buffers, which XLA updates in place. The temporaries are a few
+chunk-sized arrays whatever the leaf's size; the update is written over the
+gradient (in the gradient's buffer when the caller donates it, or when the
+gradient is a temporary of the train step).
+
+The gradient is sliced in its own 2-D view ``[rows, last dim]`` (whole rows
+per chunk) where that keeps chunks whole blocks, so no relayout of the leaf
+is needed on backends with tiled layouts (TPU); other leaves go through their
+flat view. The element indices each chunk passes on (``first``) make the
+stochastic rounding numbers those of the whole leaf, so the result is ``fn``'s
+on the whole leaf, up to where XLA contracts a multiply-add into an FMA (which
+it decides per compiled loop: the last float32 bit of a moment may differ). Under FSDP each device streams its
+own blocks (:func:`~stquant_jax._src.distributed.local_blocks.map_local_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.distributed.local_blocks import map_local_blocks, may_be_block_sharded
+from stquant_jax._src.distributed.mesh import has_mesh, reshard_like
+
+# Values per chunk: 2**16 float32 values is 256 KiB per chunk-sized temporary.
+CHUNK_VALUES = 2**16
+
+
+def chunking(shape, block_size: int, chunk_values: int = CHUNK_VALUES):
+  """How a leaf of ``shape`` is streamed: ``(view, lead)``.
+
+  ``view`` is the shape the leaf is sliced in (``(rows, last_dim)``, or
+  ``(size,)``), ``lead`` the length along ``view[0]`` of one chunk, so a chunk
+  holds ``lead * prod(view[1:])`` values, always whole blocks.
+
+  Example:
+    >>> chunking((4096, 768), 128)
+    ((4096, 768), 80)
+    >>> chunking((50257, 100), 128)    # rows hold 100 values: 32 rows make 25 blocks
+    ((50257, 100), 640)
+    >>> chunking((1_000_000,), 128)
+    ((1000000,), 65536)
+  """
+  n = math.prod(shape)
+  k = max(1, chunk_values // block_size)
+  if len(shape) >= 2 and shape[-1] > 0:
+    cols = shape[-1]
+    # Rows that make whole blocks, and a multiple of 8 (TPU tiles are 8 rows of 128).
+    unit = math.lcm(block_size // math.gcd(cols, block_size), 8)
+    lead = max(unit, (k * block_size // cols) // unit * unit)
+    if lead * cols <= 4 * k * block_size:
+      return (n // cols, cols), lead
+  return (n,), k * block_size
+
+
+def _moment_parts(x):
+  """A moment as its arrays: ``[codes, scales]`` or ``[dense]``."""
+  return [x.codes, x.scales] if is_quantized(x) else [x]
+
+
+def _with_parts(x, parts):
+  if is_quantized(x):
+    return dataclasses.replace(x, codes=parts[0], scales=parts[1])
+  return parts[0]
+
+
+def _on_context_mesh(a):
+  """``a`` typed replicated on the context's Explicit mesh when it has no mesh of its own:
+  values computed under such a mesh are typed on it, and a dynamic update slice needs
+  its operand and update typed alike."""
+  ctx = jax.sharding.get_abstract_mesh()
+  if (ctx.empty or has_mesh(a) or ctx.manual_axes
+      or jax.sharding.AxisType.Explicit not in ctx.axis_types):
+    return a
+  return jax.sharding.reshard(a, P())
+
+
+def _put(a, new, start):
+  """``new`` written into ``a`` from ``start`` along the leading axis (in place in XLA)."""
+  return jax.lax.dynamic_update_slice_in_dim(a, reshard_like(new.astype(a.dtype), a), start, 0)
+
+
+def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, **kwargs):
+  """``fn`` over the blocks of one device's leaf, a chunk at a time; see the module doc."""
+  ref = mu if is_quantized(mu) else nu
+  nb, bs = ref.scales.shape[0], ref.block_size
+  n = g.size
+  view, lead = chunking(g.shape, bs, chunk_values)
+  per_lead = n // view[0] if view[0] else 1
+  k = lead * per_lead // bs                      # blocks per chunk
+  chunks = view[0] // lead if n > 0 else 0
+  chunks = chunks if chunks >= 2 else 0          # a leaf of one or two chunks: no loop
+  dense = lambda x: x if is_quantized(x) else x.reshape(view)
+  x, mu, nu = jax.tree.map(_on_context_mesh, (g.reshape(view), dense(mu), dense(nu)))
+
+  def run(gs, ms, vs, block0):
+    return fn(gs, ms, vs, first=(first_block + block0) * bs, **kwargs)
+
+  def write(arrays, new, row, blk, shape_of):
+    """The piece's results written into the carried arrays (rows ``row``, blocks ``blk``)."""
+    out = []
+    for a, b in zip(arrays, new):
+      if is_quantized(a):
+        out.append(dataclasses.replace(a, codes=_put(a.codes, b.codes, blk),
+                                       scales=_put(a.scales, b.scales, blk)))
+      else:
+        out.append(_put(a, shape_of(b), row))
+    return out
+
+  def body(i, carry):
+    row, blk = i * lead, i * k
+    rows = lambda a: jax.lax.dynamic_slice_in_dim(a, row, lead, 0).reshape(k, bs)
+    part = lambda q: (dataclasses.replace(
+        q, codes=jax.lax.dynamic_slice_in_dim(q.codes, blk, k, 0),
+        scales=jax.lax.dynamic_slice_in_dim(q.scales, blk, k, 0)) if is_quantized(q) else rows(q))
+    # Every read of the carried arrays must happen before the chunk's writes: XLA may
+    # fuse a read into a consumer scheduled after a write, and then copies the whole
+    # carried arrays every iteration to keep the old values. A barrier on the chunk's
+    # inputs ensures it, unless ``fn`` reads its inputs once, into buffers, before it
+    # produces anything (``reads_once``; 7% faster on XLA:CPU).
+    parts = tuple(map(part, carry))
+    new = run(*(parts if reads_once else jax.lax.optimization_barrier(parts)), blk)
+    return tuple(write(carry, new, row, blk, lambda b: b.reshape((lead,) + view[1:])))
+
+  if chunks:
+    x, mu, nu = jax.lax.fori_loop(0, chunks, body, (x, mu, nu))
+  # The tail (fewer than a chunk's values, the last block maybe partial), or the whole
+  # leaf when it is small: one piece, zero-padded to whole blocks.
+  row0, blk0 = chunks * lead, chunks * k
+  if row0 < view[0] or (n == 0 and nb):
+    tail_n, tail_b = n - row0 * per_lead, nb - blk0
+    pad = lambda a: jnp.pad(a[row0:].reshape(-1), (0, tail_b * bs - tail_n)).reshape(tail_b, bs)
+    part = lambda q: (dataclasses.replace(q, codes=q.codes[blk0:], scales=q.scales[blk0:])
+                      if is_quantized(q) else pad(q))
+    new = run(*map(part, (x, mu, nu)), blk0)
+    unpad = lambda b: b.reshape(-1)[:tail_n].reshape((view[0] - row0,) + view[1:])
+    if chunks:
+      x, mu, nu = write((x, mu, nu), new, row0, blk0, unpad)
+    else:  # the piece is the whole leaf: its results are the new arrays
+      x, mu, nu = (b if is_quantized(b) else unpad(b).astype(a.dtype)
+                   for a, b in zip((x, mu, nu), new))
+  undense = lambda q: q if is_quantized(q) else q.reshape(g.shape)
+  return x.reshape(g.shape), undense(mu), undense(nu)
+
+
+def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: bool = False,
+                **kwargs):
+  """Runs a per-block update over a leaf in bounded chunks; returns ``(u, mu, nu)``.
+
+  Args:
+    fn: ``fn(g_KxB, mu_part, nu_part, *, first, **kwargs) -> (u_KxB, mu_part, nu_part)``
+      on ``k`` whole blocks: ``g_KxB`` the gradient's blocks (zero-padded at the
+      leaf's end), each moment part a :class:`~stquant_jax.QuantizedArray` of those
+      blocks or float32 ``[k, block_size]``, ``first`` the flat index in the leaf
+      of the blocks' first value.
+    g: the gradient (any float dtype and shape).
+    mu, nu: the leaf's moments: quantized (at least one) or float32 of ``g``'s
+      shape; quantized ones share the block size.
+    chunk_values: values per chunk (rounded to whole blocks and rows).
+    reads_once: ``fn`` reads each input once into a buffer before it computes any
+      output (it ends the reads with an ``optimization_barrier``); otherwise the
+      stream puts a barrier on each chunk's inputs.
+    **kwargs: passed to ``fn``.
+
+  Returns:
+    The update (``g``'s shape and dtype) and the new moments, as if ``fn`` had
+    run on the whole leaf at once.
+  """
+  ref = mu if is_quantized(mu) else nu
+  nb, bs = ref.scales.shape[0], ref.block_size
+  moments = [x for q in (mu, nu) for x in _moment_parts(q)]
+  if g.size == 0 or g.size != nb * bs or not may_be_block_sharded(moments + [g]):
+    return _stream(fn, g, mu, nu, first_block=0, chunk_values=chunk_values,
+                   reads_once=reads_once, **kwargs)
+
+  # Sharded block axis: every device streams its own blocks (no gathers).
+  to_blocks = lambda a: a.reshape(-1).reshape(nb, bs)  # merge then split keeps types
+  as_blocks = lambda q: _moment_parts(q) if is_quantized(q) else [to_blocks(q)]
+  n_mu = len(as_blocks(mu))
+
+  # Traced arguments (hyperparameters, the step) go in as replicated inputs: shard_map
+  # cannot close over values typed with Explicit mesh axes.
+  traced = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+  static = {k: v for k, v in kwargs.items() if k not in traced}
+  names = sorted(traced)
+
+  def local(first_block, rep, blk):
+    kw = dict(static, **dict(zip(names, rep)))
+    g_l, parts = blk[0], blk[1:]
+    m_l = _with_parts(mu, parts[:n_mu]) if is_quantized(mu) else parts[0]
+    v_l = _with_parts(nu, parts[n_mu:]) if is_quantized(nu) else parts[n_mu]
+    if is_quantized(m_l):
+      m_l = dataclasses.replace(m_l, shape=(g_l.size,))
+    if is_quantized(v_l):
+      v_l = dataclasses.replace(v_l, shape=(g_l.size,))
+    u, m2, v2 = _stream(fn, g_l, m_l, v_l, first_block=first_block,
+                        chunk_values=chunk_values, reads_once=reads_once, **kw)
+    return [u] + as_blocks(m2) + as_blocks(v2), ()
+
+  outs, _ = map_local_blocks(local, [traced[k] for k in names],
+                             [to_blocks(g)] + as_blocks(mu) + as_blocks(nu))
+  u = reshard_like(outs[0].reshape(-1).reshape(g.shape), g)
+  parts = outs[1:]
+
+  def back(q, new):
+    if is_quantized(q):
+      return dataclasses.replace(q, codes=reshard_like(new[0], q.codes),
+                                 scales=reshard_like(new[1], q.scales))
+    return reshard_like(new[0].reshape(-1).reshape(q.shape), q)
+  return u, back(mu, parts[:n_mu]), back(nu, parts[n_mu:])
