@@ -51,7 +51,7 @@ import pallas_kernels as pk
 import stquant_jax as sq
 from benchmarks import _gpt2_step as gs
 from benchmarks._compile_cases import OUR_KERNELS, run_cases
-from benchmarks._io import write_json
+from benchmarks._io import print_and_write
 from benchmarks._targets import HBM_BYTES_PER_S, compile_for
 from experiments import fsdp, optimizers, train
 
@@ -260,13 +260,7 @@ def main(argv=None):
   rows = add_ratios(rows)
   out = {"what": f"compiled for {args.target} (deviceless AOT on a CPU), not run",
          "jax": jax.__version__, "host": platform.machine(), "rows": rows}
-  print(json.dumps(out, indent=1))
-  table = markdown(rows)
-  print(table)
-  write_json(out, args.json)
-  if args.md:
-    with open(args.md, "w") as f:
-      f.write(table)
+  print_and_write(out, markdown(rows), args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._compile_cases import run_cases
-from benchmarks._io import write_json
+from benchmarks._io import print_and_write
 from benchmarks._targets import compile_for
 
 PLATFORMS = ("cpu", "h100_jnp", "h100_kernel", "tpu_v5e", "tpu_v6e")
@@ -185,13 +185,7 @@ def main(argv=None):
   out = {"what": "optimizer step (update + apply) compiled on a CPU host, not run",
          "model": args.model, "goal_temp_over_params": GOAL, "jax": jax.__version__,
          "host": platform.machine(), "rows": rows}
-  table = markdown(rows, args.platforms)
-  print(json.dumps(out, indent=1))
-  print(table)
-  write_json(out, args.json)
-  if args.md:
-    with open(args.md, "w") as f:
-      f.write(table)
+  print_and_write(out, markdown(rows, args.platforms), args.json, args.md)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""A test policy whose proposals follow a fixed schedule, so layout switches happen at
-known steps (the real STQuantPolicy decides from statistics)."""
+"""Test policies: one whose proposals follow a fixed schedule, so layout switches happen
+at known steps (the real STQuantPolicy decides from statistics); one with a fixed mixed
+per-leaf layout."""
 
 import dataclasses
 from typing import NamedTuple
@@ -56,3 +57,15 @@ class Scheduled(sq.Policy):
       target = jnp.asarray(self._codes(updates, pair))
       want = jnp.where(count >= at, target, want)
     return ScheduleState(want.astype(jnp.int32), prop)
+
+
+class MixedBits(sq.Policy):
+  """A mixed per-leaf layout, as the adaptive policy's layouts are: widths 3..8 for m
+  and 2..8 for v cycling over the leaves (no statistics)."""
+
+  def __init__(self):
+    self.i = 0
+
+  def leaf_bits(self, shape, dtype):
+    self.i += 1
+    return 3 + self.i % 6, 2 + (3 * self.i) % 7

@@ -25,6 +25,8 @@ import stquant_jax as sq
 from stquant_jax._src.update import stream
 from stquant_jax._src.update.adam import adam_blocks, adam_leaf
 
+from _policies import MixedBits
+
 HP = dict(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bc1=0.5, bc2=0.01, step=7, leaf=3)
 
 
@@ -44,12 +46,12 @@ def _leaves(x):
 
 
 @pytest.mark.parametrize("shape,bits,block_size,chunk", [
-    ((48, 128), (8, 4), 32, 512),        # rows of whole blocks: 16 rows a chunk, no tail
-    ((50, 100), (4, 3), 32, 1024),       # 100-value rows: 32 rows make 100 blocks; a tail
-    ((1000,), (5, 6), 32, 128),          # 1-D, flat slices, partial last block
-    ((6, 8, 40), (3, 2), 64, 640),       # 3-D, rows of the last axis
-    ((40, 96), (8, None), 32, 256),      # float32 v beside quantized m
-    ((40, 96), (None, 4), 96, 384),      # float32 m beside quantized v, odd block size
+    ((32, 64), (8, 4), 32, 512),         # rows of whole blocks: 8 rows a chunk, no tail
+    ((70, 100), (4, 3), 32, 3200),       # 100-value rows: 32 rows make 100 blocks; a tail
+    ((400,), (5, 6), 32, 128),           # 1-D, flat slices, partial last block
+    ((2, 8, 40), (3, 2), 64, 320),       # 3-D, rows of the last axis
+    ((24, 96), (8, None), 32, 768),      # float32 v beside quantized m
+    ((24, 96), (None, 4), 96, 768),      # float32 m beside quantized v, odd block size
 ])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_streaming_matches_the_whole_leaf_bit_for_bit(shape, bits, block_size, chunk, rounding):
@@ -123,18 +125,6 @@ def test_compiled_step_temporaries_do_not_grow_with_the_leaves(bits):
   small, big = _step_temp_bytes(tx, SHAPES), _step_temp_bytes(tx, BIGGER)
   assert big <= small + 2**19, (small, big)
   assert big <= 0.05 * _param_bytes(BIGGER), (big, _param_bytes(BIGGER))
-
-
-class MixedBits(sq.Policy):
-  """A mixed per-leaf layout, as the adaptive policy's layouts are: widths 3..8 for m
-  and 2..8 for v cycling over the leaves (no statistics)."""
-
-  def __init__(self):
-    self.i = 0
-
-  def leaf_bits(self, shape, dtype):
-    self.i += 1
-    return 3 + self.i % 6, 2 + (3 * self.i) % 7
 
 
 def test_compiled_mixed_layout_temporaries_are_a_few_chunks():

@@ -42,12 +42,7 @@ def temp_fraction(topology, tx, donate=(1, 2)):
   pb = sum(math.prod(s) * 4 for s in SHAPES)
   return {"temp_fraction": c.memory_analysis().temp_size_in_bytes / pb}
 
-class MixedBits(sq.Policy):  # a mixed per-leaf layout, as the adaptive policy's are
-  def __init__(self):
-    self.i = 0
-  def leaf_bits(self, shape, dtype):
-    self.i += 1
-    return 3 + self.i % 6, 2 + (3 * self.i) % 7
+from _policies import MixedBits  # a mixed per-leaf layout, as the adaptive policy's are
 
 def adaptive():
   return sq.adamw(1e-3, policy=MixedBits())
