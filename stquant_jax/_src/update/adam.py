@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from stquant_jax._src.codec.blocks import decode_blocks, encode_blocks, finite_absmax
 from stquant_jax._src.codec.packing import group_shape
-from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.codec.rounding import uniform_noise
 from stquant_jax._src.update.stream import stream_leaf
 
@@ -170,7 +170,7 @@ def adam_leaf(g, mu, nu, *, b1, b2, eps, eps_root, bc1, bc2, bc1_next=None,
   the fused kernel has no such option.
 
   A leaf with a quantized moment is streamed
-  (:func:`~stquant_jax._src.update.stream.stream_blocks`): a loop over chunks of
+  (:func:`~stquant_jax._src.update.stream.stream_leaf`): a loop over chunks of
   blocks reads each chunk's gradient, codes and scales, runs :func:`adam_blocks`
   and writes the update and the new codes and scales back in place, so the
   compiled step holds a few chunk-sized float32 temporaries whatever the leaf's

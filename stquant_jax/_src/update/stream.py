@@ -19,8 +19,9 @@ is needed on backends with tiled layouts (TPU); other leaves go through their
 flat view. The element indices each chunk passes on (``first``) make the
 stochastic rounding numbers those of the whole leaf, so the result is ``fn``'s
 on the whole leaf, up to where XLA contracts a multiply-add into an FMA (which
-it decides per compiled loop: the last float32 bit of a moment may differ). Under FSDP each device streams its
-own blocks (:func:`~stquant_jax._src.distributed.local_blocks.map_local_blocks`).
+it decides per compiled loop: the last float32 bit of a moment may differ).
+Under FSDP each device streams its own blocks
+(:func:`~stquant_jax._src.distributed.local_blocks.map_local_blocks`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, 
   per_lead = n // view[0] if view[0] else 1
   k = lead * per_lead // bs                      # blocks per chunk
   chunks = view[0] // lead if n > 0 else 0
-  chunks = chunks if chunks >= 2 else 0          # a leaf of one or two chunks: no loop
+  chunks = chunks if chunks >= 2 else 0          # under two whole chunks: no loop
   dense = lambda x: x if is_quantized(x) else x.reshape(view)
   x, mu, nu = jax.tree.map(_on_context_mesh, (g.reshape(view), dense(mu), dense(nu)))
 
@@ -201,8 +202,7 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
   def local(first_block, rep, blk):
     kw = dict(static, **dict(zip(names, rep)))
     g_l, parts = blk[0], blk[1:]
-    m_l = _with_parts(mu, parts[:n_mu]) if is_quantized(mu) else parts[0]
-    v_l = _with_parts(nu, parts[n_mu:]) if is_quantized(nu) else parts[n_mu]
+    m_l, v_l = _with_parts(mu, parts[:n_mu]), _with_parts(nu, parts[n_mu:])
     if is_quantized(m_l):
       m_l = dataclasses.replace(m_l, shape=(g_l.size,))
     if is_quantized(v_l):
