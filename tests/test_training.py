@@ -140,3 +140,13 @@ def test_accounting_counts_every_byte():
   assert sq.state_nbytes(optax.adamw(1e-3).init(params)) == 8 * (1024 * 1024 + 1000) + 4
   with pytest.raises(ValueError, match="no stquant state"):
     sq.average_bits(optax.adamw(1e-3).init(params))
+
+
+def test_average_bits_counts_the_params_once_over_several_stquant_states():
+  """A multi_transform of two stquant states, each over half the params: the params
+  given are the values of both states together (was 2.125 bits, counted twice)."""
+  params = {"a": jnp.zeros((1024, 1024)), "b": jnp.zeros((1024, 1024))}
+  part = lambda: sq.adamw(1e-3, policy=sq.FixedBits(4, 4))
+  state = optax.multi_transform({"x": part(), "y": part()}, {"a": "x", "b": "y"}).init(params)
+  assert sq.average_bits(state) == pytest.approx(4.25, abs=1e-3)
+  assert sq.average_bits(state, params=params) == pytest.approx(sq.average_bits(state))

@@ -53,8 +53,10 @@ def average_bits(opt_state, params=None) -> float:
   Args:
     opt_state: any optimizer state containing :class:`ScaleByStquantState`, or
       a ``flax.nnx.Optimizer`` (or its ``opt_state``).
-    params: optional params tree to count the values from (not needed: the
-      state records its parameters' shapes).
+    params: optional params tree to count the values from, once (two moments
+      per float value) however many stquant states share it, e.g. the parts
+      of an ``optax.multi_transform`` (not needed: the state records its
+      parameters' shapes).
 
   Example:
     >>> import jax.numpy as jnp
@@ -69,7 +71,7 @@ def average_bits(opt_state, params=None) -> float:
                      "use state_nbytes for other optimizers")
   nbytes = sum(state_nbytes(s) for s in states)
   if params is not None:
-    values = 2 * len(states) * _float_values(params)
+    values = 2 * _float_values(params)
   else:
     values = sum(_moment_values(s.mu) + _moment_values(s.nu) for s in states)
   return 8.0 * nbytes / max(values, 1)
