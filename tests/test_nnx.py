@@ -144,6 +144,19 @@ def test_checkpoint_round_trip_through_the_optimizer(tmp_path):
   assert sq.bit_widths(plain)["mu_bits"]["l1/kernel"] == 5
 
 
+def test_restore_into_an_optimizer_restores_its_step(tmp_path):
+  """``optimizer.step`` comes back with the state (it stayed 0): the saved optimizer's
+  step, or the count of a plain optax state's checkpoint."""
+  model, opt = make(sq.FixedBits(8, 4, min_size=1024), steps=3)
+  fresh = make(sq.FixedBits(8, 4, min_size=1024), steps=0)[1]
+  sq.restore_state(sq.save_state(tmp_path / "opt", opt), fresh)
+  assert int(fresh.step.get_value()) == int(opt.step.get_value()) == 3
+  assert fresh.step.get_value().dtype == opt.step.get_value().dtype
+  fresh = make(sq.FixedBits(8, 4, min_size=1024), steps=0)[1]
+  sq.restore_state(sq.save_state(tmp_path / "plain", plain_twin(model, opt)), fresh)
+  assert int(fresh.step.get_value()) == 3
+
+
 def test_state_shardings_has_the_optimizers_structure():
   model, opt = make(sq.FixedBits(4, 4, min_size=1024))
   mesh = jax.make_mesh((1,), ("fsdp",))

@@ -41,12 +41,14 @@ from stquant_jax._src.checkpoint.layout import (
     check_layout, describe, from_layout, is_python_scalar, layout_and_arrays, moment_paths,
     require_stquant)
 from stquant_jax._src.codec.quantized import is_quantized
-from stquant_jax._src.core.trees import has_variables
+from stquant_jax._src.core.trees import has_variables, is_nnx_optimizer, unwrap_variables
 from stquant_jax._src.distributed import mesh
 from stquant_jax._src.distributed.placement import (
     float_sharding_from_blocks, quantized_shardings, rewidth_codes_sharding)
 from stquant_jax._src.distributed.state_shardings import state_shardings
 from stquant_jax._src.layout.access import write_into
+from stquant_jax._src.layout.relayout import place_like
+from stquant_jax._src.state.opt_state import find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_tree
 
 _LAYOUT_SUFFIX = "_layout"
@@ -97,6 +99,8 @@ def checkpoint_args(opt_state, *, item: str = "opt_state") -> dict[str, Any]:
   require_stquant(opt_state_of(opt_state), "checkpoint_args", "opt_state")
   name, layout_name = _item_names(item)
   layout, arrays = layout_and_arrays(typed_tree(opt_state), "checkpoint_args")
+  if is_nnx_optimizer(opt_state):  # restored into an nnx.Optimizer as its `step`
+    layout["nnx_step"] = int(np.asarray(jax.device_get(unwrap_variables(opt_state.step))))
   return {name: ocp.args.StandardSave(arrays), layout_name: ocp.args.JsonSave(layout)}
 
 
@@ -309,7 +313,9 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     like: the current or fresh optimizer state (arrays or ``ShapeDtypeStruct``,
       e.g. :func:`~stquant_jax.abstract_state`), or a ``flax.nnx.Optimizer`` or
       its ``opt_state``: then the restored arrays are written into its
-      variables (in place) and ``like`` itself is returned.
+      variables (in place) and ``like`` itself is returned; an optimizer's
+      ``step`` is set too (the saved optimizer's, or the stquant state's
+      count for a checkpoint of a plain optax state).
     step: the manager's step to restore (default: its latest); only with a manager.
     item: the arrays item name used when saving.
     strict: whether the saved bit layout (bits, map, float32 or quantized per
@@ -412,4 +418,17 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
   if nnx_target is None:
     return restored
   write_into(nnx_target, restored)
+  if is_nnx_optimizer(like_given):
+    _restore_step(like_given, layout, restored)
   return like_given
+
+
+def _restore_step(optimizer, layout, restored) -> None:
+  """Sets ``optimizer.step``: the saved optimizer's step, or, for a checkpoint of a plain
+  optax state, the first stquant state's count (the same number unless a wrapper such
+  as ``optax.MultiSteps`` counts the updates otherwise)."""
+  step = layout.get("nnx_step")
+  if step is None:
+    step = int(np.asarray(jax.device_get(find_states(restored)[0].count)).reshape(-1)[0])
+  old = unwrap_variables(optimizer.step)
+  optimizer.step.set_value(place_like(np.asarray(step, np.dtype(old.dtype)), old))

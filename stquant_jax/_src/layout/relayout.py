@@ -280,12 +280,12 @@ def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = F
     new_cur = np.where((target != NO_MOMENT) & (cur != NO_MOMENT), target, cur).astype(np.int32)
     if stacked:  # one row per pmap replica
       new_cur = np.broadcast_to(new_cur, tuple(actual.shape[:1]) + new_cur.shape)
-    ps = ps._replace(actual=_place_like(np.ascontiguousarray(new_cur), actual))
+    ps = ps._replace(actual=place_like(np.ascontiguousarray(new_cur), actual))
   return state._replace(mu=tdef_m.unflatten(new[0]), nu=tdef_v.unflatten(new[1]),
                         policy_state=ps)
 
 
-def _place_like(value: np.ndarray, old):
+def place_like(value: np.ndarray, old):
   """A small host array placed like ``old`` (e.g. replicated over a mesh that may span
   several processes); uncommitted like ``old`` when ``old`` is uncommitted."""
   if isinstance(old, jax.Array) and old.committed:
