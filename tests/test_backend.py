@@ -44,6 +44,14 @@ def test_auto_backend_is_jnp_on_cpu():
   chex.assert_trees_all_equal(p_a, p_j)
 
 
+def test_forced_pallas_refuses_a_block_size_the_kernel_does_not_take():
+  """Blocks of 96 (not a power of two): backend='pallas' ran the jnp path silently."""
+  params = {"w": jnp.ones((96, 64))}
+  tx = sq.adamw(1e-3, policy=sq.FixedBits(8, 8), block_size=96, backend="pallas")
+  with pytest.raises(ValueError, match="backend='pallas' forces the fused kernel.*blocks of 96"):
+    jax.jit(tx.update)(params, tx.init(params), params)
+
+
 def test_unknown_backend_is_rejected():
   with pytest.raises(ValueError, match="backend"):
     sq.adamw(1e-3, backend="cuda")

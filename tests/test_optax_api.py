@@ -71,6 +71,16 @@ def test_positional_arguments_mean_what_they_mean_in_optax():
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_a_positional_policy_says_policy_is_keyword_only(name):
+  """Was "b1 must be a number, got FixedBits"."""
+  with pytest.raises(TypeError, match=r"b1 got a FixedBits: policy is keyword-only, pass "
+                                      r"policy=FixedBits\(\.\.\.\)"):
+    getattr(sq, name)(1e-3, sq.FixedBits(4, 4))
+  with pytest.raises(TypeError, match="mu_dtype got a STQuantPolicy: policy is keyword-only"):
+    getattr(sq, name)(1e-3, 0.9, 0.999, 1e-8, 0.0, sq.STQuantPolicy())
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_nesterov_is_optaxs(name):
   """Nesterov momentum on the fresh float32 m: optax's formula."""
   _, ours = run(getattr(sq, name)(1e-2, nesterov=True, policy=F32))

@@ -26,6 +26,16 @@ def test_unreachable_budget_fails_at_init_with_the_floor():
   sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=floor + 0.01)).init(params)  # fits
 
 
+def test_budget_above_what_any_layout_stores_is_refused_or_warned():
+  """target_bits=40 was taken silently (no layout stores more than 32 bits per value):
+  refused at construction; a budget the layout never reaches warns at init."""
+  with pytest.raises(ValueError, match="target_bits=40 must be below 32"):
+    sq.STQuantPolicy(target_bits=40)
+  params = {"w": jnp.zeros((128, 128))}
+  with pytest.warns(UserWarning, match=r"target_bits=20\) never binds .* at most 8\.\d+ bits"):
+    sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=20)).init(params)
+
+
 def test_budget_starts_with_v_first_and_fits_the_budget():
   """A budget's first layout gives v the bits and m 3 ("v_first", the default; low-bit
   v early is what sent GPT-2 runs onto a slower trajectory), fits the budget per

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -150,9 +151,10 @@ class STQuantPolicy(Policy):
       to 2 bits (uniform m3/v2 still costs quality: +10% on the quality
       suite's ViT, against +5.5% for 3-bit; docs/quality.md).
     target_bits: optional memory budget, average stored bits per moment value,
-      metadata and policy state included (as :func:`stquant_jax.average_bits`).
-      Met from the first step on: the first layout (:meth:`layout`) fits it
-      over the whole tree, and every decision's allocation fits it.
+      metadata and policy state included (as :func:`stquant_jax.average_bits`),
+      below 32. Met from the first step on: the first layout (:meth:`layout`)
+      fits it over the whole tree, and every decision's allocation fits it;
+      ``init`` warns when it is above what the layout can use (never binds).
     budget_start: how a budget's first layout (the steps before the first
       decision) splits each adaptive leaf's bits between m and v.
       ``"v_first"`` (default): m at 3 bits (``min_bits`` if higher), v at the
@@ -279,6 +281,9 @@ class STQuantPolicy(Policy):
     check_choice("budget_start", self.budget_start, BUDGET_STARTS)
     if self.target_bits is not None:
       check_number("target_bits", self.target_bits, 0.0, math.inf, lo_open=True, hi_open=True)
+      if self.target_bits >= 32:
+        raise ValueError(f"target_bits={self.target_bits} must be below 32: it is the average "
+                         "stored bits per moment value (float32 Adam stores 32), e.g. 4.5")
       relative_error_table(self._lowest, self.max_bits)  # measured once, outside jit
       floor = sum(self._floors) / 2 + 32.0 / self._block
       if self.target_bits < floor:
@@ -418,6 +423,11 @@ class STQuantPolicy(Policy):
     init = [(NO_MOMENT, NO_MOMENT) if not is_float(p.dtype) else tuple(map(bits_code, b))
             for p, b in zip(leaves, self.layout(leaves))]
     bits = np.array(init, np.int32).reshape(n, 2)
+    most = None if self.target_bits is None else self._average_bits(leaves, tuple(self._caps()))
+    if most is not None and self.target_bits >= most:
+      warnings.warn(f"STQuantPolicy(target_bits={self.target_bits}) never binds for these "
+                    f"params: without a budget the state stores at most {most:.3f} bits per "
+                    "moment value; lower target_bits or leave it None", stacklevel=2)
     # Distinct buffers per field, so a donating jitted step never sees one buffer twice.
     return STQuantPolicyState(
         n_ema=jnp.zeros((n, 2), jnp.float32), r_ema=jnp.zeros((n, 2), jnp.float32),

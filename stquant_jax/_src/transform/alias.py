@@ -10,6 +10,7 @@ import optax
 
 from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
 from stquant_jax._src.policy.base import Policy
+from stquant_jax._src.transform.checks import check_not_policy
 from stquant_jax._src.transform.scale_by_stquant import scale_by_stquant
 
 
@@ -113,12 +114,13 @@ def adamw(
       default: every floating-point leaf.
     nesterov: Nesterov momentum, as ``optax.adamw(nesterov=True)``.
     policy: bit allocation; default ``FixedBits()`` (8-bit m and v).
+      Keyword-only, like every quantization option.
     block_size: values per quantization block (multiple of 32).
     mu_map, nu_map: optional ``callable(bits) -> CodeMap`` overriding the maps.
     rounding: ``"stochastic"`` (default), ``"nearest"`` or an ``(m, v)`` pair
       (see :func:`scale_by_stquant`).
     backend: ``"auto"`` (Pallas kernels on GPU, jnp elsewhere), ``"jnp"`` or
-      ``"pallas"`` (forced; interpret mode on CPU).
+      ``"pallas"`` (forced; interpret mode on CPU; see :func:`scale_by_stquant`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -133,6 +135,7 @@ def adamw(
     >>> round(float(params["w"][0, 0]), 2)
     0.03
   """
+  check_not_policy(weight_decay=weight_decay, mask=mask)
   if mask is None:
     mask = _float_leaves
   return optax.chain(

@@ -25,6 +25,16 @@ from stquant_jax._src.state.typed import is_moment_mapping
 BACKENDS = ("auto", "jnp", "pallas")
 
 
+def check_not_policy(**positional) -> None:
+  """A :class:`Policy` given positionally lands in one of optax's arguments: say that
+  ``policy`` is keyword-only instead of "b1 must be a number"."""
+  for name, value in positional.items():
+    if isinstance(value, Policy):
+      raise TypeError(f"{name} got a {type(value).__name__}: policy is keyword-only, pass "
+                      f"policy={type(value).__name__}(...) (optax's positional arguments come "
+                      "first: learning_rate, b1, b2, eps, eps_root, mu_dtype, ...)")
+
+
 def check_adam_hparams(b1, b2, eps, eps_root) -> None:
   """Concrete Adam hyperparameters in range; traced ones (inject_hyperparams) pass."""
   for name, value, hi in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, float("inf")),

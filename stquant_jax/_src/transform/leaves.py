@@ -21,6 +21,7 @@ from stquant_jax._src.codec.blocks import num_blocks
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
 from stquant_jax._src.distributed import mesh
 from stquant_jax._src.distributed.placement import explicit_leaf_is_local, quantized_shardings
+from stquant_jax._src.kernels.adam_update import supports
 from stquant_jax._src.kernels.dispatch import adam_leaf_fn
 from stquant_jax._src.state.typed import typed_moment
 
@@ -119,6 +120,11 @@ def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps) ->
     return LeafUpdate(non_float_update(g, param), mu, nu, (g, mu, nu))
   mu = typed_moment(mu, g.shape, True, block_size, maps)
   nu = typed_moment(nu, g.shape, False, block_size, maps)
+  if backend == "pallas" and is_quantized(mu) and is_quantized(nu) and not supports(mu, nu):
+    raise ValueError(
+        f"backend='pallas' forces the fused kernel, which cannot update a leaf of shape "
+        f"{tuple(g.shape)} in blocks of {mu.block_size} (it needs a power-of-two block_size "
+        "and fewer than 2**31 values); use backend='auto' or 'jnp', or such a block_size")
   leaf_fn = leaf_update_fn(backend, mu, nu)
   moments = [x for x in (mu, nu) if x is not None]
   bs = next((x.block_size for x in moments if is_quantized(x)), None)

@@ -14,8 +14,8 @@ from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.state.config import make_config, resolve_maps
 from stquant_jax._src.state.opt_state import ScaleByStquantState
 from stquant_jax._src.transform.checks import (
-    check_adam_hparams, check_config, check_mu_dtype, check_options, moments_for_updates,
-    static_block_size)
+    check_adam_hparams, check_config, check_mu_dtype, check_not_policy, check_options,
+    moments_for_updates, static_block_size)
 from stquant_jax._src.transform.leaves import init_moment, update_leaf
 
 
@@ -122,7 +122,10 @@ def scale_by_stquant(
       or an ``(m, v)`` pair of them. See ``docs/rounding.md``.
     backend: ``"auto"`` (the fused Pallas kernel on GPU, the jnp path
       elsewhere), ``"jnp"``, or ``"pallas"`` (forced; interpret mode on CPU,
-      for tests). Leaves whose m and v are not both quantized always use jnp.
+      for tests; a quantized leaf the kernel cannot take, e.g. a block size
+      that is not a power of two, is a ``ValueError`` at the first update).
+      Leaves whose m and v are not both quantized, and ``nesterov=True``,
+      always use jnp.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -138,6 +141,7 @@ def scale_by_stquant(
     >>> round(float(updates["w"][0, 0]), 4), state[0].mu["w"].bits
     (-0.01, 4)
   """
+  check_not_policy(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
   check_adam_hparams(b1, b2, eps, eps_root)
   check_mu_dtype(mu_dtype)
   block_size = static_block_size(block_size)
