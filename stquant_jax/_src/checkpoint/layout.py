@@ -16,9 +16,10 @@ import os
 import jax
 import numpy as np
 
-from stquant_jax._src.codec.blocks import check_block_size, num_blocks
+from stquant_jax._src.codec.blocks import check_block_size
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.shards import check_shards, num_layout_blocks
 from stquant_jax._src.core import trees
 from stquant_jax._src.state.opt_state import find_states, is_stquant_state
 
@@ -123,6 +124,8 @@ def describe(opt_state, fn: str):
                             "param": int(cm.param)},
                "map_name": cm.name, "block_size": int(x.block_size),
                "shape": [int(d) for d in x.shape], "dtype": _dtype_name(x.dtype)}
+      if x.shards is not None:  # the per-shard layout (absent: the plain one)
+        entry["shards"] = [int(c) for c in x.shards]
       for field in ("codes", "scales"):
         shape, dtype, _ = _array_meta(getattr(x, field), f"{name}.{field}", fn)
         entry[field] = {"shape": list(shape), "dtype": dtype}
@@ -160,6 +163,10 @@ def layout_and_arrays(opt_state, fn: str):
   return layout, arrays
 
 
+def _shards(entry):
+  return None if entry.get("shards") is None else tuple(entry["shards"])
+
+
 def check_quantized_entry(entry, fn: str) -> CodeMap:
   """The CodeMap of a quantized entry, after checking that its arrays fit its layout."""
   where = entry["path"]
@@ -170,7 +177,12 @@ def check_quantized_entry(entry, fn: str) -> CodeMap:
     raise ValueError(f"{fn}: the layout of {where} cannot be represented by this version of "
                      f"stquant_jax: {e}") from e
   bs = entry["block_size"]
-  nb = num_blocks(math.prod(entry["shape"]), bs)
+  shards = _shards(entry)
+  try:
+    check_shards(entry["shape"], shards)
+  except ValueError as e:
+    raise ValueError(f"{fn}: the layout of {where}: {e}") from e
+  nb = num_layout_blocks(entry["shape"], shards, bs)
   want = {"codes": ([nb, bs * cmap.bits // 32], "uint32"), "scales": ([nb], "float32")}
   for field, (shape, dtype) in want.items():
     got = entry[field]
@@ -190,7 +202,7 @@ def from_layout(layout, treedef, array):
     if entry["kind"] == "quantized":
       leaves.append(QuantizedArray(
           array(entry["codes"]), array(entry["scales"]), CodeMap(**entry["code_map"]),
-          entry["block_size"], tuple(entry["shape"]), np.dtype(entry["dtype"])))
+          entry["block_size"], tuple(entry["shape"]), np.dtype(entry["dtype"]), _shards(entry)))
     else:
       leaves.append(array(entry))
   return jax.tree.unflatten(treedef, leaves)
@@ -229,6 +241,10 @@ def _compare(saved, like, strict: str | None) -> list[str]:
     if saved["bits"] == like["bits"] and saved["code_map"] != like["code_map"]:
       out.append(f"{p}: code map for {saved['bits']} bits differs: saved {saved['map_name']}, "
                  f"`like` has {like['map_name']} (a different mu_map / nu_map?)")
+    if _shards(saved) != _shards(like):
+      out.append(f"{p}: per-shard block layout differs: saved shards={_shards(saved)}, "
+                 f"`like` has shards={_shards(like)} (the parameter is sharded differently; "
+                 "restore with the sharding it was saved with, then change it)")
   if strict and not out:
     desc = lambda e: e["map_name"] if e["kind"] == "quantized" else e["kind"]
     if desc(saved) != desc(like):

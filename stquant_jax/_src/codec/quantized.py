@@ -11,15 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from stquant_jax._src.codec.blocks import (
-    DEFAULT_BLOCK_SIZE, check_block_size, dequantize_blocks, num_blocks, quantize_blocks)
+    DEFAULT_BLOCK_SIZE, check_block_size, dequantize_blocks, quantize_blocks)
 from stquant_jax._src.codec.maps import CodeMap, check_map
 from stquant_jax._src.codec.packing import check_bits
+from stquant_jax._src.codec.shards import check_shards, from_blocks, to_blocks
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scales"],
-    meta_fields=["code_map", "block_size", "shape", "dtype"],
+    meta_fields=["code_map", "block_size", "shape", "dtype", "shards"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
@@ -36,6 +37,10 @@ class QuantizedArray:
     block_size: values per block (a multiple of 32).
     shape: shape of the original array.
     dtype: dtype of the original array (what :func:`dequantize` returns).
+    shards: None (blocks of the row-major flattening), or the per-shard
+      layout: pieces per axis, each piece blocked on its own
+      (:mod:`~stquant_jax._src.codec.shards`; a moment of a parameter sharded
+      on a later axis under FSDP).
   """
 
   codes: jax.Array
@@ -44,6 +49,7 @@ class QuantizedArray:
   block_size: int
   shape: tuple[int, ...]
   dtype: np.dtype
+  shards: tuple[int, ...] | None = None
 
   @property
   def bits(self) -> int:
@@ -70,7 +76,7 @@ def is_quantized(x) -> bool:
 
 def quantize(x, bits: int, *, signed: bool = True,
              block_size: int = DEFAULT_BLOCK_SIZE,
-             code_map: CodeMap | None = None) -> QuantizedArray:
+             code_map: CodeMap | None = None, shards=None) -> QuantizedArray:
   """Block-wise quantizes ``x`` to ``bits``-bit codes packed into uint32 words.
 
   The array is flattened, padded with zeros to a whole number of blocks, and
@@ -86,6 +92,8 @@ def quantize(x, bits: int, *, signed: bool = True,
       map are clamped to the smallest level.
     block_size: values per block sharing one float32 scale; a multiple of 32.
     code_map: override the default map.
+    shards: the per-shard layout (pieces per axis, each blocked on its own;
+      :mod:`~stquant_jax._src.codec.shards`), or None.
 
   Returns:
     A :class:`QuantizedArray`.
@@ -107,12 +115,11 @@ def quantize(x, bits: int, *, signed: bool = True,
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize expects a floating array, got dtype {x.dtype}")
-  n = x.size
-  nb = num_blocks(n, block_size)
-  flat = jnp.ravel(x).astype(jnp.float32)
-  flat = jnp.pad(flat, (0, nb * block_size - n))
-  codes, scales = quantize_blocks(flat.reshape(nb, block_size), cmap)
-  return QuantizedArray(codes, scales, cmap, block_size, tuple(x.shape), jnp.dtype(x.dtype))
+  shards = None if shards is None else tuple(shards)
+  check_shards(x.shape, shards)
+  codes, scales = quantize_blocks(to_blocks(x, shards, block_size), cmap)
+  return QuantizedArray(codes, scales, cmap, block_size, tuple(x.shape), jnp.dtype(x.dtype),
+                        shards)
 
 
 def dequantize(q: QuantizedArray, dtype=None):
@@ -131,6 +138,5 @@ def dequantize(q: QuantizedArray, dtype=None):
   """
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"dequantize expects a QuantizedArray, got {type(q).__name__}")
-  flat = dequantize_blocks(q.codes, q.scales, q.code_map).reshape(-1)
-  out = flat[: q.size].reshape(q.shape)
+  out = from_blocks(dequantize_blocks(q.codes, q.scales, q.code_map), q.shape, q.shards)
   return out.astype(q.dtype if dtype is None else dtype)

@@ -62,27 +62,51 @@ def _psum(sums, axes):
   return sums if not axes else jax.tree.map(lambda s: jax.lax.psum(s, axes), sums)
 
 
-def _shard_map_call(fn, replicated, blocks, mesh):
-  """``fn`` inside ``jax.shard_map`` over the block axis' Explicit mesh axes."""
+def leaf_spec(axes, shards, mesh_shape) -> P | None:
+  """The spec of a leaf in the per-shard layout ``shards`` whose blocks are split over
+  mesh ``axes``: the axes dealt out to the leaf's dimensions in order, each taking
+  exactly its number of pieces (``P(None, "fsdp")`` for ``shards=(1, 8)`` over an
+  8-device ``("fsdp",)``), so every device holds one piece; None when they do not."""
+  axes, spec = list(axes), []
+  for c in shards:
+    mine = []
+    while axes and math.prod(mesh_shape[a] for a in mine) < c:
+      mine.append(axes.pop(0))
+    if math.prod(mesh_shape[a] for a in mine) != c:
+      return None
+    spec.append(None if not mine else mine[0] if len(mine) == 1 else tuple(mine))
+  return None if axes else P(*spec)
+
+
+def _block_axes(blocks, mesh_shape) -> tuple[str, ...]:
   axes = next((a for a in map(_lead_axes, blocks) if a), ())
-  n = math.prod(mesh.shape[a] for a in axes)
-  if axes and blocks[0].shape[0] % n:
-    axes = ()
+  n = math.prod(mesh_shape[a] for a in axes)
+  return () if axes and blocks[0].shape[0] % n else axes
+
+
+def _shard_map_call(fn, replicated, blocks, leaves, shards, mesh):
+  """``fn`` inside ``jax.shard_map`` over the block axis' Explicit mesh axes."""
+  axes = _block_axes(blocks, mesh.shape)
   spec = P(axes if axes else None)
+  lspec = leaf_spec(axes, shards, mesh.shape) if leaves else None
+  if leaves and lspec is None:
+    axes, spec, lspec = (), P(None), P()
   blocks = [jax.sharding.reshard(b, NamedSharding(mesh, P(spec[0], *([None] * (b.ndim - 1)))))
             for b in blocks]
+  leaves = [jax.sharding.reshard(x, NamedSharding(mesh, lspec)) for x in leaves]
   replicated = [jax.sharding.reshard(r, NamedSharding(mesh, P())) for r in replicated]
 
-  def body(rep, blk):
+  def body(rep, blk, lv):
     first = _first_block_index(axes, mesh.shape, blk[0].shape[0])
-    outs, sums = fn(first, rep, blk)
+    outs, sums = fn(first, rep, blk + lv) if leaves else fn(first, rep, blk)
     return outs, _psum(sums, axes)
 
-  # Prefix specs: every block output is split along its leading axis, sums replicated
-  # (fn cannot be traced here to see its outputs: Pallas needs manual axes).
-  out_specs = (spec, P())
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=out_specs,
-                       check_vma=False)(replicated, blocks)
+  # Prefix specs: every block output is split along its leading axis, every leaf output
+  # like the leaves, sums replicated (fn cannot be traced here to see its outputs:
+  # Pallas needs manual axes).
+  out_specs = ([spec, lspec] if leaves else spec, P())
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec, lspec or P()),
+                       out_specs=out_specs, check_vma=False)(replicated, blocks, leaves)
 
 
 def _factor_names():
@@ -93,7 +117,7 @@ def _factor_names():
         yield name
 
 
-def _rule(replicated, blocks, out_shape):
+def _rule(replicated, blocks, out_shape, leaves=()):
   """Shardy rule: the block axis ``i`` is shared; every other dimension stays whole."""
   names = _factor_names()
   keep = []
@@ -103,32 +127,44 @@ def _rule(replicated, blocks, out_shape):
     keep.extend(fs)
     return " ".join((["i"] if lead else []) + fs)
 
-  ins = [dims(x.ndim, 0) for x in replicated] + [dims(x.ndim, 1) for x in blocks]
-  outs = ([dims(len(o.shape), 1) for o in out_shape[0]]
+  def free(rank):  # a leaf's dimensions: sharded as the partition callback decides
+    return " ".join(next(names) for _ in range(rank))
+
+  ins = ([dims(x.ndim, 0) for x in replicated] + [dims(x.ndim, 1) for x in blocks]
+         + [free(x.ndim) for x in leaves])
+  block_out, leaf_out = out_shape[0] if leaves else (out_shape[0], [])
+  outs = ([dims(len(o.shape), 1) for o in block_out] + [free(len(o.shape)) for o in leaf_out]
           + [dims(len(s.shape), 0) for s in jax.tree.leaves(out_shape[1])])
   return ", ".join(ins) + " -> " + ", ".join(outs), tuple(keep)
 
 
-def _custom_partitioning_call(fn, replicated, blocks):
+def _custom_partitioning_call(fn, replicated, blocks, leaves, shards):
   """``fn`` behind a ``custom_partitioning`` rule: local blocks under GSPMD."""
-  n_rep = len(replicated)
-  out_shape = jax.eval_shape(lambda r, b: fn(jnp.int32(0), r, b), replicated, blocks)
+  n_rep, n_blk = len(replicated), len(blocks)
+  out_shape = jax.eval_shape(lambda r, b: fn(jnp.int32(0), r, b), replicated, blocks + leaves)
   sums_tree = jax.tree.structure(out_shape[1])
-  n_out = len(out_shape[0])
+  n_bout, n_lout = ((len(out_shape[0][0]), len(out_shape[0][1])) if leaves
+                    else (len(out_shape[0]), 0))
+  n_out = n_bout + n_lout
 
   def split(args):
     return list(args[:n_rep]), list(args[n_rep:])
 
   def flat_fn(first, *args):
     outs, sums = fn(first, *split(args))
+    if leaves:
+      outs = [*outs[0], *outs[1]]
     return (*outs, *jax.tree.leaves(sums))
+
+  def unflat(outs):
+    return [outs[:n_bout], outs[n_bout:]] if leaves else outs
 
   @custom_partitioning
   def call(*args):
     return flat_fn(jnp.int32(0), *args)
 
   def partition(mesh, arg_shapes, result_shape):
-    block_shapes = arg_shapes[n_rep:]
+    block_shapes = arg_shapes[n_rep:n_rep + n_blk]
     axes = ()
     for s in block_shapes:
       spec = tuple(s.sharding.spec)
@@ -138,12 +174,17 @@ def _custom_partitioning_call(fn, replicated, blocks):
     n = math.prod(mesh.shape[a] for a in axes)
     if axes and block_shapes[0].shape[0] % n:
       axes = ()
+    lspec = leaf_spec(axes, shards, mesh.shape) if leaves else None
+    if leaves and lspec is None:
+      axes, lspec = (), P()
     lead = axes if len(axes) != 1 else axes[0]
     lead = lead if axes else None
     rep = NamedSharding(mesh, P())
     blk = lambda rank: NamedSharding(mesh, P(lead, *([None] * (rank - 1))))
-    arg_sh = tuple([rep] * n_rep + [blk(len(s.shape)) for s in block_shapes])
-    res_sh = tuple([blk(len(r.shape)) for r in result_shape[:n_out]]
+    leaf = NamedSharding(mesh, lspec) if leaves else None
+    arg_sh = tuple([rep] * n_rep + [blk(len(s.shape)) for s in block_shapes]
+                   + [leaf] * len(leaves))
+    res_sh = tuple([blk(len(r.shape)) for r in result_shape[:n_bout]] + [leaf] * n_lout
                    + [rep] * (len(result_shape) - n_out))
 
     def lower_fn(*args):
@@ -154,10 +195,10 @@ def _custom_partitioning_call(fn, replicated, blocks):
 
     return mesh, lower_fn, res_sh, arg_sh
 
-  rule, keep = _rule(replicated, blocks, out_shape)
+  rule, keep = _rule(replicated, blocks, out_shape, leaves)
   call.def_partition(partition=partition, sharding_rule=rule, need_replication_factors=keep)
-  res = call(*replicated, *blocks)
-  return list(res[:n_out]), jax.tree.unflatten(sums_tree, list(res[n_out:]))
+  res = call(*replicated, *blocks, *leaves)
+  return unflat(list(res[:n_out])), jax.tree.unflatten(sums_tree, list(res[n_out:]))
 
 
 def _auto_multi_device() -> bool:
@@ -189,7 +230,7 @@ def replicated_call(fn, *args):
   return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(*args)
 
 
-def map_local_blocks(fn, replicated, blocks):
+def map_local_blocks(fn, replicated, blocks, leaves=(), shards=None):
   """Runs ``fn`` on each device's blocks; returns ``(block_outputs, sums)``.
 
   Args:
@@ -200,6 +241,12 @@ def map_local_blocks(fn, replicated, blocks):
       ``sums`` a pytree of arrays that add up over blocks (partial sums).
     replicated: list of arrays every device needs whole (small: scalars, counters).
     blocks: list of arrays with a common leading block axis.
+    leaves: arrays of one parameter's shape whose blocks are ``blocks`` in the
+      per-shard layout ``shards`` (:mod:`~stquant_jax._src.codec.shards`): each
+      device gets its own piece(s) of them, appended to ``blocks`` in ``fn``'s
+      third argument, and ``fn``'s outputs are then ``[block_outputs,
+      leaf_outputs]`` (leaf outputs placed like the leaves).
+    shards: the leaves' pieces per axis (with ``leaves``).
 
   Returns:
     ``(outputs, sums)``: ``outputs`` sharded along the block axis like the first
@@ -215,11 +262,12 @@ def map_local_blocks(fn, replicated, blocks):
     >>> outs[0].shape, float(total)
     ((4, 8), 32.0)
   """
-  replicated, blocks = list(replicated), list(blocks)
-  mesh = next((m for m in map(_explicit_mesh, blocks + replicated) if m is not None), None)
+  replicated, blocks, leaves = list(replicated), list(blocks), list(leaves)
+  everything = blocks + leaves + replicated
+  mesh = next((m for m in map(_explicit_mesh, everything) if m is not None), None)
   if mesh is not None:
-    return _shard_map_call(fn, replicated, blocks, mesh)
+    return _shard_map_call(fn, replicated, blocks, leaves, shards, mesh)
   if _auto_multi_device():
-    return _custom_partitioning_call(fn, replicated, blocks)
-  return fn(jnp.int32(0), replicated, blocks)
+    return _custom_partitioning_call(fn, replicated, blocks, leaves, shards)
+  return fn(jnp.int32(0), replicated, blocks + leaves)
 

@@ -19,6 +19,7 @@ import jax
 from jax.sharding import NamedSharding, Sharding
 
 from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.distributed.local_blocks import leaf_spec
 from stquant_jax._src.distributed.mesh import (
     axes_of, explicit_axes_per_dim, fits, named, replicated_like, spec_axes, spec_entry)
 
@@ -73,16 +74,21 @@ def quantized_shardings(param_sharding: Sharding, shape, n_blocks: int):
   return named(param_sharding, b, None), named(param_sharding, b)
 
 
-def float_sharding_from_blocks(codes_sharding: Sharding, shape) -> Sharding | None:
+def float_sharding_from_blocks(codes_sharding: Sharding, shape, shards=None) -> Sharding | None:
   """Sharding for a float32 moment re-created from a quantized one (relayout to float32).
 
-  The block axis' mesh axes go to the leading axis when they divide it, else
-  the moment is replicated. None when ``codes_sharding`` is not a NamedSharding.
+  In the per-shard layout ``shards``, the parameter's sharding (the block axis'
+  mesh axes dealt to the dimensions the layout splits); otherwise the block
+  axis' mesh axes go to the leading axis when they divide it. Else the moment
+  is replicated. None when ``codes_sharding`` is not a NamedSharding.
   """
   if not isinstance(codes_sharding, NamedSharding):
     return None
   spec = tuple(codes_sharding.spec)
   axes = axes_of(spec[0]) if spec else ()
+  if shards is not None:
+    per_dim = leaf_spec(axes, shards, codes_sharding.mesh.shape)
+    return named(codes_sharding) if per_dim is None else named(codes_sharding, *per_dim)
   n = math.prod(codes_sharding.mesh.shape[a] for a in axes)
   if not axes or not shape or shape[0] % n:
     return named(codes_sharding)
@@ -92,7 +98,9 @@ def float_sharding_from_blocks(codes_sharding: Sharding, shape) -> Sharding | No
 def explicit_leaf_is_local(g, moments, block_size: int | None) -> bool:
   """Whether the per-leaf update can run on an Explicit-sharded leaf as typed.
 
-  True when no input carries Explicit shardings, or when they line up: the
+  True when no input carries Explicit shardings, or when they line up: for
+  moments in the per-shard layout, the gradient's pieces are the layout's and
+  the moments' block axis is split over the gradient's axes; otherwise the
   gradient is sharded along its leading axis only (or not at all), each shard
   is a whole number of blocks, and every Explicit-sharded quantized moment's
   block axis (float32 moment) is sharded like the gradient's leading axis
@@ -108,6 +116,15 @@ def explicit_leaf_is_local(g, moments, block_size: int | None) -> bool:
   g_axes = explicit_axes_per_dim(g)
   if g_axes is None:
     return all(p is None for p in per_m)
+  shards = next((m.shards for m in moments if is_quantized(m) and m.shards), None)
+  if shards is not None:  # per-shard layout: one piece per device, blocks split alike
+    mesh_shape = jax.typeof(g).sharding.mesh.shape
+    if tuple(math.prod(mesh_shape[a] for a in d) for d in g_axes) != tuple(shards):
+      return False
+    flat = tuple(a for d in g_axes for a in d)
+    return all(p is None or (p[0] == flat and not any(p[1:])) if is_q else p == g_axes
+               for p, is_q in zip(per_m, [is_quantized(m) for m in moments for _ in
+                                          ((0, 1) if is_quantized(m) else (0,))]))
   if any(g_axes[1:]):
     return False
   lead = g_axes[0]
@@ -137,3 +154,27 @@ def float_moment_sharding(param_sharding: Sharding, shape) -> Sharding:
   if math.prod(shape) > 0 and fits(param_sharding, shape):
     return param_sharding
   return replicated_like(param_sharding)
+
+
+def shards_for(sharding, shape, block_size: int):
+  """The layout a moment of a parameter with ``sharding`` needs: None (plain) when the
+  parameter is not sharded, or is sharded on its leading axis only with whole blocks
+  per shard (the plain layout's blocks are then already each device's own); else
+  the pieces per axis.
+
+  Example:
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> print(shards_for(NamedSharding(mesh, P(None, "fsdp")), (50257, 128), 128))
+    None
+  """
+  if not isinstance(sharding, NamedSharding) or not shape:
+    return None
+  counts = tuple(math.prod(sharding.mesh.shape[a] for a in axes)
+                 for axes in spec_axes(sharding, len(shape)))
+  if math.prod(counts) == 1 or any(s % c for s, c in zip(shape, counts)):
+    return None
+  if all(c == 1 for c in counts[1:]) and (math.prod(shape) // counts[0]) % block_size == 0:
+    return None
+  return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 from jax.sharding import NamedSharding, Sharding
@@ -10,7 +11,8 @@ from jax.sharding import NamedSharding, Sharding
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.trees import has_variables, unwrap_variables
 from stquant_jax._src.distributed.mesh import fits, replicated_like
-from stquant_jax._src.distributed.placement import float_moment_sharding, quantized_shardings
+from stquant_jax._src.distributed.placement import (
+    float_moment_sharding, quantized_shardings, shards_for)
 from stquant_jax._src.state.opt_state import is_stquant_state
 from stquant_jax._src.state.typed import opt_state_of, typed_tree
 
@@ -32,6 +34,17 @@ def _moment(m, ps: Sharding | None, rep: Sharding):
   if is_quantized(m):
     if ps is None:
       return dataclasses.replace(m, codes=rep, scales=rep)
+    want = shards_for(ps, tuple(m.shape), m.block_size)
+    if want != m.shards:
+      warnings.warn(
+          f"state_shardings: a moment of shape {tuple(m.shape)} is in the "
+          f"{'plain' if m.shards is None else f'shards={m.shards}'} block layout, but its "
+          f"parameter's sharding {ps.spec if hasattr(ps, 'spec') else ps} needs "
+          f"{'the plain one' if want is None else f'shards={want}'}: each device's "
+          "blocks will not be its own parameter shard's, so the update moves data between "
+          "devices (or keeps the moment replicated). Build the state with tx.init on the "
+          "sharded params themselves (not under jit or eval_shape with Auto mesh axes, "
+          "which hide the shardings), or re-create it for this sharding.", stacklevel=3)
     codes, scales = quantized_shardings(ps, m.shape, int(m.scales.shape[0]))
     return dataclasses.replace(m, codes=codes, scales=scales)
   shape = tuple(getattr(m, "shape", ()))
@@ -50,12 +63,15 @@ def state_shardings(opt_state, param_shardings):
   * a quantized moment of a parameter sharded with ``NamedSharding(mesh, spec)``
     gets ``codes`` ``P(axes, None)`` and ``scales`` ``P(axes)``, where
     ``axes`` are the mesh axes that shard the parameter, when their size
-    divides the number of blocks; otherwise it is replicated. For a
-    parameter sharded along its leading axis with a whole number of blocks
-    per shard (:func:`is_aligned`), each device's codes are exactly its own
-    parameter shard's and the update is communication-free; for other
-    layouts (e.g. sharded along a later axis) the state is still split
-    evenly, but XLA moves data between the moment and parameter layouts;
+    divides the number of blocks; otherwise it is replicated. ``tx.init`` on
+    the sharded params lays each moment out so that every device's blocks are
+    exactly its own parameter shard's, whatever axis the parameter is sharded
+    on (the per-shard layout, :attr:`QuantizedArray.shards`, for a parameter
+    sharded on a later axis such as ``P(None, "fsdp")``, or whose leading-axis
+    shards are not whole blocks), and the update is communication-free. A
+    state whose layout does not match the given shardings (e.g. built under
+    ``jit`` / ``eval_shape``, where Auto-mode shardings are not visible) is
+    still placed, with a warning: XLA then moves data in the update;
   * a float32 moment gets the parameter's sharding;
   * the step count, ``[0]`` placeholders and the policy state are replicated;
   * outside stquant states, a subtree with the structure of the params

@@ -175,9 +175,11 @@ def supports(mu, nu, *, tiling: Tiling | None = None) -> bool:
   """Whether :func:`adam_update_leaf` can update these moments (else use the jnp path).
 
   Both must be :class:`~stquant_jax.QuantizedArray` with the same power-of-two
-  block size >= 32, and the leaf must fit the kernel's int32 element indices.
+  block size >= 32 in the plain layout (the per-shard layout of a leaf sharded
+  on a later axis streams through the jnp path), and the leaf must fit the
+  kernel's int32 element indices.
   """
-  if not (is_quantized(mu) and is_quantized(nu)):
+  if not (is_quantized(mu) and is_quantized(nu)) or mu.shards or nu.shards:
     return False
   block = mu.block_size
   if block != nu.block_size or block < 32 or block & (block - 1):

@@ -27,11 +27,12 @@ import numpy as np
 
 from stquant_jax._src.codec.maps import resolve_map
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.core.trees import field, unwrap_variables
 from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.distributed.placement import (
     float_moment_sharding, float_sharding_from_blocks, quantized_shardings,
-    rewidth_codes_sharding)
+    rewidth_codes_sharding, shards_for)
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.access import replace_states
 from stquant_jax._src.state.config import resolve_maps
@@ -123,7 +124,7 @@ def _out_shardings(x, new_bits: int, block_size: int):
     if not isinstance(cs, jax.sharding.NamedSharding):
       return None
     if new_bits == FLOAT32:
-      return float_sharding_from_blocks(cs, x.shape)
+      return float_sharding_from_blocks(cs, x.shape, x.shards)
     codes = rewidth_codes_sharding(cs)
     ss = getattr(x.scales, "sharding", None)
     scales = ss if isinstance(ss, jax.sharding.NamedSharding) else jax.sharding.NamedSharding(
@@ -132,16 +133,17 @@ def _out_shardings(x, new_bits: int, block_size: int):
   fs = getattr(x, "sharding", None)
   if not isinstance(fs, jax.sharding.NamedSharding) or new_bits == FLOAT32:
     return None
-  return quantized_shardings(fs, tuple(x.shape), -(-math.prod(x.shape) // block_size))
+  shards = shards_for(fs, tuple(x.shape), block_size)
+  return quantized_shardings(fs, tuple(x.shape), num_layout_blocks(x.shape, shards, block_size))
 
 
-def _param_out_shardings(ps, shape, new_bits: int, block_size: int):
+def _param_out_shardings(ps, shape, new_bits: int, block_size: int, shards=None):
   """Placement from the parameter's sharding, by :func:`stquant_jax.state_shardings`' rule."""
   if not isinstance(ps, jax.sharding.NamedSharding):
     return None
   if new_bits == FLOAT32:
     return float_moment_sharding(ps, shape)
-  return quantized_shardings(ps, tuple(shape), -(-math.prod(shape) // block_size))
+  return quantized_shardings(ps, tuple(shape), num_layout_blocks(shape, shards, block_size))
 
 
 def _param_sharding_leaves(tdef, param_shardings, n):
@@ -172,10 +174,15 @@ def _change(x, want: int, signed: bool, block_size: int, cmap, pshard, stacked: 
   """The :class:`repack.Change` turning moment ``x`` into ``want`` bits."""
   bs = x.block_size if is_quantized(x) else block_size
   shape = tuple(x.shape) if is_quantized(x) or not stacked else tuple(x.shape[1:])
+  if is_quantized(x):
+    shards = x.shards
+  else:  # float32 -> quantized: the layout the parameter's (or the moment's) sharding needs
+    ps = pshard if pshard is not None else getattr(x, "sharding", None)
+    shards = None if stacked else shards_for(ps, shape, bs)
   if stacked:
     out = None  # the next pmap call distributes the replicas again
   elif pshard is not None:
-    out = _param_out_shardings(pshard, shape, want, bs)
+    out = _param_out_shardings(pshard, shape, want, bs, shards)
   else:
     out = _out_shardings(x, want, bs)
   src_arr = x.codes if is_quantized(x) else x
@@ -183,7 +190,8 @@ def _change(x, want: int, signed: bool, block_size: int, cmap, pshard, stacked: 
   if not isinstance(in_sharding, jax.sharding.NamedSharding) or stacked:
     in_sharding = None
   return repack.Change(x.code_map if is_quantized(x) else None,
-                       None if want == FLOAT32 else cmap, bs, shape, in_sharding, out, stacked)
+                       None if want == FLOAT32 else cmap, bs, shape, in_sharding, out, stacked,
+                       shards)
 
 
 def _abstract_output(x, ch: repack.Change):
@@ -196,7 +204,7 @@ def _abstract_output(x, ch: repack.Change):
   if ch.dst is None:
     s = ch.out_shardings if ch.out_shardings is not None else keep
     return jax.ShapeDtypeStruct(lead + ch.shape, jnp.float32, sharding=s)
-  nb = -(-math.prod(ch.shape) // ch.block_size)
+  nb = num_layout_blocks(ch.shape, ch.shards, ch.block_size)
   cs, ss = ch.out_shardings if ch.out_shardings is not None else (keep, keep)
   return (jax.ShapeDtypeStruct(lead + (nb, ch.block_size * ch.dst.bits // 32), jnp.uint32,
                                sharding=cs),
@@ -208,7 +216,8 @@ def as_moment(out, ch: repack.Change):
   if ch.dst is None:
     return out
   codes, scales = out
-  return QuantizedArray(codes, scales, ch.dst, ch.block_size, ch.shape, jnp.dtype(jnp.float32))
+  return QuantizedArray(codes, scales, ch.dst, ch.block_size, ch.shape, jnp.dtype(jnp.float32),
+                        ch.shards)
 
 
 def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = False,

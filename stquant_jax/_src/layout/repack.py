@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from stquant_jax._src.codec.blocks import dequantize_blocks, num_blocks, quantize_blocks
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, quantize
+from stquant_jax._src.codec.shards import num_layout_blocks, valid_mask
 from stquant_jax._src.distributed.mesh import axes_of
 
 CHUNK_VALUES = 1 << 16  # values decoded at a time: the scratch is ~4 bytes each, x a few
@@ -44,7 +45,8 @@ CHUNK_VALUES = 1 << 16  # values decoded at a time: the scratch is ~4 bytes each
 class Change(NamedTuple):
   """One moment's re-pack, all static (hashable): what the program is compiled for.
 
-  ``src`` / ``dst``: the CodeMap, or None for float32. ``in_sharding``: the
+  ``src`` / ``dst``: the CodeMap, or None for float32. ``shards``: the quantized
+  side's per-shard layout (:mod:`~stquant_jax._src.codec.shards`). ``in_sharding``: the
   input's (codes') sharding when it is a NamedSharding, for the per-shard path.
   ``out_shardings``: where the output goes (None: left to jit). ``stacked``:
   a ``pmap`` state (a leading replica axis on every array).
@@ -57,6 +59,7 @@ class Change(NamedTuple):
   in_sharding: object = None
   out_shardings: object = None
   stacked: bool = False
+  shards: tuple | None = None
 
 
 def _chunk(nb: int, bs: int) -> int:
@@ -78,22 +81,23 @@ def _loop(nb: int, bs: int, body, init):
   return lax.fori_loop(0, n, lambda i, carry: body(jnp.minimum(i * c, nb - c), c, carry), init)
 
 
-def rewidth(codes, scales, src: CodeMap, dst: CodeMap, bs: int, size: int, offset=0):
+def rewidth(codes, scales, src: CodeMap, dst: CodeMap, bs: int, shape, shards=None, offset=0):
   """Quantized -> quantized: ``(codes, scales)`` of the same values at ``dst``'s width.
 
-  ``size``: the moment's number of values (positions at or past it, the padding
-  of the last block, re-encode as zero, as :func:`quantize` pads). ``offset``:
+  ``shape``, ``shards``: the moment's shape and layout (the padding of each
+  piece's last block re-encodes as zero, as :func:`quantize` pads). ``offset``:
   the global index of the first block (per-shard use).
   """
   nb = codes.shape[0]
-  exact = nb * bs == size
+  exact = num_layout_blocks(shape, shards, bs) * bs == math.prod(shape)
 
   def body(start, c, carry):
     out_c, out_s = carry
     x = dequantize_blocks(lax.dynamic_slice_in_dim(codes, start, c),
                           lax.dynamic_slice_in_dim(scales, start, c), src)
     if not exact:
-      x = jnp.where(_positions(offset + start, c, bs) < size, x, 0.0)
+      rows = offset + start + jnp.arange(c, dtype=jnp.int32)
+      x = jnp.where(valid_mask(rows, shape, shards, bs), x, 0.0)
     new_c, new_s = quantize_blocks(x, dst)
     return (lax.dynamic_update_slice_in_dim(out_c, new_c, start, 0),
             lax.dynamic_update_slice_in_dim(out_s, new_s, start, 0))
@@ -137,11 +141,11 @@ def _whole(x, ch: Change):
   else:
     codes, scales = x
     values = dequantize(QuantizedArray(codes, scales, ch.src, ch.block_size, ch.shape,
-                                       jnp.dtype(jnp.float32)), jnp.float32)
+                                       jnp.dtype(jnp.float32), ch.shards), jnp.float32)
   if ch.dst is None:
     return values
   q = quantize(values, ch.dst.bits, signed=ch.dst.signed, block_size=ch.block_size,
-               code_map=ch.dst)
+               code_map=ch.dst, shards=ch.shards)
   return q.codes, q.scales
 
 
@@ -159,7 +163,9 @@ def _replicated(s: NamedSharding) -> bool:
 def _local(x, ch: Change):
   """The chunked conversion on unsharded (device-local) arrays."""
   if ch.src is not None and ch.dst is not None:
-    return rewidth(*x, ch.src, ch.dst, ch.block_size, math.prod(ch.shape))
+    return rewidth(*x, ch.src, ch.dst, ch.block_size, ch.shape, ch.shards)
+  if ch.shards is not None:  # the chunked walks below follow the plain layout
+    return _whole(x, ch)
   if ch.dst is None:
     return to_float(*x, ch.src, ch.block_size, ch.shape)
   return from_float(x, ch.dst, ch.block_size)
@@ -179,11 +185,10 @@ def _per_shard(x, ch: Change):
     return jax.shard_map(lambda y: _local(y, ch), mesh=mesh, in_specs=(spec_in,),
                          out_specs=spec_out, check_vma=False)(x)
   local_nb = x[0].shape[0] // math.prod(mesh.shape[a] for a in axes)
-  size = math.prod(ch.shape)
 
   def local(c, s):
     offset = lax.axis_index(entry) * local_nb
-    return rewidth(c, s, ch.src, ch.dst, ch.block_size, size, offset)
+    return rewidth(c, s, ch.src, ch.dst, ch.block_size, ch.shape, ch.shards, offset)
 
   spec_c, spec_s = PartitionSpec(entry, None), PartitionSpec(entry)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec_c, spec_s), out_specs=(spec_c, spec_s),

@@ -33,6 +33,8 @@ candidates the chosen factors read are traced.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +42,9 @@ import numpy as np
 from stquant_jax._src.codec.blocks import decode_blocks, dequantize_blocks, quantize_blocks
 from stquant_jax._src.codec.maps import default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.shards import to_blocks, valid_mask
 from stquant_jax._src.distributed.local_blocks import map_local_blocks, may_be_block_sharded
-from stquant_jax._src.distributed.mesh import explicit_shards, replicated
+from stquant_jax._src.distributed.mesh import explicit_axes_per_dim, explicit_shards, replicated
 
 MAGNITUDE_FACTORS = ("grad_rms", "moment_rms", "snr", "update_rms")
 STRUCTURE_FACTORS = ("crest", "log_range", "probe_err")
@@ -96,6 +99,7 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
   is local to each device when the block axis is sharded and ``stride``
   divides the blocks per device.
   """
+  shards = _shards_of(x, q_ref)
   if is_quantized(x):
     nb = x.scales.shape[0]
     codes, scales = x.codes, x.scales
@@ -104,6 +108,12 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
     d = decode_blocks(codes, scales, x.code_map)
     d = d.reshape(d.shape[0], -1)
     n, bs = x.size, x.block_size
+  elif shards is not None:  # per-shard layout: the blocks of a (replicated) copy
+    bs = q_ref.block_size
+    n = x.size
+    d = to_blocks(replicated(x) if explicit_axes_per_dim(x) else x, shards, bs)
+    if rows is not None:
+      d = jnp.take(d, jnp.minimum(rows, d.shape[0] - 1), axis=0)
   else:
     flat = jnp.ravel(x).astype(jnp.float32)
     n = flat.size
@@ -121,6 +131,9 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
       d = flat.reshape(nb, bs)
       if rows is not None:
         d = _take_rows(d, rows, stride, slot)
+  if shards is not None:
+    return d, valid_mask(jnp.arange(d.shape[0], dtype=jnp.int32) if rows is None else rows,
+                         x.shape, shards, bs)
   if rows is None:
     idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
   else:
@@ -128,10 +141,18 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
   return d, idx < n
 
 
+def _shards_of(x, q_ref):
+  """The per-shard layout of a leaf's blocks (its quantized moment's), or None."""
+  q = x if is_quantized(x) else q_ref
+  return q.shards if q is not None else None
+
+
 def num_leaf_blocks(x, q_ref: QuantizedArray | None, block_size: int) -> int:
   """Number of blocks of one leaf (static)."""
   if is_quantized(x):
     return x.scales.shape[0]
+  if q_ref is not None and q_ref.shards is not None:
+    return q_ref.scales.shape[0]
   bs = q_ref.block_size if q_ref is not None else block_size
   return -(-x.size // bs)
 
@@ -313,6 +334,9 @@ def _sample_per_shard(g, mu, nu, ref, block_size: int) -> bool:
   number of blocks and its block axis may be sharded (Explicit axes, or several
   devices under GSPMD)."""
   bs = ref.block_size if ref is not None else block_size
+  if g.size and _shards_of(ref, None) is not None:  # per-shard layout: blocks are whole
+    return may_be_block_sharded([a for q in (mu, nu) if is_quantized(q)
+                                 for a in (q.codes, q.scales)])
   if g.size == 0 or g.size % bs:
     return False
   return may_be_block_sharded(_block_arrays(g, mu, nu, bs, needed=frozenset()))
@@ -338,6 +362,11 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
   devices) equal the global ones. Only the ``[NUM_SUMS]`` sums cross devices.
   """
   bs = ref.block_size if ref is not None else block_size
+  shards = _shards_of(ref, None)
+  # In the per-shard layout, float32 moments and the gradient go in as they are (each
+  # device gets its piece) and the sampled blocks are read from the piece.
+  naturals = [] if shards is None else (
+      [x for x in (mu, nu) if not is_quantized(x)] + ([g] if "g2" in needed else []))
 
   def fn(first, rep, blk):
     (slot_,) = rep
@@ -347,17 +376,35 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
     take = lambda a: jnp.take(a, jnp.minimum(rows, local - 1), axis=0)
     it = iter(blk)
 
+    def piece_rows(x):
+      """Blocks ``rows`` of this device's piece(s) of a leaf in the per-shard layout."""
+      pieces = tuple(c * l // s for c, s, l in zip(shards, g.shape, x.shape))
+      if math.prod(pieces) > 1:  # several pieces here (a mesh that does not fit)
+        return take(to_blocks(x, pieces, bs))
+      flat, n = jnp.ravel(x).astype(jnp.float32), x.size
+      idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+      return jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+
     def read(x):
       if is_quantized(x):
         d = decode_blocks(take(next(it)), take(next(it)), x.code_map)
         return d.reshape(r, -1)
-      return take(next(it))
+      return take(next(it)) if shards is None else piece_rows(next(it))
 
     m, v = read(mu), read(nu)
-    gb = take(next(it)) if "g2" in needed else None
+    gb = None
+    if "g2" in needed:
+      gb = take(next(it)) if shards is None else piece_rows(next(it))
     valid = jnp.broadcast_to((rows < local)[:, None], (r, bs))
-    return [], _sums(m, v, valid, lambda: gb, needed, probe_bits)
+    if shards is not None:
+      valid = valid & valid_mask(rows, g.shape, shards, bs)
+    sums = _sums(m, v, valid, lambda: gb, needed, probe_bits)
+    return ([[], []] if naturals else []), sums
 
+  if shards is not None:
+    blocks = [a for q in (mu, nu) if is_quantized(q) for a in (q.codes, q.scales)]
+    _, sums = map_local_blocks(fn, [jnp.asarray(slot, jnp.int32)], blocks, naturals, shards)
+    return sums
   blocks = _block_arrays(g, mu, nu, bs, needed)
   _, sums = map_local_blocks(fn, [jnp.asarray(slot, jnp.int32)], blocks)
   return sums

@@ -18,6 +18,7 @@ import optax
 
 from stquant_jax._src.codec.blocks import check_block_size, num_blocks
 from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.core.checks import check_choice, check_number
 from stquant_jax._src.policy.base import Policy
 from stquant_jax._src.state.typed import is_moment_mapping
@@ -177,7 +178,7 @@ def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
       if is_quantized(q):
         if tuple(q.shape) != shape:
           return f"{path}: gradient shape {shape}, state {name} shape {tuple(q.shape)}"
-        nb, bs = num_blocks(size, q.block_size), q.block_size
+        nb, bs = num_layout_blocks(shape, q.shards, q.block_size), q.block_size
       elif block_size is None:
         continue  # leaves.typed_moment explains
       else:

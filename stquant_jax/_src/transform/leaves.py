@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stquant_jax._src.codec.blocks import num_blocks
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
+from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.distributed import mesh
-from stquant_jax._src.distributed.placement import explicit_leaf_is_local, quantized_shardings
+from stquant_jax._src.distributed.placement import (
+    explicit_leaf_is_local, quantized_shardings, shards_for)
 from stquant_jax._src.kernels.adam_update import supports
 from stquant_jax._src.kernels.dispatch import adam_leaf_fn
 from stquant_jax._src.state.typed import typed_moment
@@ -36,8 +37,10 @@ def init_moment(param, bits, signed: bool, block_size: int, maps):
 
   ``bits`` None keeps a float32 moment. A concrete param sharded over several
   devices (FSDP) gets its moment sharded like it (see
-  :func:`stquant_jax.state_shardings`); otherwise (single device, or traced
-  params under jit) default placement.
+  :func:`stquant_jax.state_shardings`), in the per-shard layout where its shards
+  are not whole blocks of the plain one (:func:`shards_for`), so every device
+  holds the blocks of its own shard; otherwise (single device, or traced params
+  under jit) the plain layout and default placement.
   """
   if param is None:
     return None
@@ -49,12 +52,14 @@ def init_moment(param, bits, signed: bool, block_size: int, maps):
     fs = sharding if sharding is not None and mesh.fits(sharding, shape) else None
     return mesh.zeros(shape, jnp.float32, fs)
   cmap = maps(bits, signed)
-  nb = num_blocks(int(np.prod(shape, dtype=np.int64)), block_size)
+  shards = shards_for(sharding, shape, block_size)
+  nb = num_layout_blocks(shape, shards, block_size)
   cs, ss = (None, None) if sharding is None else quantized_shardings(sharding, shape, nb)
   return QuantizedArray(
       codes=mesh.zeros((nb, block_size * bits // 32), jnp.uint32, cs),
       scales=mesh.zeros((nb,), jnp.float32, ss),
-      code_map=cmap, block_size=block_size, shape=shape, dtype=jnp.dtype(jnp.float32))
+      code_map=cmap, block_size=block_size, shape=shape, dtype=jnp.dtype(jnp.float32),
+      shards=shards)
 
 
 class LeafUpdate(NamedTuple):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.codec.shards import from_blocks, to_blocks
 from stquant_jax._src.distributed.local_blocks import map_local_blocks, may_be_block_sharded
 from stquant_jax._src.distributed.mesh import has_mesh, reshard_like
 
@@ -158,6 +159,32 @@ def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, 
   return x.reshape(g.shape), undense(mu), undense(nu)
 
 
+def _one_piece(q, shape):
+  """A moment seen as the plain layout of ``shape`` (a piece, or a flat view)."""
+  return dataclasses.replace(q, shape=tuple(shape), shards=None) if is_quantized(q) else q
+
+
+def _stream_pieces(fn, g, mu, nu, shards, *, first_block, **kw):
+  """:func:`_stream` over a leaf (or one device's part of it) in the per-shard layout
+  ``shards`` (None: the plain layout). One piece streams as it is; several (a device
+  holding more than one shard: one device, or a mesh that does not fit the layout)
+  go through their blocks view (a copy of the gradient)."""
+  restore = lambda q, new: (dataclasses.replace(new, shape=q.shape, shards=q.shards)
+                            if is_quantized(new) else new)
+  if shards is None or math.prod(shards) == 1:
+    u, m, v = _stream(fn, g, _one_piece(mu, g.shape), _one_piece(nu, g.shape),
+                      first_block=first_block, **kw)
+    return u, restore(mu, m), restore(nu, v)
+  bs = (mu if is_quantized(mu) else nu).block_size
+  view = lambda x: to_blocks(x, shards, bs).reshape(-1)
+  gb = view(g)
+  flat = lambda q: _one_piece(q, gb.shape) if is_quantized(q) else view(q)
+  u, m, v = _stream(fn, gb, flat(mu), flat(nu), first_block=first_block, **kw)
+  whole = lambda x: from_blocks(x.reshape(-1, bs), g.shape, shards)
+  dense = lambda q, new: restore(q, new) if is_quantized(new) else whole(new)
+  return whole(u).astype(g.dtype), dense(mu, m), dense(nu, v)
+
+
 def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: bool = False,
                 **kwargs):
   """Runs a per-block update over a leaf in bounded chunks; returns ``(u, mu, nu)``.
@@ -170,7 +197,7 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
       of the blocks' first value.
     g: the gradient (any float dtype and shape).
     mu, nu: the leaf's moments: quantized (at least one) or float32 of ``g``'s
-      shape; quantized ones share the block size.
+      shape; quantized ones share the block size and layout.
     chunk_values: values per chunk (rounded to whole blocks and rows).
     reads_once: ``fn`` reads each input once into a buffer before it computes any
       output (it ends the reads with an ``optimization_barrier``); otherwise the
@@ -182,43 +209,63 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
     run on the whole leaf at once.
   """
   ref = mu if is_quantized(mu) else nu
-  nb, bs = ref.scales.shape[0], ref.block_size
-  moments = [x for q in (mu, nu) for x in _moment_parts(q)]
-  if g.size == 0 or g.size != nb * bs or not may_be_block_sharded(moments + [g]):
-    return _stream(fn, g, mu, nu, first_block=0, chunk_values=chunk_values,
-                   reads_once=reads_once, **kwargs)
+  nb, bs, shards = ref.scales.shape[0], ref.block_size, ref.shards
+  kw = dict(chunk_values=chunk_values, reads_once=reads_once, **kwargs)
+  moments = [x for q in (mu, nu) if is_quantized(q) for x in _moment_parts(q)]
+  if shards is None:
+    moments += [q for q in (mu, nu) if not is_quantized(q)]
+    if g.size == 0 or g.size != nb * bs or not may_be_block_sharded(moments + [g]):
+      return _stream(fn, g, mu, nu, first_block=0, **kw)
+  elif g.size == 0 or not may_be_block_sharded(moments):
+    return _stream_pieces(fn, g, mu, nu, shards, first_block=0, **kw)
 
-  # Sharded block axis: every device streams its own blocks (no gathers).
-  to_blocks = lambda a: a.reshape(-1).reshape(nb, bs)  # merge then split keeps types
-  as_blocks = lambda q: _moment_parts(q) if is_quantized(q) else [to_blocks(q)]
-  n_mu = len(as_blocks(mu))
+  # Sharded block axis: every device streams its own blocks (no gathers). In the plain
+  # layout the gradient and float32 moments go in as blocks; in the per-shard layout
+  # as they are (each device gets its piece: ``leaves``).
+  to_blocks_ = lambda a: a.reshape(-1).reshape(nb, bs)  # merge then split keeps types
+  quantized = [q for q in (mu, nu) if is_quantized(q)]
+  dense = [q for q in (mu, nu) if not is_quantized(q)]
+  q_parts = [x for q in quantized for x in _moment_parts(q)]
+  naturals = [g] + dense
+  blocks = q_parts if shards else q_parts + [to_blocks_(x) for x in naturals]
 
   # Traced arguments (hyperparameters, the step) go in as replicated inputs: shard_map
   # cannot close over values typed with Explicit mesh axes.
-  traced = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
-  static = {k: v for k, v in kwargs.items() if k not in traced}
+  traced = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+  static = {k: v for k, v in kw.items() if k not in traced}
   names = sorted(traced)
 
-  def local(first_block, rep, blk):
-    kw = dict(static, **dict(zip(names, rep)))
-    g_l, parts = blk[0], blk[1:]
-    m_l, v_l = _with_parts(mu, parts[:n_mu]), _with_parts(nu, parts[n_mu:])
-    if is_quantized(m_l):
-      m_l = dataclasses.replace(m_l, shape=(g_l.size,))
-    if is_quantized(v_l):
-      v_l = dataclasses.replace(v_l, shape=(g_l.size,))
-    u, m2, v2 = _stream(fn, g_l, m_l, v_l, first_block=first_block,
-                        chunk_values=chunk_values, reads_once=reads_once, **kw)
-    return [u] + as_blocks(m2) + as_blocks(v2), ()
+  def local(first_block, rep, arrs):
+    kw_l = dict(static, **dict(zip(names, rep)))
+    it = iter(arrs)
+    parts = {id(q): [next(it), next(it)] for q in quantized}
+    nat = [next(it) for _ in naturals]
+    g_l = nat[0]
+    dense_l = iter(nat[1:])
+    m_l, v_l = (_with_parts(q, parts[id(q)]) if is_quantized(q) else next(dense_l)
+                for q in (mu, nu))
+    if shards:
+      pieces = tuple(c * l // s for c, s, l in zip(shards, g.shape, g_l.shape))
+      u, m2, v2 = _stream_pieces(fn, g_l, m_l, v_l, pieces, first_block=first_block, **kw_l)
+    else:
+      u, m2, v2 = _stream(fn, g_l, _one_piece(m_l, (g_l.size,)), _one_piece(v_l, (g_l.size,)),
+                          first_block=first_block, **kw_l)
+    q_out = [x for q in (m2, v2) if is_quantized(q) for x in _moment_parts(q)]
+    n_out = [u] + [q for q in (m2, v2) if not is_quantized(q)]
+    return ([q_out, n_out] if shards else q_out + n_out), ()
 
-  outs, _ = map_local_blocks(local, [traced[k] for k in names],
-                             [to_blocks(g)] + as_blocks(mu) + as_blocks(nu))
-  u = reshard_like(outs[0].reshape(-1).reshape(g.shape), g)
-  parts = outs[1:]
+  outs, _ = map_local_blocks(local, [traced[k] for k in names], blocks,
+                             naturals if shards else (), shards)
+  q_out, n_out = outs if shards else (outs[:len(q_parts)], outs[len(q_parts):])
+  q_out, n_out = iter(q_out), iter(n_out)
+  natural = lambda x, like: reshard_like(
+      x if x.shape == like.shape else x.reshape(-1).reshape(like.shape), like)
+  u = natural(next(n_out), g)
 
-  def back(q, new):
+  def back(q):
     if is_quantized(q):
-      return dataclasses.replace(q, codes=reshard_like(new[0], q.codes),
-                                 scales=reshard_like(new[1], q.scales))
-    return reshard_like(new[0].reshape(-1).reshape(q.shape), q)
-  return u, back(mu, parts[:n_mu]), back(nu, parts[n_mu:])
+      return dataclasses.replace(q, codes=reshard_like(next(q_out), q.codes),
+                                 scales=reshard_like(next(q_out), q.scales))
+    return natural(next(n_out), q)
+  new_mu = back(mu)
+  return u, new_mu, back(nu)
