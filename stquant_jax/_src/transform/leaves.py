@@ -125,7 +125,10 @@ def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps) ->
     return LeafUpdate(non_float_update(g, param), mu, nu, (g, mu, nu))
   mu = typed_moment(mu, g.shape, True, block_size, maps)
   nu = typed_moment(nu, g.shape, False, block_size, maps)
-  if backend == "pallas" and is_quantized(mu) and is_quantized(nu) and not supports(mu, nu):
+  # (A per-shard layout, FSDP of a parameter sharded on a later axis, streams through
+  # the jnp path whatever the backend: README "Many devices, many hosts".)
+  if (backend == "pallas" and is_quantized(mu) and is_quantized(nu) and not supports(mu, nu)
+      and not (mu.shards or nu.shards)):
     raise ValueError(
         f"backend='pallas' forces the fused kernel, which cannot update a leaf of shape "
         f"{tuple(g.shape)} in blocks of {mu.block_size} (it needs a power-of-two block_size "
