@@ -173,20 +173,26 @@ def test_summary_of_the_optimizer_lists_every_leaf_with_bits_zones_and_bytes():
   model, opt = make(_policy())
   text = sq.summary(opt)
   lines = text.splitlines()
-  assert lines[0].split() == ["leaf", "shape", "m", "bits", "v", "bits", "zone", "(m/v)",
-                              "moment", "bytes"]
-  rows = {l.split()[0]: l.split() for l in lines[2:-1]}
   widths = sq.bit_widths(opt)
+  show = lambda b: "f32" if b == 32 else str(b)
+  # after its first decision the policy proposes bits the layout does not have yet
+  assert widths["mu_proposed"] != widths["mu_bits"]
+  assert lines[0].split() == ["leaf", "shape", "m", "bits", "v", "bits", "zone", "(m/v)",
+                              "proposed", "(m/v)", "moment", "bytes"]
+  assert lines[-1].endswith("leaves have a proposal not applied yet (sq.relayout or "
+                            "sq.adaptive_jit applies it; a plain jax.jit step never does)")
+  rows = {l.split()[0]: l.split() for l in lines[2:-2]}
   assert set(rows) == set(widths["mu_bits"])
   for name, row in rows.items():
     m, v = widths["mu_bits"][name], widths["nu_bits"][name]
-    assert row[-4:-2] == [("f32" if m == 32 else str(m)), ("f32" if v == 32 else str(v))]
-    assert row[-2] == f"{widths['mu_zone'][name]}/{widths['nu_zone'][name]}"
-  assert lines[-1].startswith(f"total: {sq.state_nbytes(opt):,} bytes")
-  assert f"{sq.average_bits(opt):.2f} bits" in lines[-1]
+    assert row[-5:-3] == [show(m), show(v)]
+    assert row[-3] == f"{widths['mu_zone'][name]}/{widths['nu_zone'][name]}"
+    assert row[-2] == f"{show(widths['mu_proposed'][name])}/{show(widths['nu_proposed'][name])}"
+  assert lines[-2].startswith(f"total: {sq.state_nbytes(opt):,} bytes")
+  assert f"{sq.average_bits(opt):.2f} bits" in lines[-2]
   assert sq.summary(plain_twin(model, opt)) == text
   abstract = sq.abstract_state(opt.tx, nnx.as_pure(nnx.state(model, nnx.Param)))
-  assert sq.summary(abstract).splitlines()[-1] == lines[-1]   # no zones to read there
+  assert sq.summary(abstract).splitlines()[-1] == lines[-2]   # nothing to read there
 
 
 def test_plain_state_is_the_optax_form_of_the_optimizers_state():

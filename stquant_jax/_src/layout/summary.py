@@ -10,7 +10,7 @@ import numpy as np
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.trees import path_names
 from stquant_jax._src.layout.accounting import average_bits, state_nbytes
-from stquant_jax._src.layout.telemetry import bit_widths
+from stquant_jax._src.layout.telemetry import bit_widths, unapplied
 from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, current_bits
 from stquant_jax._src.state.typed import typed_states
 
@@ -38,8 +38,11 @@ def summary(opt_state) -> str:
 
   One row per parameter leaf: its path, shape, the bits of m and v (``f32``: a
   float32 moment, ``-``: no moment), their zones when the policy keeps them
-  (``STQuantPolicy``), and the bytes its two moments take; then the totals:
-  bytes of the whole optimizer state (counters and policy state included) and
+  (``STQuantPolicy``), the bits the policy proposes when they differ from the
+  layout somewhere (a proposal not applied yet: :func:`~stquant_jax.relayout`
+  or :func:`~stquant_jax.adaptive_jit` applies it, a plain ``jax.jit`` step
+  never does), and the bytes its two moments take; then the totals: bytes of the
+  whole optimizer state (counters and policy state included) and
   :func:`~stquant_jax.average_bits`. Works for concrete and abstract
   (:func:`~stquant_jax.abstract_state`) states, optax or nnx ones. Print it.
 
@@ -57,7 +60,7 @@ def summary(opt_state) -> str:
   states = typed_states(opt_state)
   if not states:
     raise ValueError("summary found no stquant state in opt_state")
-  parts = []
+  parts, waiting = [], 0
   for k, st in enumerate(states):
     mu = jax.tree.leaves(st.mu, is_leaf=is_quantized)
     nu = jax.tree.leaves(st.nu, is_leaf=is_quantized)
@@ -68,12 +71,18 @@ def summary(opt_state) -> str:
     zones, record = {}, bit_widths(opt_state, k)
     if "mu_zone" in record:
       zones = {n: f"{record['mu_zone'][n]}/{record['nu_zone'][n]}" for n in record["mu_zone"]}
-    header = ["leaf", "shape", "m bits", "v bits"] + (["zone (m/v)"] if zones else [])
+    proposed = unapplied(record)
+    waiting += len(proposed)
+    header = (["leaf", "shape", "m bits", "v bits"] + (["zone (m/v)"] if zones else [])
+              + (["proposed (m/v)"] if proposed else []))
     rows = [header + ["moment bytes"]]
     for i, name in enumerate(names):
       row = [name, str(tuple(shapes[i])), _bits(bits[i, 0]), _bits(bits[i, 1])]
       if zones:
         row.append(zones.get(name, "-"))
+      if proposed:
+        want = [record[f"{m}_proposed"].get(name) for m in ("mu", "nu")]
+        row.append("-" if None in want else "/".join(map(_bits, want)))
       rows.append(row + [f"{_nbytes(mu[i]) + _nbytes(nu[i]):,}"])
     right = {2, 3, len(header)}
     title = f"stquant state {k}:\n" if len(states) > 1 else ""
@@ -85,4 +94,7 @@ def summary(opt_state) -> str:
   parts.append(f"total: {state_nbytes(opt_state):,} bytes of optimizer state, "
                f"{average_bits(opt_state):.2f} bits per moment value ({leaves} leaves, "
                f"{quantized} of {moments} moments quantized)")
+  if waiting:
+    parts.append(f"{waiting} leaves have a proposal not applied yet (sq.relayout or "
+                 "sq.adaptive_jit applies it; a plain jax.jit step never does)")
   return "\n".join(parts)

@@ -8,6 +8,7 @@ records both at each relayout or evaluation, for plots of bit-width evolution.
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -81,6 +82,19 @@ def bit_widths(opt_state, index: int = 0) -> dict:
   return out
 
 
+def unapplied(record: dict) -> dict[str, tuple]:
+  """The leaves whose policy proposes other bits than they have, from a
+  :func:`bit_widths` record: ``{leaf name: (m proposed, v proposed)}`` (32 = float32).
+  A proposal takes effect at :func:`~stquant_jax.relayout` or in an
+  :func:`~stquant_jax.adaptive_jit` step; under a plain ``jax.jit`` step it never does."""
+  out = {}
+  for name in record.get("mu_proposed", {}):
+    want = (record["mu_proposed"][name], record["nu_proposed"][name])
+    if None not in want and want != (record["mu_bits"][name], record["nu_bits"][name]):
+      out[name] = want
+  return out
+
+
 def moment_bits_average(record: dict, sizes: dict[str, int]) -> float:
   """Size-weighted mean code bits of m and v (no metadata) from a :func:`bit_widths` dict."""
   tot = sum(2 * sizes[k] for k in record["mu_bits"])
@@ -107,6 +121,18 @@ class BitHistory:
 
   def __init__(self):
     self.records: list[dict] = []
+
+  def __repr__(self) -> str:
+    if not self.records:
+      return "BitHistory(0 records)"
+    first, last = self.records[0], self.records[-1]
+    count = lambda key: dict(sorted(collections.Counter(last[key].values()).items()))
+    waiting = unapplied(last)
+    return (f"BitHistory({len(self.records)} records, steps {first['step']}..{last['step']}, "
+            f"average bits {first['average_bits']:.2f} -> {last['average_bits']:.2f}, "
+            f"last m bits {count('mu_bits')}, v bits {count('nu_bits')} (leaves per width; "
+            f"32: float32)" + (f", {len(waiting)} leaves proposed at other bits"
+                               if waiting else "") + ")")
 
   def record(self, step: int, opt_state, **scalars) -> None:
     rec = {"step": int(step), **bit_widths(opt_state),

@@ -97,6 +97,12 @@ class STQuantPolicy(Policy):
   is re-decided every ``every`` steps. Zone bits are ``(mu_bits, nu_bits)``
   pairs; ``None`` keeps that moment in float32.
 
+  A decision only *proposes* bits (in the policy state): the moments change
+  width when the state is re-laid out, by :func:`~stquant_jax.adaptive_jit`
+  (no call needed) or by :func:`~stquant_jax.relayout` outside the step (as in
+  the example). A plain ``jax.jit`` step alone never changes a bit;
+  :func:`~stquant_jax.summary` lists the proposals not applied.
+
   Args:
     every: K, steps between decisions; each step samples 1/K of every adaptive
       leaf's blocks for the statistics, so a decision sees each block once.
