@@ -148,6 +148,159 @@ def test_bad_arguments_are_refused():
     sq.adaptive_jit(lambda x: x)(jnp.ones(3))
 
 
+# ---- what the caller gave, what the process keeps, what can go wrong ---------------
+
+
+def test_a_state_the_caller_did_not_donate_survives_the_switch():
+  """Without donate_argnums the state passed at the switch call stays readable (the
+  switch deleted its old moments: "called on deleted or donated buffer")."""
+  tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(2,), bits=((4, 5),)))
+  step = sq.adaptive_jit(make_step(tx), delay=1)
+  params = make_params()
+  state = tx.init(params)
+  given = []
+  for i in range(5):
+    given.append(state)
+    params, state = step(params, state, *batch(i))
+  step.close()
+  assert [s["call"] for s in step.stats["switches"]] == [3]
+  for old in given:  # every state handed in, the one of the switch call included
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(old))
+  assert given[3][0].mu["w1"].bits == 8 and state[0].mu["w1"].bits == 4
+
+
+def test_close_lets_the_step_function_and_its_executables_go():
+  """The process-wide cache held the step function (and its closure) and every
+  executable for good; now a wrapper's executables go at close() and the shared cache
+  holds its function only weakly."""
+  import gc
+  import weakref
+
+  class Marker:
+    pass
+
+  def run_once():
+    marker, tx = Marker(), sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(1,),
+                                                          bits=((4, 5),)))
+    def fn(params, state, x, y):
+      assert marker is not None  # the closure a leak would keep
+      return make_step(tx)(params, state, x, y)
+    step = sq.adaptive_jit(fn, delay=1)
+    params = make_params()
+    state = tx.init(params)
+    for i in range(4):
+      params, state = step(params, state, *batch(i))
+    assert step.stats["switches"]
+    step.close()
+    return weakref.ref(marker), weakref.ref(fn)
+
+  marker, fn = run_once()
+  gc.collect()
+  assert marker() is None and fn() is None
+
+
+def test_shared_cache_is_bounded_and_forgets_a_dead_owner():
+  from stquant_jax._src.stepping.cache import SHARED, SHARED_MAXSIZE, SharedCache
+  assert len(SHARED) <= SHARED_MAXSIZE
+
+  def owner():
+    pass
+
+  c = SharedCache(2)
+  for k in range(3):
+    c.put(owner, k, f"exe{k}")
+  assert [c.get(owner, k) for k in range(3)] == [None, "exe1", "exe2"]  # oldest dropped
+  c.put(None, "repack", "program")  # no owner: held until evicted
+  assert c.get(None, "repack") == "program" and len(c) == 2
+  del owner
+  assert len(c) == 1
+
+
+def test_the_jax_config_context_is_part_of_the_key_and_reaches_the_compile_thread():
+  """The same step wrapped again under jax.default_matmul_precision compiles again (it
+  was served the executables compiled without it), and the layout compiled in the
+  background carries the precision (the compile thread does not see the caller's
+  thread-local context: the step is traced in the caller's thread)."""
+  tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(1,), bits=((4, 5),)))
+  fn = make_step(tx)
+  for context in (None, "highest"):
+    step = sq.adaptive_jit(fn, delay=1)
+    params = make_params()
+    state = tx.init(params)
+    with jax.default_matmul_precision(context):
+      for i in range(4):
+        params, state = step(params, state, *batch(i))
+    assert step.stats["switches"]
+    if context:
+      assert [c["background"] for c in step.stats["compiles"] if c["what"] == "step"] == [
+          False, True]
+      assert "operand_precision={highest,highest}" in step._exec.as_text()
+    step.close()
+
+
+def _fails_at_4_bits(tx):
+  def step(params, state, x, y):
+    if state[0].mu["w1"].bits == 4:
+      raise RuntimeError("no executable for 4-bit m")
+    return make_step(tx)(params, state, x, y)
+  return step
+
+
+def test_a_failed_compile_keeps_the_layout_and_takes_later_proposals():
+  """A failed background compile made every later call raise; now it warns once, is
+  recorded in stats, the run stays on its layout, and the next proposal switches."""
+  tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(2, 6), bits=((4, 5), (6, 3))))
+  step = sq.adaptive_jit(_fails_at_4_bits(tx), delay=2)
+  params = make_params()
+  state = tx.init(params)
+  with pytest.warns(UserWarning, match="compile of the layout proposed at call 2 failed"):
+    for i in range(10):
+      params, state = step(params, state, *batch(i))
+  step.close()
+  (failed,) = step.stats["failed_compiles"]
+  assert failed["asked"] == 2 and "no executable for 4-bit m" in failed["error"]
+  assert [s["call"] for s in step.stats["switches"]] == [8]
+  assert state[0].mu["w1"].bits == 6 and np.isfinite(np.asarray(params["w1"])).all()
+
+
+def test_proposals_and_switches_are_logged_and_a_proposal_left_waiting_warns(
+    monkeypatch, caplog):
+  """The run that trained at 9 bits while the policy proposed 5-6 said nothing: each
+  proposal and switch is now a log line, and a proposal whose compile has not come
+  after UNAPPLIED_CALLS calls warns (here the compile thread is held back)."""
+  import threading
+  from stquant_jax._src.stepping import adaptive_jit as aj
+  gate, job = threading.Event(), aj.AdaptiveJit._job
+  monkeypatch.setattr(aj, "UNAPPLIED_CALLS", 4, raising=False)
+  monkeypatch.setattr(aj.AdaptiveJit, "_job", lambda self, *a: gate.wait() and job(self, *a))
+  tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(1,), bits=((4, 5),)))
+  step = sq.adaptive_jit(make_step(tx))
+  params = make_params()
+  state = tx.init(params)
+  caplog.set_level("INFO", logger="stquant_jax")
+  try:
+    with pytest.warns(UserWarning, match="proposed at call 1 is still not in use"):
+      for i in range(8):
+        params, state = step(params, state, *batch(i))
+    assert step.stats["switches"] == [] and state[0].mu["w1"].bits == 8
+    assert "2 leaves have a proposal not applied yet" in sq.summary(state)
+    history = sq.BitHistory()
+    history.record(8, state)
+    assert repr(history) == (
+        "BitHistory(1 records, steps 8..8, average bits 8.56 -> 8.56, last m bits "
+        "{8: 2, 32: 1}, v bits {8: 2, 32: 1} (leaves per width; 32: float32), 2 leaves "
+        "proposed at other bits)")
+  finally:
+    gate.set()
+  step.wait()
+  params, state = step(params, state, *batch(8))
+  step.close()
+  assert state[0].mu["w1"].bits == 4
+  lines = [r.getMessage() for r in caplog.records]
+  assert any("shows a new layout (4 moments: 8->4 x2, 8->5 x2)" in l for l in lines), lines
+  assert any(l.startswith("adaptive_jit: switched before call 8") for l in lines), lines
+
+
 # ---- flax.nnx -------------------------------------------------------------------
 
 

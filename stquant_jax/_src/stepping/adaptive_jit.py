@@ -16,12 +16,21 @@ owns the step and the switch instead:
    and the re-pack program that converts the moments, while the steps go on
    at the current layout.
 3. The switch re-packs the state with the precompiled program (donating the
-   replaced moments) and calls the step compiled for the new layout.
+   replaced moments when the caller donates the state, ``donate_argnums``) and
+   calls the step compiled for the new layout.
 
-Compiled steps are kept in process (a layout seen again, or the same step function
-wrapped again for another run, costs nothing), and
-``cache_dir=`` turns on JAX's persistent compilation cache, so a resumed run
-loads its executables from disk instead of compiling them.
+Each wrapper keeps the executables it compiled (a layout seen again costs
+nothing) until ``close()``; a small process-wide cache keyed weakly by the step
+function lets the same function wrapped again for another run reuse them
+(:mod:`.cache`). ``cache_dir=`` turns on JAX's persistent compilation cache, so
+a resumed run loads its executables from disk instead of compiling them.
+
+Nothing is silent: every proposal and switch is logged (``logging`` logger
+``"stquant_jax"``, level INFO), a proposal still unapplied
+:data:`UNAPPLIED_CALLS` calls after it showed warns once (the steps are faster
+than its compile: ``wait()`` or ``delay=`` make the switch come), and a compile
+that fails warns once, is recorded in ``stats["failed_compiles"]``, and leaves
+the run on its current layout, still taking later proposals.
 
 When to switch: with ``delay=None``, at the first call after the compile is
 done (never waits; the step of the switch depends on machine load; a proposal
@@ -39,10 +48,12 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import sys
 import threading
 import time
 import warnings
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -52,9 +63,14 @@ from stquant_jax._src.layout.abstract import layouts_of, to_abstract, with_layou
 from stquant_jax._src.layout.access import replace_states, settle
 from stquant_jax._src.layout.relayout import (
     as_moment, is_stacked, plan, rebuild, release, run_plan, target_bits)
-from stquant_jax._src.state.opt_state import find_states
+from stquant_jax._src.state.opt_state import FLOAT32, find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_state
+from stquant_jax._src.stepping.cache import (
+    Executables, fresh_thread_context, signature, trace_context)
 from stquant_jax._src.stepping.signals import Pending, layout_signal, state_positions
+
+_LOG = logging.getLogger("stquant_jax")
+UNAPPLIED_CALLS = 100  # calls a proposal may wait for its compile before a warning
 
 _LOCAL = threading.local()   # the stats a compile on this thread counts cache events into
 _LISTENING = False
@@ -92,27 +108,29 @@ def use_persistent_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-# Compiled steps of every AdaptiveJit in the process, by what they were compiled for (the
-# step function, how it is jitted, and its abstract arguments): a layout seen again, or
-# the same step wrapped again for another run, costs no compile.
-_COMPILED: dict = {}
-
-
-def _placement(x):
-  """A sharding as the compiled step sees it: one device (committed or not) is one."""
-  s = getattr(x, "sharding", None)
-  return None if isinstance(s, jax.sharding.SingleDeviceSharding) else s
-
-
-def _signature(fn, jit, donate, abstract_args) -> tuple:
-  leaves, treedef = jax.tree.flatten(tuple(abstract_args))
-  avals = tuple((tuple(x.shape), str(x.dtype), _placement(x))
-                if hasattr(x, "shape") else type(x).__name__ for x in leaves)
-  return (fn, jit, donate, treedef, avals)
-
-
 def _same(a, b) -> bool:
   return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _changes(old, new) -> str:
+  """The moments a new layout changes, e.g. ``"2 moments: 8->4 x1, 8->5 x1"``."""
+  name = lambda b: "f32" if b == FLOAT32 else str(b)
+  moved = collections.Counter(
+      (int(a), int(b)) for o, n in zip(old, new) for a, b in zip(o.ravel(), n.ravel())
+      if a != b)
+  return f"{sum(moved.values())} moments: " + ", ".join(
+      f"{name(a)}->{name(b)} x{k}" for (a, b), k in sorted(moved.items()))
+
+
+@dataclasses.dataclass
+class _Build:
+  """One executable to compile: found under ``key`` in the caches, else lowered and
+  compiled (in the thread that builds it)."""
+
+  key: tuple
+  owner: Any                   # the step function (shared-cache key); None: a re-pack
+  lower: Callable[[], Any]     # -> jax.stages.Lowered
+  record: dict                 # what stats["compiles"] records, seconds added
 
 
 def _is_nnx_node(x) -> bool:
@@ -155,11 +173,16 @@ class AdaptiveJit:
     self._exec = None
     self._pending: collections.deque = collections.deque()
     self._scheduled: list[_Switch] = []
+    self._failed: list = []   # layouts whose compile failed (not tried again)
+    self._warned: set[str] = set()
+    self._closed = False
     self._call = 0
     self._abstract = None   # abstract arguments at the current layout
+    self._cache = Executables()
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                        thread_name_prefix="stquant-compile")
-    self.stats = {"compiles": [], "switches": [], "fallback_compiles": 0, "skipped_layouts": 0,
+    self.stats = {"compiles": [], "switches": [], "failed_compiles": [],
+                  "fallback_compiles": 0, "skipped_layouts": 0,
                   "persistent_cache_hits": 0, "persistent_cache_misses": 0}
 
   # ---- compiling -------------------------------------------------------------
@@ -181,43 +204,38 @@ class AdaptiveJit:
         jit = jax.jit
     return jit(step_with_signal, donate_argnums=self._donate)
 
-  def _compile(self, abstract_args, layouts, background: bool):
-    """The step compiled for ``abstract_args`` (recorded in ``stats`` unless it was
-    in the process-wide cache)."""
-    sig = _signature(self._fn, self._jit_option, self._donate, abstract_args)
-    exe = _COMPILED.get(sig)
+  def _step_build(self, abstract_args, layouts, background: bool) -> _Build:
+    """The step for ``abstract_args``, keyed in the calling thread's jax context."""
+    key = signature("step", self._jit_option, self._donate, args=abstract_args)
+    return _Build(key, self._fn, lambda: self._jitted.lower(*abstract_args),
+                  {"what": "step", "layout": [l.tolist() for l in layouts],
+                   "background": background})
+
+  @staticmethod
+  def _repack_build(changes, inputs, donate: bool) -> _Build:
+    key = signature("repack", tuple(changes), donate, args=inputs)
+    return _Build(key, None, lambda: repack.program(tuple(changes), donate).lower(list(inputs)),
+                  {"what": "repack", "background": True})
+
+  def _build(self, b: _Build):
+    """The executable of ``b``: from the caches, else compiled (and recorded in
+    ``stats``)."""
+    exe = self._cache.get(b.owner, b.key)
     if exe is not None:
       return exe
     t0 = time.perf_counter()
-    with _counting(self.stats):
-      exe = self._jitted.lower(*abstract_args).compile()
-    _COMPILED[sig] = exe
-    self.stats["compiles"].append({
-        "what": "step", "layout": [l.tolist() for l in layouts], "background": background,
-        "seconds": time.perf_counter() - t0})
+    with warnings.catch_warnings(), _counting(self.stats):
+      if b.owner is None:  # a re-pack: donated codes of another width cannot be reused
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+      exe = b.lower().compile()
+    self._cache.put(b.owner, b.key, exe)
+    self.stats["compiles"].append({**b.record, "seconds": time.perf_counter() - t0})
     return exe
 
-  def _job(self, abstract_args, layouts, repacks):
-    """Background: the step for ``layouts`` and each state's re-pack program."""
-    exe = self._compile(abstract_args, layouts, background=True)
-    programs = []
-    for changes, inputs in repacks:
-      if not changes:
-        programs.append((changes, None))
-        continue
-      sig = _signature("repack", tuple(changes), True, inputs)
-      prog = _COMPILED.get(sig)
-      if prog is None:
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(), _counting(self.stats):
-          # donated codes of another width cannot be reused: jax warns, nothing is wrong
-          warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-          prog = repack.program(tuple(changes), True).lower(list(inputs)).compile()
-        _COMPILED[sig] = prog
-        self.stats["compiles"].append({"what": "repack", "background": True,
-                                       "seconds": time.perf_counter() - t0})
-      programs.append((changes, prog))
-    return exe, programs
+  def _job(self, step: _Build, repacks):
+    """Background: the step for the new layout and each state's re-pack program."""
+    exe = self._build(step)
+    return exe, [(changes, None if b is None else self._build(b)) for changes, b in repacks]
 
   def _start(self, args):
     """First call: find the states, settle nnx ones, compile the current layout."""
@@ -230,7 +248,7 @@ class AdaptiveJit:
     self._layout = self._layouts(args)
     self._jitted = self._make_jitted(args)
     self._abstract = to_abstract(args)
-    self._exec = self._compile(self._abstract, self._layout, background=False)
+    self._exec = self._build(self._step_build(self._abstract, self._layout, background=False))
 
   def _layouts(self, args):
     return [l for i in self._positions for l in layouts_of(args[i])]
@@ -250,7 +268,7 @@ class AdaptiveJit:
       self._pending.popleft()
       targets = [target_bits(lay, prop) for lay, prop in zip(p.layouts, p.proposals())]
       latest = self._scheduled[-1].target if self._scheduled else self._layout
-      if not _same(targets, latest):
+      if not _same(targets, latest) and not any(_same(targets, f) for f in self._failed):
         self._schedule(p.call, targets, args)
 
   def _abstract_at(self, base, layouts):
@@ -286,10 +304,22 @@ class AdaptiveJit:
         typed = typed_state(st)
         _, changes, inputs = plan(typed, next(it), param_shardings=self._param_shardings,
                                   stacked=is_stacked(typed))
-        repacks.append((changes, inputs))
+        repacks.append((changes, self._repack_build(changes, inputs, i in self._donate)
+                        if changes else None))
+    step = self._step_build(dst_args, targets, background=True)
+    if trace_context() != fresh_thread_context():
+      # A jax config context of this thread (e.g. jax.default_matmul_precision) is not
+      # seen by the compile thread: trace here, compile there.
+      for b in [step] + [b for _, b in repacks if b is not None]:
+        if self._cache.get(b.owner, b.key) is None:
+          lowered = b.lower()
+          b.lower = lambda lowered=lowered: lowered
     at = None if self._delay is None else asked + self._delay
-    future = self._pool.submit(self._job, dst_args, targets, repacks)
+    future = self._pool.submit(self._job, step, repacks)
     self._scheduled.append(_Switch(targets, at, asked, future, dst_args))
+    _LOG.info("adaptive_jit: call %d shows a new layout (%s); compiling it in the "
+              "background, switch %s", asked, _changes(source, targets),
+              "once compiled" if at is None else f"before call {at}")
 
   def _due(self):
     if not self._scheduled:
@@ -299,14 +329,51 @@ class AdaptiveJit:
       return sw if sw.future.done() else None
     return sw if sw.at <= self._call else None
 
+  def _warn_unapplied(self) -> None:
+    """Warns once when the oldest proposal has waited :data:`UNAPPLIED_CALLS` calls."""
+    sw = self._scheduled[0] if self._scheduled else None
+    if (sw is None or sw.at is not None or self._call - sw.asked < UNAPPLIED_CALLS
+        or "unapplied" in self._warned):
+      return
+    self._warned.add("unapplied")
+    warnings.warn(
+        f"adaptive_jit: the layout the policy proposed at call {sw.asked} is still not in "
+        f"use {self._call - sw.asked} calls later: its background compile is slower than "
+        "the steps, and the state keeps its bits meanwhile. Call .wait() to block until it "
+        "is compiled, or pass delay=k to switch k calls after a proposal (waiting for the "
+        "compile); .stats['compiles'] has the compile times.", stacklevel=3)
+
   # ---- switching -------------------------------------------------------------
+
+  def _compile_failed(self, sw: _Switch, error: BaseException) -> None:
+    """A layout's compile failed: the run stays on its layout, the layout is not tried
+    again, later proposals are still taken."""
+    self._scheduled.pop(0)
+    self._failed.append(sw.target)
+    message = f"{type(error).__name__}: {error}"
+    self.stats["failed_compiles"].append({"call": self._call, "asked": sw.asked,
+                                          "layout": [l.tolist() for l in sw.target],
+                                          "error": message})
+    _LOG.warning("adaptive_jit: the compile of the layout proposed at call %d failed (%s); "
+                 "staying on the current layout", sw.asked, message)
+    if "failed" not in self._warned:
+      self._warned.add("failed")
+      warnings.warn(f"adaptive_jit: the compile of the layout proposed at call {sw.asked} "
+                    f"failed ({message}); the run stays on its current layout and takes "
+                    "later proposals (stats['failed_compiles'] lists every failure)",
+                    stacklevel=3)
 
   def _switch(self, args, sw: _Switch):
     t0 = time.perf_counter()
-    exe, programs = sw.future.result()  # waits only in delay mode, if still compiling
+    try:
+      exe, programs = sw.future.result()  # waits only in delay mode, if still compiling
+    except Exception as e:  # pylint: disable=broad-except  (any compile error)
+      self._compile_failed(sw, e)
+      return args
     waited = time.perf_counter() - t0
     args, it, progs = list(args), iter(sw.target), iter(programs)
     for i in self._positions:
+      donate = i in self._donate  # the caller's arrays are deleted only if donated
       new = {}
       for st in find_states(opt_state_of(args[i])):
         typed = typed_state(st)
@@ -323,19 +390,24 @@ class AdaptiveJit:
           except (TypeError, ValueError):  # placed otherwise than planned (checked first)
             raw = None
           if raw is not None:
-            release(inputs, raw)
+            if donate:
+              release(inputs, raw)
             outs = [as_moment(o, ch) for o, ch in zip(raw, changes)]
         if outs is None:  # compile here
           self.stats["fallback_compiles"] += 1
-          outs = run_plan(changes, inputs, donate=True)
+          outs = run_plan(changes, inputs, donate=donate)
         new[id(st)] = rebuild(typed, target, positions, outs, stacked)
       args[i] = replace_states(args[i], new)
     self._scheduled.pop(0)
     self._layout, self._abstract = sw.target, sw.abstract
     self._exec = exe
-    self.stats["switches"].append({"call": self._call, "asked": sw.asked, "waited_s": waited,
-                                   "repack_s": time.perf_counter() - t0 - waited,
-                                   "layout": [l.tolist() for l in sw.target]})
+    record = {"call": self._call, "asked": sw.asked, "waited_s": waited,
+              "repack_s": time.perf_counter() - t0 - waited,
+              "layout": [l.tolist() for l in sw.target]}
+    self.stats["switches"].append(record)
+    _LOG.info("adaptive_jit: switched before call %d to the layout proposed at call %d "
+              "(waited %.2f s for its compile, re-packed in %.3f s)", record["call"],
+              record["asked"], waited, record["repack_s"])
     return tuple(args)
 
   # ---- calling ---------------------------------------------------------------
@@ -346,17 +418,21 @@ class AdaptiveJit:
     abstract = to_abstract(args)
     self._abstract, self._layout = abstract, self._layouts(args)
     before = len(self.stats["compiles"])
-    exe = self._compile(abstract, self._layout, background=False)
+    exe = self._build(self._step_build(abstract, self._layout, background=False))
     self.stats["fallback_compiles"] += len(self.stats["compiles"]) - before
     return exe
 
   def __call__(self, *args):
+    if self._closed:
+      raise RuntimeError("adaptive_jit: this step was closed (close() drops its compiled "
+                         "executables); wrap the step again")
     if self._exec is None:
       self._start(args)
     self._poll(args)
     sw = self._due()
     if sw is not None:
       args = self._switch(args, sw)
+    self._warn_unapplied()
     try:
       out, signal = self._exec(*args)
     except (TypeError, ValueError) as e:
@@ -372,14 +448,24 @@ class AdaptiveJit:
 
   def wait(self) -> None:
     """Blocks until the steps run so far are done, their proposals are read and the
-    compiles they ask for are finished (benchmarks, tests)."""
+    compiles they ask for are finished (benchmarks, tests). A compile that failed is
+    reported at the next call."""
     self._poll(drain=True)
-    for sw in list(self._scheduled):
-      sw.future.result()
+    concurrent.futures.wait([sw.future for sw in self._scheduled])
 
   def close(self) -> None:
-    """Stops the compile thread (after the compile in flight, if any)."""
+    """Stops the compile thread (after the compile in flight, if any) and drops this
+    step's executables (those of the process-wide cache stay while the step function
+    lives). The step cannot be called afterwards."""
     self._pool.shutdown(wait=True, cancel_futures=True)
+    if self._scheduled:
+      _LOG.info("adaptive_jit: closed with %d proposed layout(s) never switched to",
+                len(self._scheduled))
+    self._closed = True
+    self._scheduled.clear()
+    self._pending.clear()
+    self._cache.clear()
+    self._exec = self._jitted = self._abstract = None
 
   def __enter__(self):
     return self
@@ -404,14 +490,17 @@ def adaptive_jit(fn=None, *, donate_argnums=(), delay=None, param_shardings=None
   another layout (``STQuantPolicy`` decides inside the step), the step for
   that layout and the re-pack program are compiled in a background thread
   while training goes on, then the state is re-packed (replaced moments
-  donated) and the new executable used: the switch costs a re-pack, not a
-  compile. No ``relayout`` call is needed in the loop.
+  donated if the state's argument is in ``donate_argnums``) and the new
+  executable used: the switch costs a re-pack, not a compile. No ``relayout``
+  call is needed in the loop.
 
   Args:
     fn: the step, e.g. ``step(params, opt_state, batch) -> (params, opt_state,
       metrics)``, or ``step(model, optimizer, batch) -> metrics`` for nnx
       (mutating the optimizer). Positional arguments only.
-    donate_argnums: as for ``jax.jit``.
+    donate_argnums: as for ``jax.jit``; a state argument given here also has
+      its replaced moments deleted at a switch (freed at once), one not given
+      stays readable.
     delay: None (switch at the first call after the new layout's compile is
       done; never waits) or an int ``k >= 1``: switch exactly ``k`` calls after
       the call whose input state first shows the proposal, waiting for the
@@ -429,8 +518,10 @@ def adaptive_jit(fn=None, *, donate_argnums=(), delay=None, param_shardings=None
   Returns:
     An :class:`AdaptiveJit`: call it like the step; ``.stats`` lists the
     compiles (background or not, seconds), the switches (call, seconds waited
-    for a compile, seconds to re-pack) and persistent-cache hits; ``.wait()``
-    blocks until scheduled compiles finish; ``.close()`` stops the thread.
+    for a compile, seconds to re-pack), failed compiles and persistent-cache
+    hits; ``.wait()`` blocks until scheduled compiles finish (so that the next
+    call switches); ``.close()`` stops the thread and drops the executables.
+    Proposals and switches are logged (logger ``"stquant_jax"``, INFO).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
