@@ -43,8 +43,8 @@ _SCRIPT = textwrap.dedent(r"""
   def ex_step(p, s):
     u, s = ex_tx.update(jax.grad(ex_loss)(p), s, p)
     return optax.apply_updates(p, u), s
-  def ex_run(params, ctx):
-    st = ex_tx.init(params)
+  def ex_run(params, ctx, st=None):
+    st = ex_tx.init(params) if st is None else st
     with ctx:
       f = jax.jit(ex_step)
       for i in range(4):
@@ -52,10 +52,14 @@ _SCRIPT = textwrap.dedent(r"""
         if i % 2 == 1:
           st = sq.relayout(st)
     return params, st
-  p1, s1 = ex_run(ex_params, contextlib.nullcontext())
   ex_sharded = {k: jax.device_put(v, NamedSharding(mesh8, ex_shapes[k][1]))
                 for k, v in ex_params.items()}
   ex_init = ex_tx.init(ex_sharded)[0].mu
+  # One device from the same initial state (the same block layout: "later" and "ragged"
+  # are in the per-shard layout).
+  one = lambda x: jax.device_put(np.asarray(x), jax.devices()[0])
+  p1, s1 = ex_run(ex_params, contextlib.nullcontext(),
+                  jax.tree.map(one, ex_tx.init(ex_sharded)))
   p8, s8 = ex_run(ex_sharded, jax.set_mesh(mesh8))
   out["explicit"] = {k: {
       "init_codes": str(ex_init[k].codes.sharding.spec),
@@ -123,16 +127,16 @@ def test_eager_init_shards_the_state_like_its_params(results):
   leading-axis-sharded leaves come out block-sharded; non-dividing ones replicated."""
   ex = results["explicit"]
   assert ex["lead"]["init_codes"] == "P('fsdp', None)"
-  assert ex["later"]["init_codes"] == "P('fsdp', None)"  # split evenly, not aligned
-  assert ex["ragged"]["init_codes"] == "P(None, None)"  # 7 blocks over 8 devices
+  assert ex["later"]["init_codes"] == "P('fsdp', None)"  # per-shard layout: split
+  assert ex["ragged"]["init_codes"] == "P('fsdp', None)"  # per-shard layout: a block per row
   assert ex["rep"]["init_codes"] == "P(None, None)"
 
 
 
 def test_explicit_mesh_non_aligned_leaves_train_like_one_device(results):
-  """Under an Explicit mesh, params sharded along a later axis or raggedly run the
-  update replicated (before: ShardingTypeError); the params keep their sharding,
-  the codes keep theirs, and the result equals one device's within float noise."""
+  """Under an Explicit mesh, params sharded along a later axis or raggedly (in the
+  per-shard layout: each device updates its own piece) train like one device from the
+  same state within float noise; the params keep their sharding, the codes theirs."""
   ex = results["explicit"]
   for name, info in ex.items():
     assert info["moved"] > 1e-3, (name, info)  # training did move the params

@@ -374,7 +374,8 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
     r = -(-local // stride)
     rows = jnp.mod(slot_ - first, stride) + stride * jnp.arange(r, dtype=jnp.int32)
     take = lambda a: jnp.take(a, jnp.minimum(rows, local - 1), axis=0)
-    it = iter(blk)
+    it = iter(blk[:len(blk) - len(naturals)])
+    nat = iter(blk[len(blk) - len(naturals):])  # (the per-shard layout's natural arrays)
 
     def piece_rows(x):
       """Blocks ``rows`` of this device's piece(s) of a leaf in the per-shard layout."""
@@ -389,12 +390,12 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
       if is_quantized(x):
         d = decode_blocks(take(next(it)), take(next(it)), x.code_map)
         return d.reshape(r, -1)
-      return take(next(it)) if shards is None else piece_rows(next(it))
+      return take(next(it)) if shards is None else piece_rows(next(nat))
 
     m, v = read(mu), read(nu)
     gb = None
     if "g2" in needed:
-      gb = take(next(it)) if shards is None else piece_rows(next(it))
+      gb = take(next(it)) if shards is None else piece_rows(next(nat))
     valid = jnp.broadcast_to((rows < local)[:, None], (r, bs))
     if shards is not None:
       valid = valid & valid_mask(rows, g.shape, shards, bs)
