@@ -78,7 +78,7 @@ def to_blocks(x, shards, block_size: int):
   """
   shape = tuple(x.shape)
   x = x.astype(jnp.float32)
-  pieces = 1 if shards is None else math.prod(shards)
+  pieces = num_pieces(shards)
   flat = (x.reshape(1, -1) if shards is None else _grid_first(x, shape, shards).reshape(pieces, -1))
   k = blocks_per_piece(shape, shards, block_size)
   flat = jnp.pad(flat, ((0, 0), (0, k * block_size - flat.shape[1])))

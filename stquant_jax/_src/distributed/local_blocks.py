@@ -105,7 +105,7 @@ def _shard_map_call(fn, replicated, blocks, leaves, shards, mesh):
   # like the leaves, sums replicated (fn cannot be traced here to see its outputs:
   # Pallas needs manual axes).
   out_specs = ([spec, lspec] if leaves else spec, P())
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec, lspec or P()),
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec, lspec if leaves else P()),
                        out_specs=out_specs, check_vma=False)(replicated, blocks, leaves)
 
 

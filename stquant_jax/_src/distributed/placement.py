@@ -109,10 +109,9 @@ def explicit_leaf_is_local(g, moments, block_size: int | None) -> bool:
   differently from its parameter) needs :func:`replicated` inputs: under
   Explicit axes the reshapes of the update would be sharding type errors.
   """
-  arrays = []
-  for m in moments:
-    arrays += [m.codes, m.scales] if is_quantized(m) else [m]
-  per_m = [explicit_axes_per_dim(a) for a in arrays]
+  arrays = [(a, is_quantized(m)) for m in moments
+            for a in ([m.codes, m.scales] if is_quantized(m) else [m])]
+  per_m = [explicit_axes_per_dim(a) for a, _ in arrays]
   g_axes = explicit_axes_per_dim(g)
   if g_axes is None:
     return all(p is None for p in per_m)
@@ -123,8 +122,7 @@ def explicit_leaf_is_local(g, moments, block_size: int | None) -> bool:
       return False
     flat = tuple(a for d in g_axes for a in d)
     return all(p is None or (p[0] == flat and not any(p[1:])) if is_q else p == g_axes
-               for p, is_q in zip(per_m, [is_quantized(m) for m in moments for _ in
-                                          ((0, 1) if is_quantized(m) else (0,))]))
+               for p, (_, is_q) in zip(per_m, arrays))
   if any(g_axes[1:]):
     return False
   lead = g_axes[0]
@@ -158,9 +156,9 @@ def float_moment_sharding(param_sharding: Sharding, shape) -> Sharding:
 
 def shards_for(sharding, shape, block_size: int):
   """The layout a moment of a parameter with ``sharding`` needs: None (plain) when the
-  parameter is not sharded, or is sharded on its leading axis only with whole blocks
-  per shard (the plain layout's blocks are then already each device's own); else
-  the pieces per axis.
+  parameter is not sharded (or unevenly), or is sharded on its leading axis only with
+  whole blocks per shard (the plain layout's blocks are then each device's own, and
+  the update's block view keeps the gradient's sharding); else the pieces per axis.
 
   Example:
     >>> import jax

@@ -114,11 +114,12 @@ def _map(config, legacy_fn, bits: int, signed: bool):
   return resolve_map(legacy_fn, bits, signed, "mu_map" if signed else "nu_map")
 
 
-def _out_shardings(x, new_bits: int, block_size: int):
+def _out_shardings(x, new_bits: int, block_size: int, shards=None):
   """Where a re-packed moment goes when no param shardings are given: the block axis
   stays sharded as before (quantized -> quantized keeps the codes' block-axis sharding;
   float32 <-> quantized maps it to / from the parameter's leading axis, as
-  :func:`stquant_jax.state_shardings` does). None (left to jit) without a NamedSharding."""
+  :func:`stquant_jax.state_shardings` does; ``shards``: a new quantized moment's
+  layout). None (left to jit) without a NamedSharding."""
   if is_quantized(x):
     cs = getattr(x.codes, "sharding", None)
     if not isinstance(cs, jax.sharding.NamedSharding):
@@ -133,7 +134,6 @@ def _out_shardings(x, new_bits: int, block_size: int):
   fs = getattr(x, "sharding", None)
   if not isinstance(fs, jax.sharding.NamedSharding) or new_bits == FLOAT32:
     return None
-  shards = shards_for(fs, tuple(x.shape), block_size)
   return quantized_shardings(fs, tuple(x.shape), num_layout_blocks(x.shape, shards, block_size))
 
 
@@ -184,7 +184,7 @@ def _change(x, want: int, signed: bool, block_size: int, cmap, pshard, stacked: 
   elif pshard is not None:
     out = _param_out_shardings(pshard, shape, want, bs, shards)
   else:
-    out = _out_shardings(x, want, bs)
+    out = _out_shardings(x, want, bs, shards)
   src_arr = x.codes if is_quantized(x) else x
   in_sharding = getattr(src_arr, "sharding", None)
   if not isinstance(in_sharding, jax.sharding.NamedSharding) or stacked:

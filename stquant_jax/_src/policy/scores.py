@@ -101,16 +101,14 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
   """
   shards = _shards_of(x, q_ref)
   if is_quantized(x):
-    nb = x.scales.shape[0]
     codes, scales = x.codes, x.scales
     if rows is not None:
       codes, scales = _take_rows(codes, rows, stride, slot), _take_rows(scales, rows, stride, slot)
     d = decode_blocks(codes, scales, x.code_map)
     d = d.reshape(d.shape[0], -1)
-    n, bs = x.size, x.block_size
+    bs = x.block_size
   elif shards is not None:  # per-shard layout: the blocks of a (replicated) copy
     bs = q_ref.block_size
-    n = x.size
     d = to_blocks(replicated(x) if explicit_axes_per_dim(x) else x, shards, bs)
     if rows is not None:
       d = jnp.take(d, jnp.minimum(rows, d.shape[0] - 1), axis=0)
@@ -122,23 +120,22 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
     if nb * bs != n or nb % explicit_shards(flat):
       if explicit_shards(flat) > 1:
         flat = replicated(flat)
-      if rows is None:
-        d = jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs)
-      else:
-        idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
-        d = jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+      d = (jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs) if rows is None
+           else _gather_blocks(flat, rows, bs))
     else:
       d = flat.reshape(nb, bs)
       if rows is not None:
         d = _take_rows(d, rows, stride, slot)
-  if shards is not None:
-    return d, valid_mask(jnp.arange(d.shape[0], dtype=jnp.int32) if rows is None else rows,
-                         x.shape, shards, bs)
-  if rows is None:
-    idx = jnp.arange(d.size, dtype=jnp.int32).reshape(d.shape)
-  else:
-    idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
-  return d, idx < n
+  rows = jnp.arange(d.shape[0], dtype=jnp.int32) if rows is None else rows
+  return d, valid_mask(rows, x.shape, shards, bs)
+
+
+def _gather_blocks(flat, rows, bs: int):
+  """Blocks ``rows`` (int32 ``[r]``) of the flat array ``flat`` cut into blocks of ``bs``
+  (values past its end: zeros), gathered without padding a copy of it."""
+  n = flat.size
+  idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+  return jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
 
 
 def _shards_of(x, q_ref):
@@ -149,12 +146,8 @@ def _shards_of(x, q_ref):
 
 def num_leaf_blocks(x, q_ref: QuantizedArray | None, block_size: int) -> int:
   """Number of blocks of one leaf (static)."""
-  if is_quantized(x):
-    return x.scales.shape[0]
-  if q_ref is not None and q_ref.shards is not None:
-    return q_ref.scales.shape[0]
-  bs = q_ref.block_size if q_ref is not None else block_size
-  return -(-x.size // bs)
+  q = x if is_quantized(x) else q_ref
+  return q.scales.shape[0] if q is not None else -(-x.size // block_size)
 
 
 def sample_rows(num_blocks: int, stride: int, slot):
@@ -334,7 +327,7 @@ def _sample_per_shard(g, mu, nu, ref, block_size: int) -> bool:
   number of blocks and its block axis may be sharded (Explicit axes, or several
   devices under GSPMD)."""
   bs = ref.block_size if ref is not None else block_size
-  if g.size and _shards_of(ref, None) is not None:  # per-shard layout: blocks are whole
+  if g.size and _shards_of(g, ref) is not None:  # per-shard layout: blocks are whole
     return may_be_block_sharded([a for q in (mu, nu) if is_quantized(q)
                                  for a in (q.codes, q.scales)])
   if g.size == 0 or g.size % bs:
@@ -362,7 +355,7 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
   devices) equal the global ones. Only the ``[NUM_SUMS]`` sums cross devices.
   """
   bs = ref.block_size if ref is not None else block_size
-  shards = _shards_of(ref, None)
+  shards = _shards_of(g, ref)
   # In the per-shard layout, float32 moments and the gradient go in as they are (each
   # device gets its piece) and the sampled blocks are read from the piece.
   naturals = [] if shards is None else (
@@ -382,9 +375,7 @@ def _local_leaf_sums(g, mu, nu, ref, block_size, probe_bits, needed, stride: int
       pieces = tuple(c * l // s for c, s, l in zip(shards, g.shape, x.shape))
       if math.prod(pieces) > 1:  # several pieces here (a mesh that does not fit)
         return take(to_blocks(x, pieces, bs))
-      flat, n = jnp.ravel(x).astype(jnp.float32), x.size
-      idx = rows[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
-      return jnp.where(idx < n, jnp.take(flat, jnp.minimum(idx, n - 1)), 0.0)
+      return _gather_blocks(jnp.ravel(x).astype(jnp.float32), rows, bs)
 
     def read(x):
       if is_quantized(x):

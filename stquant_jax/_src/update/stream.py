@@ -211,12 +211,9 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
   ref = mu if is_quantized(mu) else nu
   nb, bs, shards = ref.scales.shape[0], ref.block_size, ref.shards
   kw = dict(chunk_values=chunk_values, reads_once=reads_once, **kwargs)
-  moments = [x for q in (mu, nu) if is_quantized(q) for x in _moment_parts(q)]
-  if shards is None:
-    moments += [q for q in (mu, nu) if not is_quantized(q)]
-    if g.size == 0 or g.size != nb * bs or not may_be_block_sharded(moments + [g]):
-      return _stream(fn, g, mu, nu, first_block=0, **kw)
-  elif g.size == 0 or not may_be_block_sharded(moments):
+  moments = [x for q in (mu, nu) for x in _moment_parts(q)]
+  ragged = shards is None and g.size != nb * bs  # plain layout, padded: no block view
+  if g.size == 0 or ragged or not may_be_block_sharded(moments + [g]):
     return _stream_pieces(fn, g, mu, nu, shards, first_block=0, **kw)
 
   # Sharded block axis: every device streams its own blocks (no gathers). In the plain
@@ -244,12 +241,8 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
     dense_l = iter(nat[1:])
     m_l, v_l = (_with_parts(q, parts[id(q)]) if is_quantized(q) else next(dense_l)
                 for q in (mu, nu))
-    if shards:
-      pieces = tuple(c * l // s for c, s, l in zip(shards, g.shape, g_l.shape))
-      u, m2, v2 = _stream_pieces(fn, g_l, m_l, v_l, pieces, first_block=first_block, **kw_l)
-    else:
-      u, m2, v2 = _stream(fn, g_l, _one_piece(m_l, (g_l.size,)), _one_piece(v_l, (g_l.size,)),
-                          first_block=first_block, **kw_l)
+    pieces = shards and tuple(c * l // s for c, s, l in zip(shards, g.shape, g_l.shape))
+    u, m2, v2 = _stream_pieces(fn, g_l, m_l, v_l, pieces, first_block=first_block, **kw_l)
     q_out = [x for q in (m2, v2) if is_quantized(q) for x in _moment_parts(q)]
     n_out = [u] + [q for q in (m2, v2) if not is_quantized(q)]
     return ([q_out, n_out] if shards else q_out + n_out), ()
