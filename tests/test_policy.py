@@ -14,6 +14,7 @@ import pytest
 import stquant_jax as sq
 from _policy_setup import _STEPS, _adamw, _grads, _loss, _params, _policy, _step_fn, _train
 from stquant_jax._src.policy.allocation import FLOAT32
+from stquant_jax._src.policy.decision import decide
 from stquant_jax._src.policy.scores import NUM_SUMS, SUMS
 
 
@@ -99,8 +100,8 @@ def _decide(pol, st, n_m, r_m, count=10):
   sums[:, idx["perr_m"]] = np.square(r_m) * sums[:, idx["m2"]]  # probe_err of m = r_m
   sums[:, idx["v"]] = 1.0
   sums[:, idx["crest_v"]] = 1.0
-  return pol._decide(st, jnp.asarray(sums), jnp.int32(count), np.ones(L, bool), [4096] * L,
-                     [128] * L, 0, 0)
+  return decide(pol, st, jnp.asarray(sums), jnp.int32(count), np.ones(L, bool), [4096] * L,
+                [128] * L, 0, 0)
 
 
 def test_hysteresis_band_keeps_zone_inside_and_moves_outside():

@@ -31,8 +31,10 @@ once):
 5. **Transition limits**: a moment's proposal changes at most once per
    ``min_interval`` steps and at most ``max_changes`` times in all.
 
-The decision only writes the *proposed* bits into the state; bits are static
-layout, applied outside ``jit`` by :func:`stquant_jax.relayout`.
+The decision (:mod:`stquant_jax._src.policy.decision`) only writes the *proposed*
+bits into the state; bits are static layout, applied outside ``jit`` by
+:func:`stquant_jax.relayout`. This module holds the policy's knobs, their checks,
+the static first layout and the per-step statistics.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,34 +54,17 @@ from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
-from stquant_jax._src.policy import annealing, first_layout
-from stquant_jax._src.policy.allocation import allocate, relative_error_table
+from stquant_jax._src.policy import decision, first_layout
+from stquant_jax._src.policy.allocation import relative_error_table
 from stquant_jax._src.policy.base import Policy, is_float
+from stquant_jax._src.policy.decision import NEVER, STQuantPolicyState
 from stquant_jax._src.policy.scores import (
-    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, factor_values, leaves_sums,
+    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, leaves_sums,
     needed_sums, reduce_sums)
 from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, bits_code, moment_bits
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 BUDGET_STARTS = ("v_first", "even")
-_NEVER = -(2**30)  # "last change" of a moment that never changed
-
-
-class STQuantPolicyState(NamedTuple):
-  """Policy state of :class:`STQuantPolicy`; rows follow ``jax.tree.leaves(params)``,
-  columns are (m, v). Bits codes: 2..8 quantized, 32 float32, 0 no moment."""
-
-  n_ema: jax.Array        # float32 [L, 2]: EMA of log2 magnitude factor N
-  r_ema: jax.Array        # float32 [L, 2]: EMA of log2 structure factor R
-  zone: jax.Array         # int32 [L, 2]: index into ZONES
-  proposed: jax.Array     # int32 [L, 2]: bits the policy wants
-  actual: jax.Array       # int32 [L, 2]: bits of the layout the last step ran with
-  last_change: jax.Array  # int32 [L, 2]: step at which `proposed` last changed
-  changes: jax.Array      # int32 [L, 2]: number of changes of `proposed`
-  decisions: jax.Array    # int32 []: decisions taken so far
-  anneal: jax.Array       # float32 []: annealing factor tau of the last decision
-  acc: jax.Array          # float32 [L, S]: statistics accumulated since the last decision
-                          # (the S sums the factors read, in SUMS order; local to the device)
 
 
 def _pair(v) -> tuple:
@@ -107,55 +92,27 @@ class STQuantPolicy(Policy):
     every: K, steps between decisions; each step samples 1/K of every adaptive
       leaf's blocks for the statistics, so a decision sees each block once.
     critical, magnitude, structure, redundant: ``(mu_bits, nu_bits)`` of each zone,
-      non-increasing from critical to redundant. The defaults, (5, 6), (5, 5),
-      (4, 5) and (4, 4), settle at about 5 bits with metadata (the paper's 5.1)
-      once the annealing boost is gone. v gets a bit more than m where the two
-      differ: on the quality suite's GPT-2, raising v's precision, not m's,
-      kept runs off a slower trajectory in our probes (docs/policy.md).
+      non-increasing from critical to redundant (defaults: about 5 bits with
+      metadata once the annealing boost is gone).
     n_thresholds, r_thresholds: ``(exit, enter)`` hysteresis band of the
       magnitude / structure factor, relative to the geometric mean over the
       adaptive leaves (1.0 = a typical leaf); ``0 < exit <= enter``.
     ema: EMA decay of the log2 factors across decisions, in [0, 1).
     anneal_steps: time constant of the early-training boost (0: none).
     anneal_bits: extra bits at full annealing (tau = 1), an int or a
-      ``(mu, nu)`` pair. The default (3 bits, 50 steps) starts every adaptive
-      moment at 8 bits and gives it its zone's bits at the first decision
-      (step 100: tau = exp(-2) = 0.14, round(3 tau) = 0): the first ~100 steps
-      are where low-bit moments sent GPT-2 runs onto a slower trajectory, and 8
-      bits there kept every seed on fp32 AdamW's (docs/quality.md). Until
-      2026-12 the default was 100 steps, which kept one extra bit from the
-      first decision to the moment's next allowed change (300 more steps,
-      0.3-0.5 time-averaged bits on the suite's runs, with no measured gain:
-      docs/quality.md, "The default policy"). A v-only boost, ``(0, 3)`` (m at
-      its critical zone's 5 bits from the start), let GPT-2's seed 4 fall
-      (+4.5%; docs/policy.md, "The first steps").
-      With ``anneal_steps=0`` there is no boost, whatever the drift.
+      ``(mu, nu)`` pair. The defaults (3 bits, 50 steps) start every adaptive
+      moment at 8 bits and give it its zone's bits at the first decision. With
+      ``anneal_steps=0`` there is no boost, whatever the drift.
     instability: mean change of relative log2 N + log2 R between decisions
-      that counts as fully unstable (tau = 1). The default (2.0) lets only a
-      large shift hold the boost: at 0.5 the ordinary drift of GPT-2's
-      statistics (about 0.2 per decision) held one bit of a 3-bit boost for the
-      whole run. Moments whose bits the previous decision changed are left out
-      of the drift: re-packing moves their own statistics (``probe_err``). With
-      the defaults the first decision changes every moment, so the boost then
-      follows time alone (docs/policy.md, "Temporal annealing").
-    rearm: whether drift may raise tau above the previous decision's value. The
-      default (False) anneals monotonically: drift can hold the boost while the
-      statistics still move early on, but cannot bring it back once it has
-      decayed. With few adaptive leaves the mean drift is noisy: on ViT (6
-      leaves) the late learning-rate decay moved it past ``instability`` and,
-      re-armed, the boost raised every matrix by one bit for the last quarter of
-      the run (docs/policy.md). Set True to re-raise precision on a late shift
-      (a new task or data mix in the same run).
-    min_bits, max_bits: allowed quantized bit-widths (default 3..8: the 2-bit
-      signed map has three levels, relative error 0.76, and a budget that
-      pushed m there cost +18-23% loss in benchmarks/policy_tradeoff.py).
-      ``min_bits=2`` is stable but stalls: tiny GPT-2 with every zone at
-      (2, 2) never diverged in 2000 steps, yet ended at 1.89x fp32 AdamW's
-      loss, because ~88% of 2-bit m codes are 0; 2-bit v alone did not stall it
-      (tests/test_stability.py, docs/reliability.md). ``min_bits`` may be an
-      ``(mu, nu)`` pair: ``(3, 2)`` lets a tight budget take v, not m, down
-      to 2 bits (uniform m3/v2 still costs quality: +10% on the quality
-      suite's ViT, against +5.5% for 3-bit; docs/quality.md).
+      that counts as fully unstable (tau = 1); moments the previous decision
+      re-packed are left out of the drift. The default (2.0) lets only a large
+      shift hold the boost.
+    rearm: whether drift may raise tau above the previous decision's value.
+      The default (False) anneals monotonically; set True to re-raise precision
+      on a late shift (a new task or data mix in the same run).
+    min_bits, max_bits: allowed quantized bit-widths (default 3..8; 2 bits is
+      opt-in). ``min_bits`` may be an ``(mu, nu)`` pair: ``(3, 2)`` lets a
+      tight budget take v, not m, down to 2 bits.
     target_bits: optional memory budget, average stored bits per moment value,
       metadata and policy state included (as :func:`stquant_jax.average_bits`),
       below 32. Met from the first step on: the first layout (:meth:`layout`)
@@ -166,17 +123,11 @@ class STQuantPolicy(Policy):
       ``"v_first"`` (default): m at 3 bits (``min_bits`` if higher), v at the
       most bits that fit (at most its critical-zone bits plus the boost), any
       rest back to m; at ``target_bits=4.5`` that is m 3 / v 5 bits.
-      ``"even"``: both moments at the same bits (m 4 / v 4). Why v first: on
-      the quality suite's GPT-2 the runs whose v had 4-6 bits in the first ~50
-      steps fell onto a slower trajectory in 2 of 5 seeds (+8-17% final loss),
-      whatever m's width (m 8 / v 4 and m 8 / v 5 fell; m 4 / v 8 and m 5 / v 8
-      did not), while 3-bit m never did (docs/policy.md, "The first steps").
-      On ViT, v-first and even starts were indistinguishable (docs/quality.md).
+      ``"even"``: both moments at the same bits (m 4 / v 4).
     min_interval: minimum steps between two changes of one moment's bits.
     max_changes: maximum changes of one moment's bits per run (None: no limit).
     mu_factors, nu_factors: ``(magnitude, structure)`` factor names for m and v
-      (:mod:`stquant_jax._src.policy.scores`); defaults chosen by
-      ``benchmarks/policy_factors.py`` (docs/policy.md).
+      (:mod:`stquant_jax._src.policy.scores`).
     probe_bits: bit-width of the ``probe_err`` statistic.
     axis_name: collective axis (pmap / shard_map) over which statistics are
       summed, so every replica decides the same; None under plain ``jit``.
@@ -184,6 +135,9 @@ class STQuantPolicy(Policy):
       the budget's cost model and the statistics' blocks). A value that
       differs from the transform's is an error naming both.
     min_size: leaves with fewer values are not adaptive (float32 moments).
+
+  Why each default is what it is (the measurements behind them): docs/policy.md,
+  "Why the defaults".
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -438,7 +392,7 @@ class STQuantPolicy(Policy):
     return STQuantPolicyState(
         n_ema=jnp.zeros((n, 2), jnp.float32), r_ema=jnp.zeros((n, 2), jnp.float32),
         zone=jnp.zeros((n, 2), jnp.int32), proposed=jnp.asarray(bits),
-        actual=jnp.asarray(bits), last_change=jnp.full((n, 2), _NEVER, jnp.int32),
+        actual=jnp.asarray(bits), last_change=jnp.full((n, 2), NEVER, jnp.int32),
         changes=jnp.zeros((n, 2), jnp.int32), decisions=jnp.zeros([], jnp.int32),
         anneal=jnp.ones([], jnp.float32),
         acc=jnp.zeros((n, len(self.sum_keys())), jnp.float32))
@@ -520,79 +474,11 @@ class STQuantPolicy(Policy):
     def decide(st):  # small operands only: the policy state and count
       full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)
       sums = reduce_sums(full, self.axis_name)
-      new = self._decide(st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
+      new = decision.decide(self, st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
       return new._replace(acc=jnp.zeros_like(st.acc))
 
     new = jax.lax.cond(slot == 0, decide, lambda st: st, old)
     return new._replace(actual=actual)
-
-  def _decide(self, st, sums, count, adaptive, sizes, blocks, fixed_bytes, values):
-    ad = jnp.asarray(np.repeat(adaptive[:, None], 2, axis=1))
-    tiny = jnp.float32(1e-30)
-    x_n = jnp.stack([factor_values(sums, self.mu_factors[0], 0),
-                     factor_values(sums, self.nu_factors[0], 1)], axis=1)
-    x_r = jnp.stack([factor_values(sums, self.mu_factors[1], 0),
-                     factor_values(sums, self.nu_factors[1], 1)], axis=1)
-    # Degenerate statistics (an all-zero moment: a LoRA factor whose partner is still
-    # zero, an unused branch) carry no information: such a moment keeps its zone and
-    # bits and stays out of the geometric mean, so it cannot move the others' zones.
-    # A zero structure factor is legitimate (a constant block quantizes exactly); it
-    # is floored at 2**-24 so that its log stays finite and cannot dominate the mean.
-    live = ad & (x_n > tiny)
-    x_n = jnp.where(live, jnp.log2(jnp.maximum(x_n, tiny)), 0.0)
-    x_r = jnp.where(live, jnp.log2(jnp.maximum(x_r, jnp.float32(2.0**-24))), 0.0)
-    # EMAs start at a moment's first live decision (both log2 EMAs exactly 0 means
-    # "never live": a live moment has them at log2 of its factors).
-    first = (st.decisions == 0) | ((st.n_ema == 0) & (st.r_ema == 0))
-    b = jnp.float32(self.ema)
-    n_ema = jnp.where(first, x_n, b * st.n_ema + (1 - b) * x_n)
-    r_ema = jnp.where(first, x_r, b * st.r_ema + (1 - b) * x_r)
-
-    since = count - st.last_change
-    # Drift over the moments the last decision did not re-pack (annealing.py).
-    steady = live & ~first & (since > self.every)
-    drift = annealing.drift(x_n, x_r, st.n_ema, st.r_ema, steady)
-    # log2 of the factors relative to the geometric mean of the live moments
-    n_rel, r_rel = annealing.relative(n_ema, live), annealing.relative(r_ema, live)
-    z = st.zone
-    n_was_hi, r_was_hi = z < 2, (z % 2) == 0
-    lg = lambda t: jnp.float32(math.log2(t))
-    n_hi = jnp.where(n_was_hi, n_rel >= lg(self.n_thresholds[0]), n_rel > lg(self.n_thresholds[1]))
-    r_hi = jnp.where(r_was_hi, r_rel >= lg(self.r_thresholds[0]), r_rel > lg(self.r_thresholds[1]))
-    zone = jnp.where(live, 2 * (~n_hi).astype(jnp.int32) + (~r_hi).astype(jnp.int32), z)
-
-    tau = annealing.tau(count, drift, st.anneal, anneal_steps=self.anneal_steps,
-                        instability=self.instability, rearm=self.rearm)
-    boost = annealing.boost(tau, self._boosts)  # [2]
-    table = jnp.asarray(self.zone_table())
-    zb = table[zone, jnp.arange(2)[None, :]]
-    desired = jnp.where(zb == FLOAT32, FLOAT32, jnp.minimum(zb + boost, self.max_bits))
-
-    free = live & (since >= self.min_interval)
-    if self.max_changes is not None:
-      free = free & (st.changes < self.max_changes)
-    if self.target_bits is not None:
-      bsz = np.repeat(np.asarray(blocks, np.int64)[:, None], 2, axis=1).reshape(-1)
-      sz = np.repeat(np.asarray(sizes, np.int64)[:, None], 2, axis=1).reshape(-1)
-      nb = -(-sz // bsz)
-      budget = self.target_bits * values / 8.0 - fixed_bytes
-      err = relative_error_table(self._lowest, self.max_bits) ** 2  # [2, levels]
-      err2 = np.tile(err[None], (len(sizes), 1, 1)).reshape(-1, err.shape[1])
-      floors = np.tile(np.asarray(self._floors, np.int32), len(sizes))
-      desired = allocate(
-          (2.0 * (n_rel + r_rel)).reshape(-1), desired.reshape(-1), free.reshape(-1),
-          st.proposed.reshape(-1), err2=err2, per_bit=nb * bsz / 8.0, fixed=4.0 * nb,
-          fp32_bytes=4.0 * sz, budget_bytes=jnp.float32(budget),
-          min_bits=self._lowest, max_bits=self.max_bits,
-          floor_bits=floors).reshape(desired.shape)
-    proposed = jnp.where(free, desired, st.proposed)
-    changed = proposed != st.proposed
-    return STQuantPolicyState(
-        n_ema=jnp.where(live, n_ema, st.n_ema), r_ema=jnp.where(live, r_ema, st.r_ema),
-        zone=zone, proposed=proposed.astype(jnp.int32), actual=st.actual,
-        last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
-        changes=(st.changes + changed).astype(jnp.int32),
-        decisions=st.decisions + 1, anneal=tau.astype(jnp.float32), acc=st.acc)
 
   def proposed_bits(self, state):
     """Per leaf (in ``jax.tree.leaves(params)`` order), the ``(mu_bits, nu_bits)``
