@@ -9,12 +9,14 @@ the state in the layout ``tx.init`` gives those sharded params (the per-shard
 layout where a parameter's shards are not whole blocks of the plain one) and,
 for comparison, in the plain layout (what a state had before: its moments of
 ``wte`` cannot be split and stay replicated). Reported per row: state bytes per
-chip (from the shardings), the isolated optimizer step's (update + apply,
-params, state and gradients donated) temporaries per chip and the elements its
+chip (from the shardings), the isolated optimizer step's (update + apply;
+``--donate``: params, state and gradients by default, ``1 2`` for state and
+gradients as in a train step) temporaries per chip and the elements its
 collectives move (from ``memory_analysis()`` and the compiled HLO).
 
 Usage: ``JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 python -m benchmarks.fsdp_state
-[--topology v5e:2x2] [--bits 8 4] [--json docs/fsdp_state.json]`` (needs the ``tpu-compile``
+[--topology v5e:2x2] [--bits 8 4] [--json docs/fsdp_state.json]``; ``--topology
+cpu:8`` compiles for 8 forced CPU devices instead. (needs the ``tpu-compile``
 extra). Nothing runs on a TPU: these are compiler figures.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 import warnings
 
@@ -69,7 +72,7 @@ def per_device_bytes(abstract, shardings) -> int:
   return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shs))
 
 
-def case(name, tx, params, pshard, layout: str):
+def case(name, tx, params, pshard, layout: str, donate=(0, 1, 2)):
   state = jax.eval_shape(tx.init, params)
   if layout == "per-shard":
     state = per_shard_layout(state, pshard)
@@ -88,13 +91,13 @@ def case(name, tx, params, pshard, layout: str):
   # Traced under the slice's (abstract) mesh, as on the slice itself: the per-device
   # work (map_local_blocks) sees several devices.
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    lowered = jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(pshard, sshard)).trace(
+    lowered = jax.jit(step, donate_argnums=donate, out_shardings=(pshard, sshard)).trace(
         put(params, pshard), put(state, sshard), put(params, pshard)).lower()
   compiled = lowered.compile()
   secs = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   moved = [n for op, n in collectives(compiled.as_text()) if op in MOVING]
-  return {"optimizer": name, "layout": layout,
+  return {"optimizer": name, "layout": layout, "donate": list(donate),
           "state_MB_per_chip": per_device_bytes(state, sshard) / 1e6,
           "temp_MB_per_chip": mem.temp_size_in_bytes / 1e6,
           "moved_elements": int(sum(moved)), "compile_s": round(secs, 1)}
@@ -102,24 +105,35 @@ def case(name, tx, params, pshard, layout: str):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--topology", default="v5e:2x2")
+  ap.add_argument("--topology", default="v5e:2x2",
+                  help="a TPU topology (deviceless), or cpu:N for N forced CPU devices")
   ap.add_argument("--model", default="small")
   ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+  ap.add_argument("--donate", type=int, nargs="+", default=[0, 1, 2],
+                  help="donated arguments of step(params, state, grads) for stquant (adamw: "
+                       "all three); 1 2 is a train step's case, where the gradient is a "
+                       "temporary the update may overwrite")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+  if args.topology.startswith("cpu:"):
+    # Read when the CPU client starts (the first use of a device), not at import.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.topology[4:]}")
+    devices = jax.devices("cpu")
+  else:
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
   # Explicit axes: the per-device update goes through shard_map (libtpu's deviceless
   # compiler has no emitter for custom_partitioning, which Auto axes would use).
-  mesh = Mesh(topo.devices, ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
-  n = len(topo.devices)
+  mesh = Mesh(devices, ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+  n = len(devices)
   _, params = abstract_params(gpt2_config(args.model))
   pshard = jax.tree.map(lambda a: NamedSharding(mesh, param_spec(a.shape, n)), params)
   rows = [case("optax.adamw", optax.adamw(1e-3), params, pshard, "-")]
   for bits in args.bits:
     tx = sq.adamw(1e-3, policy=sq.FixedBits(bits, bits))
     for layout in ("per-shard", "plain"):
-      rows.append(case(f"stquant {bits}-bit", tx, params, pshard, layout))
+      rows.append(case(f"stquant {bits}-bit", tx, params, pshard, layout, tuple(args.donate)))
   base = rows[0]["state_MB_per_chip"]
   for r in rows:
     r["state_vs_adamw"] = round(r["state_MB_per_chip"] / base, 4)
