@@ -1,4 +1,5 @@
-"""The transform's settings that travel with its state: block size, code maps, param shapes.
+"""The transform's settings that travel with its state: block size, code maps, param shapes,
+policy.
 
 Everything a re-pack needs besides the arrays is bound once, by
 :func:`~stquant_jax.scale_by_stquant` at ``init``, into a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,10 @@ class StquantConfig:
     shapes: each parameter leaf's global shape, in ``jax.tree.leaves(params)``
       order (the rows of the policy state).
     dtypes: each parameter leaf's dtype name, same order.
+    policy: the transform's bound :class:`~stquant_jax.Policy` (None in a config
+      built by hand): how ``relayout``, ``adaptive_jit``, the telemetry and the
+      checkpoints reach the policy's interface
+      (:func:`~stquant_jax._src.policy.base.policy_of`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -75,12 +81,18 @@ class StquantConfig:
   nu_maps: tuple
   shapes: tuple
   dtypes: tuple
+  policy: Any = None
   _hash: int = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    # jit hashes the tree structure of its arguments on every call: hash once.
+    # jit hashes the tree structure of its arguments on every call: hash once. An
+    # unhashable policy (a mutable dataclass) counts by identity.
+    try:
+      policy = hash(self.policy)
+    except TypeError:
+      policy = id(self.policy)
     object.__setattr__(self, "_hash", hash((self.block_size, self.mu_maps, self.nu_maps,
-                                            self.shapes, self.dtypes)))
+                                            self.shapes, self.dtypes, policy)))
 
   def __hash__(self):
     return self._hash
@@ -111,8 +123,9 @@ class StquantConfig:
 jax.tree_util.register_static(StquantConfig)
 
 
-def make_config(params, block_size: int, mu_maps: tuple, nu_maps: tuple) -> StquantConfig:
-  """The :class:`StquantConfig` of a state built for ``params``."""
+def make_config(params, block_size: int, mu_maps: tuple, nu_maps: tuple,
+                policy=None) -> StquantConfig:
+  """The :class:`StquantConfig` of a state built for ``params`` by ``policy``."""
   pairs = [leaf_shape_dtype(p) for p in jax.tree.leaves(params)]
   return StquantConfig(block_size, mu_maps, nu_maps, tuple(s for s, _ in pairs),
-                       tuple(d.name for _, d in pairs))
+                       tuple(d.name for _, d in pairs), policy)

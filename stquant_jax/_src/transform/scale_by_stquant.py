@@ -161,7 +161,7 @@ def scale_by_stquant(
       raise TypeError("block_size is traced; it sets the state's shapes and must be "
                       "static (with optax.inject_hyperparams pass static_args=('block_size',))")
     params = jax.tree.map(_as_array, params)
-    config = make_config(params, block_size, mu_maps, nu_maps)
+    config = make_config(params, block_size, mu_maps, nu_maps, policy)
 
     leaves, treedef = jax.tree.flatten(params)
     layout = policy.layout(leaves)
