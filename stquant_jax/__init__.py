@@ -5,6 +5,8 @@ Public API:
 * :func:`quantize`, :func:`dequantize`, :class:`QuantizedArray`,
   :class:`CodeMap`, :func:`default_map`: the quantization engine.
 * :func:`scale_by_stquant`, :func:`adam`, :func:`adamw`: optax transforms.
+* :func:`quantized`: any optax transform with its parameter-shaped state
+  quantized; :func:`lion`, :func:`sgd`, :func:`rmsprop`, :func:`ademamix` on it.
 * :class:`Policy`, :class:`FixedBits`, :class:`STQuantPolicy`: bit allocation
   (fixed, or adaptive per layer, state and training phase).
 * :func:`relayout`: applies an adaptive policy's proposed bit-widths (outside jit).
@@ -37,6 +39,8 @@ from stquant_jax._src.state.opt_state import ScaleByStquantState
 from stquant_jax._src.state.typed import typed_tree as plain_state
 from stquant_jax._src.stepping.adaptive_jit import AdaptiveJit, adaptive_jit
 from stquant_jax._src.transform.alias import adam, adamw
+from stquant_jax._src.transform.quantized import QuantizedState, quantized
+from stquant_jax._src.transform.quantized_alias import ademamix, lion, rmsprop, sgd
 from stquant_jax._src.transform.scale_by_stquant import scale_by_stquant
 
 __version__ = "0.1.0"
@@ -48,10 +52,12 @@ __all__ = [
     "FixedBits",
     "Policy",
     "QuantizedArray",
+    "QuantizedState",
     "STQuantPolicy",
     "STQuantPolicyState",
     "ScaleByStquantState",
     "adam",
+    "ademamix",
     "abstract_state",
     "adamw",
     "adaptive_jit",
@@ -59,13 +65,17 @@ __all__ = [
     "bit_widths",
     "checkpoint_args",
     "default_map",
+    "lion",
     "dequantize",
     "plain_state",
+    "quantized",
     "quantize",
     "relayout",
     "restore_state",
+    "rmsprop",
     "save_state",
     "scale_by_stquant",
+    "sgd",
     "state_nbytes",
     "state_shardings",
     "summary",
