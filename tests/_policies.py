@@ -58,6 +58,15 @@ class Scheduled(sq.Policy):
       want = jnp.where(count >= at, target, want)
     return ScheduleState(want.astype(jnp.int32), prop)
 
+  def proposed_bits(self, state):
+    return state.proposed
+
+  def with_actual(self, state, bits):
+    old = state.actual
+    bits = np.ascontiguousarray(np.broadcast_to(bits, old.shape))
+    return state._replace(actual=jax.device_put(bits, old.sharding) if old.committed
+                          else jnp.asarray(bits))
+
 
 class MixedBits(sq.Policy):
   """A mixed per-leaf layout, as the adaptive policy's layouts are: widths 3..8 for m

@@ -20,7 +20,7 @@ from stquant_jax._src.codec.blocks import check_block_size
 from stquant_jax._src.codec.maps import CodeMap
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
 from stquant_jax._src.codec.shards import check_shards, num_layout_blocks
-from stquant_jax._src.core import trees
+from stquant_jax._src.policy.base import policy_of, proposes
 from stquant_jax._src.state.opt_state import find_states, is_stquant_state
 
 FORMAT = "stquant_jax.opt_state"
@@ -53,10 +53,10 @@ def structure_string(opt_state) -> str:
   return str(jax.tree.structure(recorded, is_leaf=is_quantized))
 
 
-def _adaptive(policy_state) -> bool:
-  """Whether a stquant state's policy state carries a bit proposal (the policy can
-  change bits, e.g. ``STQuantPolicyState.proposed``); ``FixedBits``' ``()`` does not."""
-  return trees.field(policy_state, "proposed", None) is not None
+def _adaptive(state) -> bool:
+  """Whether a stquant state's policy can change its bits (it proposes a layout:
+  :func:`~stquant_jax._src.policy.base.proposes`); ``FixedBits`` cannot."""
+  return proposes(policy_of(state), state.policy_state)
 
 
 def moment_paths(opt_state) -> dict[str, bool]:
@@ -67,7 +67,7 @@ def moment_paths(opt_state) -> dict[str, bool]:
   for prefix, st in found:
     if not is_stquant_state(st):
       continue
-    adaptive = _adaptive(st.policy_state)
+    adaptive = _adaptive(st)
     for sub, _ in jax.tree_util.tree_flatten_with_path(st, is_leaf=is_quantized)[0]:
       if sub and getattr(sub[0], "name", None) in ("mu", "nu"):
         out[keystr(tuple(prefix) + tuple(sub))] = adaptive

@@ -47,7 +47,7 @@ from stquant_jax._src.distributed.placement import (
     float_sharding_from_blocks, quantized_shardings, rewidth_codes_sharding)
 from stquant_jax._src.distributed.state_shardings import state_shardings
 from stquant_jax._src.layout.access import write_into
-from stquant_jax._src.layout.relayout import place_like
+from stquant_jax._src.policy.base import place_like
 from stquant_jax._src.state.opt_state import find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_tree
 
@@ -321,10 +321,11 @@ def restore_state(source, like, *, step: int | None = None, item: str = "opt_sta
     strict: whether the saved bit layout (bits, map, float32 or quantized per
       moment) must equal ``like``'s. ``None`` (default): required for the
       moments of every stquant state whose policy cannot change bits (its
-      policy state carries no ``proposed`` bits, e.g. ``FixedBits``), so a
-      checkpoint at other bits never silently replaces a fixed bit-width;
-      adaptive states (``STQuantPolicy``) adopt the saved bits. ``True``:
-      required everywhere; ``False``: never (adopt the checkpoint's bits).
+      :meth:`~stquant_jax.Policy.proposed_bits` is None, e.g. ``FixedBits``), so
+      a checkpoint at other bits never silently replaces a fixed bit-width;
+      adaptive states (``STQuantPolicy``, any policy that proposes bits) adopt
+      the saved bits. ``True``: required everywhere; ``False``: never (adopt
+      the checkpoint's bits).
     param_shardings: a pytree like the params of ``jax.sharding.Sharding``
       objects, or the sharded params themselves (as for
       :func:`~stquant_jax.state_shardings`).

@@ -1,11 +1,13 @@
 """``relayout``: apply the policy's proposed bit-widths to an optimizer state, outside ``jit``.
 
 Bit-widths are static layout (:class:`QuantizedArray` metadata), so a jitted
-step can never change them. The policy writes the bits it wants into its state
-under ``jit``; :func:`relayout` reads them (one small device-to-host copy per
-stquant state) and re-packs only the moments whose bits differ, in one jitted
-program per state (:mod:`stquant_jax._src.layout.repack`: block by block, so
-peak memory is old moments + new moments + a small constant). The code maps
+step can never change them. The policy keeps what it wants in its state under
+``jit``; :func:`relayout` asks it (:meth:`~stquant_jax.Policy.proposed_bits`,
+one small device-to-host copy per stquant state), re-packs only the moments
+whose bits differ, in one jitted program per state
+(:mod:`stquant_jax._src.layout.repack`: block by block, so peak memory is old
+moments + new moments + a small constant), and hands the new layout back
+(:meth:`~stquant_jax.Policy.with_actual`). The code maps
 and block size come from the state itself (``state.config``), so they are
 always the transform's. The user's jitted step then retraces once per
 distinct layout; :func:`~stquant_jax.adaptive_jit` compiles it ahead of time
@@ -18,7 +20,6 @@ the ahead-of-time compile.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import jax
@@ -35,26 +36,23 @@ from stquant_jax._src.distributed.placement import (
     rewidth_codes_sharding, shards_for)
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.access import replace_states
+from stquant_jax._src.policy.base import is_concrete, policy_of
 from stquant_jax._src.state.config import resolve_maps
 from stquant_jax._src.state.opt_state import (
-    FLOAT32, NO_MOMENT, bits_code, current_bits, find_states)
+    FLOAT32, NO_MOMENT, current_bits, find_states)
 from stquant_jax._src.state.typed import opt_state_of, typed_state
 
 
 def proposal(state, policy=None) -> np.ndarray | None:
   """int32 proposed bits of a typed state: ``[L, 2]``, or ``[R, L, 2]`` for a ``pmap``
-  state (one row block per replica); None when the state carries no proposal."""
+  state (one row block per replica); None when its policy (``policy``, else the one
+  that built the state) proposes nothing, or the state is abstract."""
+  policy = policy_of(state) if policy is None else policy
   ps = state.policy_state
-  if policy is not None:
-    prop = policy.proposed_bits(ps)
-    if prop is None:
-      return None
-    flat = jax.tree.leaves(prop, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and not
-                           isinstance(x[0], tuple))
-    return np.array([[bits_code(b) for b in pair] for pair in flat],
-                    np.int32).reshape(-1, 2)
-  prop = field(ps, "proposed", None)
-  if prop is None or isinstance(prop, jax.ShapeDtypeStruct):
+  if not is_concrete(ps):
+    return None
+  prop = policy.proposed_bits(ps)
+  if prop is None:
     return None
   return np.asarray(host_value(prop), np.int32)
 
@@ -274,32 +272,22 @@ def release(inputs, outs) -> None:
 
 
 def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = False):
-  """``state`` with the re-packed moments put in place and the policy's ``actual`` bits
-  (when it keeps them) set to the new layout."""
+  """``state`` with the re-packed moments put in place and, for a concrete state, its
+  policy told the new layout (:meth:`~stquant_jax.Policy.with_actual`, which places
+  it on every replica row of a ``stacked`` state itself)."""
+  del stacked
   cur = current_bits(state)
   mu, tdef_m = jax.tree.flatten(state.mu, is_leaf=is_quantized)
   nu, tdef_v = jax.tree.flatten(state.nu, is_leaf=is_quantized)
   new = [list(mu), list(nu)]
   for (i, k), m in zip(positions, new_moments):
     new[k][i] = m
+  new_cur = np.where((target != NO_MOMENT) & (cur != NO_MOMENT), target, cur).astype(np.int32)
   ps = state.policy_state
-  actual = field(ps, "actual", None)
-  if hasattr(ps, "_fields") and "actual" in ps._fields and not isinstance(
-      actual, jax.ShapeDtypeStruct):
-    new_cur = np.where((target != NO_MOMENT) & (cur != NO_MOMENT), target, cur).astype(np.int32)
-    if stacked:  # one row per pmap replica
-      new_cur = np.broadcast_to(new_cur, tuple(actual.shape[:1]) + new_cur.shape)
-    ps = ps._replace(actual=place_like(np.ascontiguousarray(new_cur), actual))
+  if is_concrete(ps):  # an abstract one keeps its shapes, whatever the layout
+    ps = policy_of(state).with_actual(ps, new_cur)
   return state._replace(mu=tdef_m.unflatten(new[0]), nu=tdef_v.unflatten(new[1]),
                         policy_state=ps)
-
-
-def place_like(value: np.ndarray, old):
-  """A small host array placed like ``old`` (e.g. replicated over a mesh that may span
-  several processes); uncommitted like ``old`` when ``old`` is uncommitted."""
-  if isinstance(old, jax.Array) and old.committed:
-    return jax.device_put(value, old.sharding)
-  return jnp.asarray(value)
 
 
 def apply_bits(state, target, *, param_shardings=None, stacked: bool = False,
@@ -352,8 +340,9 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
   Args:
     opt_state: any optimizer state containing stquant states, or an
       ``nnx.Optimizer``.
-    policy: only for custom policies whose state keeps no ``proposed`` field:
-      ``policy.proposed_bits(policy_state)`` is used.
+    policy: read the proposal with this policy's
+      :meth:`~stquant_jax.Policy.proposed_bits` instead of the one that built
+      the state (``state.config.policy``); rarely needed.
     mu_map, nu_map, block_size: deprecated and unneeded (the state carries its
       transform's); a value that disagrees with the state's is a ``ValueError``.
     param_shardings: optional params-shaped pytree of shardings (or the

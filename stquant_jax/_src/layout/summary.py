@@ -26,6 +26,15 @@ def _bits(b: int) -> str:
   return {FLOAT32: "f32", NO_MOMENT: "-"}.get(int(b), str(int(b)))
 
 
+def _described(record: dict) -> dict[str, dict[str, str]]:
+  """The per-moment entries the policy reports (:meth:`~stquant_jax.Policy.describe`,
+  e.g. ``zone``) from a :func:`bit_widths` record: ``{key: {leaf name: "m/v"}}``."""
+  keys = [k[3:] for k in record if k.startswith("mu_") and k not in ("mu_bits", "mu_proposed")
+          and f"nu_{k[3:]}" in record]
+  return {key: {n: f"{record[f'mu_{key}'][n]}/{record[f'nu_{key}'][n]}"
+                for n in record[f"mu_{key}"]} for key in keys}
+
+
 def _table(rows: list[list[str]], right: set[int]) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -37,11 +46,11 @@ def summary(opt_state) -> str:
   """A per-leaf table of the stquant states in ``opt_state``, with totals.
 
   One row per parameter leaf: its path, shape, the bits of m and v (``f32``: a
-  float32 moment, ``-``: no moment), their zones when the policy keeps them
-  (``STQuantPolicy``), the bits the policy proposes when they differ from the
-  layout somewhere (a proposal not applied yet: :func:`~stquant_jax.relayout`
-  or :func:`~stquant_jax.adaptive_jit` applies it, a plain ``jax.jit`` step
-  never does), and the bytes its two moments take; then the totals: bytes of the
+  float32 moment, ``-``: no moment), what the policy reports per moment
+  (:meth:`~stquant_jax.Policy.describe`: ``STQuantPolicy``'s zones), the bits
+  the policy proposes when they differ from the layout somewhere (a proposal not
+  applied yet: :func:`~stquant_jax.relayout` or :func:`~stquant_jax.adaptive_jit`
+  applies it, a plain ``jax.jit`` step never does), and the bytes its two moments take; then the totals: bytes of the
   whole optimizer state (counters and policy state included) and
   :func:`~stquant_jax.average_bits`. Works for concrete and abstract
   (:func:`~stquant_jax.abstract_state`) states, optax or nnx ones. Print it.
@@ -68,18 +77,16 @@ def summary(opt_state) -> str:
     cfg = st.config
     shapes = list(cfg.shapes) if cfg is not None else [tuple(x.shape) for x in mu]
     bits = current_bits(st)
-    zones, record = {}, bit_widths(opt_state, k)
-    if "mu_zone" in record:
-      zones = {n: f"{record['mu_zone'][n]}/{record['nu_zone'][n]}" for n in record["mu_zone"]}
+    record = bit_widths(opt_state, k)
+    described = _described(record)
     proposed = unapplied(record)
     waiting += len(proposed)
-    header = (["leaf", "shape", "m bits", "v bits"] + (["zone (m/v)"] if zones else [])
+    header = (["leaf", "shape", "m bits", "v bits"] + [f"{key} (m/v)" for key in described]
               + (["proposed (m/v)"] if proposed else []))
     rows = [header + ["moment bytes"]]
     for i, name in enumerate(names):
       row = [name, str(tuple(shapes[i])), _bits(bits[i, 0]), _bits(bits[i, 1])]
-      if zones:
-        row.append(zones.get(name, "-"))
+      row += [column.get(name, "-") for column in described.values()]
       if proposed:
         want = [record[f"{m}_proposed"].get(name) for m in ("mu", "nu")]
         row.append("-" if None in want else "/".join(map(_bits, want)))

@@ -1,9 +1,11 @@
 """Bit-width telemetry: what every leaf's m and v use (and what the policy wants), over training.
 
-The layout's bits are static metadata (read on the host for free); the
-adaptive policy's proposals, zones and annealing factor are small int/float
-arrays in its state (one tiny device-to-host copy). :class:`BitHistory`
-records both at each relayout or evaluation, for plots of bit-width evolution.
+The layout's bits are static metadata (read on the host for free); what the
+policy proposes (:meth:`~stquant_jax.Policy.proposed_bits`) and reports of its
+state (:meth:`~stquant_jax.Policy.describe`: ``STQuantPolicy``'s zones,
+annealing factor and decisions) come from small arrays in its state (tiny
+device-to-host copies). :class:`BitHistory` records both at each relayout or
+evaluation, for plots of bit-width evolution.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import json
 import numpy as np
 
 from stquant_jax._src.codec.quantized import is_quantized
-from stquant_jax._src.core.trees import field, path_names
+from stquant_jax._src.core.trees import path_names
 from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.layout.accounting import average_bits
-from stquant_jax._src.policy.stquant import ZONES
+from stquant_jax._src.policy.base import is_concrete, policy_of
 from stquant_jax._src.state.opt_state import NO_MOMENT, current_bits
 from stquant_jax._src.state.typed import typed_states
 
@@ -30,6 +32,11 @@ def _bits_value(b: int):
   return None if b == NO_MOMENT else int(b)
 
 
+def _plain(x):
+  """A numpy scalar as the Python value it holds (JSON-friendly); anything else as is."""
+  return x.item() if isinstance(x, np.generic) else x
+
+
 def bit_widths(opt_state, index: int = 0) -> dict:
   """Bit-widths of one stquant state in ``opt_state`` (the ``index``-th found).
 
@@ -37,9 +44,12 @@ def bit_widths(opt_state, index: int = 0) -> dict:
   ``opt_state`` (leaf names are the parameters' paths either way).
 
   Returns a JSON-friendly dict: ``mu_bits`` / ``nu_bits`` (``{leaf name: bits}``,
-  32 = float32, leaves without moments left out) from the layout, and, when the
-  policy keeps them, ``mu_proposed`` / ``nu_proposed``, ``mu_zone`` / ``nu_zone``,
-  ``anneal`` and ``decisions``.
+  32 = float32, leaves without moments left out) from the layout; when the
+  policy can change the layout, ``mu_proposed`` / ``nu_proposed``
+  (:meth:`~stquant_jax.Policy.proposed_bits`); and what the policy reports of its
+  state (:meth:`~stquant_jax.Policy.describe`): a per-moment entry ``key`` as
+  ``mu_key`` / ``nu_key``, a scalar as it is (``STQuantPolicy``: ``mu_zone`` /
+  ``nu_zone``, ``anneal``, ``decisions``). Abstract states give the layout only.
 
   Example:
     >>> import jax.numpy as jnp
@@ -62,23 +72,20 @@ def bit_widths(opt_state, index: int = 0) -> dict:
       "mu_bits": {names[i]: _bits_value(cur[i, 0]) for i in keep},
       "nu_bits": {names[i]: _bits_value(cur[i, 1]) for i in keep},
   }
-  ps = st.policy_state
-  # What the policy keeps (STQuantPolicy: all four); nothing to read in an abstract state.
-  host = {k: np.asarray(host_value(field(ps, k))) for k in ("proposed", "zone", "anneal",
-                                                            "decisions")
-          if hasattr(field(ps, k, None), "__array__")}
-  if "proposed" in host:
-    prop = host["proposed"]
+  policy, ps = policy_of(st), st.policy_state
+  if not is_concrete(ps):  # an abstract state: nothing to read
+    return out
+  prop = policy.proposed_bits(ps)
+  if prop is not None:
+    prop = np.asarray(host_value(prop))
     out["mu_proposed"] = {names[i]: _bits_value(prop[i, 0]) for i in keep}
     out["nu_proposed"] = {names[i]: _bits_value(prop[i, 1]) for i in keep}
-  if "zone" in host:
-    zone = host["zone"]
-    out["mu_zone"] = {names[i]: ZONES[int(zone[i, 0])] for i in keep}
-    out["nu_zone"] = {names[i]: ZONES[int(zone[i, 1])] for i in keep}
-  if "anneal" in host:
-    out["anneal"] = float(host["anneal"])
-  if "decisions" in host:
-    out["decisions"] = int(host["decisions"])
+  for key, value in policy.describe(ps).items():
+    if isinstance(value, np.ndarray) and value.shape == cur.shape:  # per leaf and moment
+      out[f"mu_{key}"] = {names[i]: _plain(value[i, 0]) for i in keep}
+      out[f"nu_{key}"] = {names[i]: _plain(value[i, 1]) for i in keep}
+    else:
+      out[key] = _plain(value)
   return out
 
 

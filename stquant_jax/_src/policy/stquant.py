@@ -56,12 +56,12 @@ from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
 from stquant_jax._src.policy import decision, first_layout
 from stquant_jax._src.policy.allocation import relative_error_table
-from stquant_jax._src.policy.base import Policy, is_float
+from stquant_jax._src.policy.base import Policy, is_float, place_like
 from stquant_jax._src.policy.decision import NEVER, STQuantPolicyState
 from stquant_jax._src.policy.scores import (
     MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, leaves_sums,
     needed_sums, reduce_sums)
-from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, bits_code, moment_bits
+from stquant_jax._src.state.opt_state import NO_MOMENT, bits_code, moment_bits
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 BUDGET_STARTS = ("v_first", "even")
@@ -480,9 +480,26 @@ class STQuantPolicy(Policy):
     new = jax.lax.cond(slot == 0, decide, lambda st: st, old)
     return new._replace(actual=actual)
 
-  def proposed_bits(self, state):
-    """Per leaf (in ``jax.tree.leaves(params)`` order), the ``(mu_bits, nu_bits)``
-    wanted now; None for float32 or no moment. Host values (one small transfer)."""
-    prop = host_value(field(state, "proposed"))
-    conv = lambda b: None if int(b) in (FLOAT32, NO_MOMENT) else int(b)
-    return [(conv(a), conv(b)) for a, b in prop]
+  # ---- the Policy interface outside the update ------------------------------
+
+  def proposed_bits(self, state) -> jax.Array:
+    """int32 ``[L, 2]``: the bits codes the last decision proposed (``proposed``)."""
+    return field(state, "proposed")
+
+  def with_actual(self, state, bits):
+    """``state`` with ``actual`` set to the layout ``bits``, placed like the old one
+    (a ``pmap`` state's every replica row)."""
+    actual = field(state, "actual", None)
+    if not hasattr(state, "_fields") or actual is None or isinstance(actual,
+                                                                       jax.ShapeDtypeStruct):
+      return state
+    bits = np.broadcast_to(np.asarray(bits, np.int32), actual.shape)
+    return state._replace(actual=place_like(np.ascontiguousarray(bits), actual))
+
+  def describe(self, state) -> dict[str, Any]:
+    """Zones per leaf and moment (names from :data:`ZONES`), the annealing factor of
+    the last decision and the number of decisions taken."""
+    zone = np.asarray(host_value(field(state, "zone")))
+    return {"zone": np.asarray(ZONES, object)[zone],
+            "anneal": float(host_value(field(state, "anneal"))),
+            "decisions": int(host_value(field(state, "decisions")))}

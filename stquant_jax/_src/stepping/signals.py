@@ -1,8 +1,9 @@
 """What the jitted step tells the host about proposed layouts, without a host sync.
 
-Inside the step, :func:`layout_signal` compares each stquant state's proposed
-bits with the layout the step was compiled for (static) and returns the
-proposal where it differs, 0 elsewhere: one small int32 array, a fresh output
+Inside the step, :func:`layout_signal` compares the bits each stquant state's
+policy proposes (:meth:`~stquant_jax.Policy.proposed_bits`, traced) with the
+layout the step was compiled for (static) and returns the proposal where it
+differs, 0 elsewhere: one small int32 array, a fresh output
 of the step (never a buffer of the state, so donating the state next step
 does not delete it). The host copies it asynchronously and reads it when it
 is ready (:class:`Pending`), so a step is never waited for just to learn that
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
+from stquant_jax._src.policy.base import policy_of
 from stquant_jax._src.state.opt_state import current_bits, find_states
 from stquant_jax._src.state.typed import opt_state_of, typed_state
 
@@ -40,7 +41,7 @@ def layout_signal(args, positions):
   for st in states_in(args, positions):
     typed = typed_state(st)
     cur = current_bits(typed)
-    prop = field(typed.policy_state, "proposed", None)
+    prop = policy_of(typed).proposed_bits(typed.policy_state)
     if prop is None:
       rows.append(jnp.zeros(cur.shape, jnp.int32))
     else:
