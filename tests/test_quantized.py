@@ -20,6 +20,10 @@ optax.contrib.ademamix:
   transforms gives optax's updates bit for bit (hypothesis draws the chains);
 * wrapping ``optax.scale_by_adam`` stores the codes ``sq.scale_by_stquant`` stores
   (same stochastic rounding, same counter);
+* the contract of optax's wrappers: bf16 params keep their dtype, the state keeps its
+  type through ``lax.cond``, ``inject_hyperparams`` and ``MultiSteps`` work, and a
+  ``flax.nnx.Optimizer`` (which hands quantized leaves back without their metadata)
+  trains exactly as the plain optax state does;
 * bad input raises errors that name it.
 """
 
@@ -30,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stquant_jax as sq
+from stquant_jax._src.transform import quantized as quantized_module
 
 STEPS = 8
 TOL_8BIT = 0.05      # relative L2 error of each leaf's update, each step
@@ -240,6 +246,61 @@ def test_bf16_params_keep_their_dtype():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
   assert state.inner_state[0].mu["w1"].dtype == jnp.bfloat16
   assert jax.tree.structure(new) == jax.tree.structure(state)
+
+
+def test_state_passes_through_lax_cond():
+  # init and update build the same static metadata (map, block size, shape, dtype),
+  # so both branches of a cond agree on the state's type.
+  p = params()
+  tx = sq.ademamix(1e-3)
+  state = tx.init(p)
+  step = lambda s: tx.update(grads(p, 0), s, p)[1]
+  for pred in (True, False):
+    out = jax.jit(lambda s: jax.lax.cond(pred, step, lambda s: s, s))(state)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    assert int(out.count) == int(pred)
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(64, 128, rngs=rngs)
+    self.l2 = nnx.Linear(128, 64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def test_nnx_optimizer_matches_the_plain_optax_run(monkeypatch):
+  # nnx.Optimizer hands quantized leaves back as {codes, scales} without their
+  # metadata; update rebuilds them from the plan of the abstract initial state.
+  loss = lambda model, x: jnp.mean((model(x) - 1.0) ** 2)
+  make = lambda: sq.quantized(optax.contrib.ademamix(1e-3))
+  model = MLP(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
+  graphdef, p = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
+  tx = make()
+  state = tx.init(p)
+  rebuilt = []
+  orig = quantized_module.typed_leaves
+  monkeypatch.setattr(quantized_module, "typed_leaves",
+                      lambda *a: rebuilt.append(1) or orig(*a))
+
+  @nnx.jit
+  def nnx_step(model, opt, x):
+    opt.update(model, nnx.grad(loss)(model, x))
+
+  @jax.jit
+  def plain_step(p, state, x):
+    u, state = tx.update(jax.grad(lambda q: loss(nnx.merge(graphdef, q), x))(p), state, p)
+    return optax.apply_updates(p, u), state
+
+  for i in range(3):
+    x = jax.random.normal(jax.random.key(i), (8, 64))
+    nnx_step(model, opt, x)
+    p, state = plain_step(p, state, x)
+  assert rebuilt   # the {codes, scales} path ran
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(p)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_wrappers_inject_hyperparams_and_multisteps():

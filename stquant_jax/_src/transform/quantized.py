@@ -11,9 +11,9 @@ and requantizes the new values with the stochastic rounding of
 :func:`~stquant_jax._src.update.adam.moment_noise`).
 
 Which leaves mirror which parameter, and whether a leaf is signed, is decided
-from the tree structure only (paths, shapes, dtypes), once at ``init`` and
-again, identically, inside ``update``: nothing but arrays and the quantized
-arrays' own static metadata is stored.
+from the tree structure only (paths, shapes, dtypes) by :func:`plan_leaves`, once
+at ``init`` and again, identically, inside ``update``: nothing but arrays and the
+quantized arrays' own static metadata is stored.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
 from stquant_jax._src.codec.blocks import (
     DEFAULT_BLOCK_SIZE, encode_blocks, finite_absmax, group_view)
+from stquant_jax._src.codec.maps import default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, is_quantized, quantize
 from stquant_jax._src.codec.rounding import check_rounding
 from stquant_jax._src.codec.shards import to_blocks
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.policy.base import FixedBits, Policy
 from stquant_jax._src.state.config import leaf_shape_dtype
+from stquant_jax._src.state.typed import is_moment_mapping
 from stquant_jax._src.transform.checks import static_block_size
 from stquant_jax._src.update.adam import moment_noise
 
@@ -166,16 +168,52 @@ def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | Non
   return out
 
 
-def requantize(x, like: QuantizedArray, step, plan: LeafPlan, rounding: str) -> QuantizedArray:
-  """``x`` quantized in ``like``'s layout (map, block size, shards) with new block scales,
+def requantize(x, plan: LeafPlan, block_size: int, step, rounding: str) -> QuantizedArray:
+  """``x`` quantized as ``plan`` says (default map, plain layout), with new block scales,
   rounded to nearest or stochastically with the counter ``(step, plan.leaf, plan.moment)``,
   as :func:`~stquant_jax._src.update.adam.adam_blocks` writes Adam's moments."""
-  view = group_view(to_blocks(x, like.shards, like.block_size), like.bits)
+  cmap = default_map(plan.bits, plan.signed)
+  view = group_view(to_blocks(x, None, block_size), plan.bits)
   (scale,) = finite_absmax(view)
   noise = None if rounding == "nearest" else moment_noise(view.shape, step, plan.leaf,
                                                           plan.moment)
-  return dataclasses.replace(like, codes=encode_blocks(view, scale, like.code_map, noise),
-                             scales=scale)
+  return QuantizedArray(encode_blocks(view, scale, cmap, noise), scale, cmap, block_size,
+                        tuple(x.shape), jnp.dtype(x.dtype))
+
+
+def _is_stored(x) -> bool:
+  """A quantized leaf: a ``QuantizedArray``, or its ``{codes, scales}`` mapping (nnx)."""
+  return is_quantized(x) or is_moment_mapping(x)
+
+
+def _names(path) -> tuple[str, ...]:
+  """A key path as names only, so a NamedTuple field (``.mu``) and the same field
+  handed back by ``flax.nnx`` as a mapping (``['mu']``) compare equal."""
+  return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def typed_leaves(inner_init, updates, inner_state, policy, signed) -> list:
+  """The leaves of ``inner_state`` (quantized leaves whole), with each ``{codes, scales}``
+  mapping (``flax.nnx.Optimizer`` hands quantized arrays back so, without their
+  metadata) rebuilt as the :class:`QuantizedArray` that ``init`` stored at its path:
+  the plan of the abstract initial state gives its bits, map, shape and dtype."""
+  abstract = jax.eval_shape(inner_init, updates)
+  plans = plan_leaves(updates, abstract, policy, signed)
+  table = {_names(path): (p, leaf) for (path, leaf), p in
+           zip(jax.tree_util.tree_flatten_with_path(abstract)[0], plans) if p is not None}
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(inner_state, is_leaf=_is_stored)[0]:
+    if is_moment_mapping(x):
+      if _names(path) not in table:
+        raise ValueError(f"sq.quantized: the state holds codes at {jax.tree_util.keystr(path)}"
+                         ", where this transform stores no quantized leaf; use the transform "
+                         "that built the state")
+      p, leaf = table[_names(path)]
+      codes = x["codes"]
+      x = QuantizedArray(codes, x["scales"], default_map(p.bits, p.signed),
+                         codes.shape[-1] * 32 // p.bits, tuple(leaf.shape), jnp.dtype(leaf.dtype))
+    out.append(x)
+  return out
 
 
 def _check_signed(signed):
@@ -228,9 +266,11 @@ def quantized(
   (:class:`~stquant_jax.STQuantPolicy` raises a ``TypeError``: only
   :class:`~stquant_jax.FixedBits`); :func:`~stquant_jax.relayout`,
   :func:`~stquant_jax.adaptive_jit`, :func:`~stquant_jax.summary` and
-  :func:`~stquant_jax.average_bits` (they read ``scale_by_stquant`` states only;
-  :func:`~stquant_jax.state_nbytes` works); sharded (FSDP) layouts (moments are
-  stored in the plain layout); ``flax.nnx.Optimizer``. The step dequantizes each
+  :func:`~stquant_jax.average_bits` and :func:`~stquant_jax.save_state` (they read
+  ``scale_by_stquant`` states only; :func:`~stquant_jax.state_nbytes` works);
+  sharded (FSDP) layouts (moments are stored in the plain layout). A
+  ``flax.nnx.Optimizer`` works: the ``{codes, scales}`` mappings it hands back are
+  rebuilt from the plan of ``inner``'s abstract initial state. The step dequantizes each
   quantized leaf whole, so it holds leaf-sized float temporaries (the fused,
   streamed path of :func:`~stquant_jax.adamw` does not).
 
@@ -297,28 +337,24 @@ def quantized(
       raise TypeError(f"sq.quantized's update expects the QuantizedState its init built, "
                       f"got {type(state).__name__}")
     count = optax.safe_increment(field(state, "count"))
-    stored, qdef = jax.tree.flatten(inner_state, is_leaf=is_quantized)
+    stored, qdef = jax.tree.flatten(inner_state, is_leaf=_is_stored)
+    if any(is_moment_mapping(x) for x in stored):
+      stored = typed_leaves(inner.init, updates, inner_state, policy, signed)
+    held = [x for x in stored if is_quantized(x)]
     plain = [dequantize(x) if is_quantized(x) else x for x in stored]
-    plain_state = qdef.unflatten(plain)
-    new_updates, new_state = inner.update(updates, plain_state, params, **extra_args)
+    new_updates, new_state = inner.update(updates, qdef.unflatten(plain), params, **extra_args)
+    # The same plan as init's (same paths, shapes and dtypes): which leaves to store
+    # quantized, how, and with which rounding salt.
     new, new_def = jax.tree.flatten(new_state)
-    if len(new) != len(stored):
-      raise ValueError(f"sq.quantized: the inner transform's update changed its state's "
-                       f"structure ({len(stored)} leaves -> {len(new)}: {new_def}); optax "
-                       "states keep their structure between steps")
-    plans = plan_leaves(updates, plain_state, policy, signed)
-    out = []
-    for i, (old, x, p) in enumerate(zip(stored, new, plans)):
-      if not is_quantized(old):
-        out.append(x)
-        continue
-      if tuple(x.shape) != old.shape:
-        raise ValueError(f"sq.quantized: state leaf {i} changed shape {old.shape} -> "
-                         f"{tuple(x.shape)} in the inner update")
-      # A leaf stored quantized but not recognised now (updates of another tree):
-      # it still gets a salt of its own, past every planned one.
-      p = p or LeafPlan(old.bits, old.signed, 2 * len(stored) + i, 0)
-      out.append(requantize(x, old, count, p, rounding[0 if old.signed else 1]))
+    plans = plan_leaves(updates, new_state, policy, signed)
+    planned = sum(p is not None for p in plans)
+    if planned != len(held):
+      raise ValueError(f"sq.quantized: the state holds {len(held)} quantized leaves, this "
+                       f"transform quantizes {planned} leaves of its inner state for updates "
+                       "of this tree; use the transform and parameters that built the state")
+    bs = held[0].block_size if held else block_size
+    out = [x if p is None else requantize(x, p, bs, count, rounding[0 if p.signed else 1])
+           for x, p in zip(new, plans)]
     return new_updates, QuantizedState(count=count, inner_state=new_def.unflatten(out))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
