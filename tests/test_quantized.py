@@ -17,7 +17,9 @@ optax.contrib.ademamix:
   float32 state's bytes, measured 0.27x; Adafactor, whose factored statistics stay
   float32, < 0.35x, measured 0.32x);
 * with float32 "bits" (``FixedBits(None, None)``) any chain of elementwise optax
-  transforms gives optax's updates bit for bit (hypothesis draws the chains);
+  transforms gives optax's updates bit for bit, and at 8 bits a chain of smooth ones
+  (no sign or clipping) stays within the same 5% (measured at most 1.6%;
+  hypothesis draws the chains);
 * wrapping ``optax.scale_by_adam`` stores the codes ``sq.scale_by_stquant`` stores
   (same stochastic rounding, same counter);
 * the contract of optax's wrappers: bf16 params keep their dtype, the state keeps its
@@ -181,26 +183,44 @@ def test_jit_and_state_bytes(name):
   assert ratio < (0.35 if name == "adafactor" else 0.3), ratio
 
 
+ELEMENTWISE = [
+    lambda: optax.scale_by_adam(),
+    lambda: optax.scale_by_rms(decay=0.95),
+    lambda: optax.trace(decay=0.9, nesterov=True),
+    lambda: optax.scale_by_belief(),
+    lambda: optax.scale_by_rss(),
+    lambda: optax.scale_by_amsgrad(),
+    lambda: optax.scale_by_adan(),
+    lambda: optax.add_decayed_weights(1e-2),
+    lambda: optax.scale_by_learning_rate(optax.linear_schedule(1e-2, 1e-3, 5)),
+    lambda: optax.scale_by_lion(),   # sign updates: exact at float32 only
+    lambda: optax.clip(0.5),         # ditto
+]
+SMOOTH = len(ELEMENTWISE) - 2
+
+
 @settings(max_examples=12, deadline=None)
-@given(st.lists(st.sampled_from(range(9)), min_size=1, max_size=4))
+@given(st.lists(st.sampled_from(range(len(ELEMENTWISE))), min_size=1, max_size=4))
 def test_float32_bits_give_optaxs_updates_exactly(picks):
-  elementwise = [
-      lambda: optax.scale_by_adam(),
-      lambda: optax.scale_by_rms(decay=0.95),
-      lambda: optax.scale_by_lion(),
-      lambda: optax.trace(decay=0.9, nesterov=True),
-      lambda: optax.scale_by_belief(),
-      lambda: optax.scale_by_rss(),
-      lambda: optax.add_decayed_weights(1e-2),
-      lambda: optax.clip(0.5),
-      lambda: optax.scale_by_learning_rate(optax.linear_schedule(1e-2, 1e-3, 5)),
-  ]
-  make = lambda: optax.chain(*(elementwise[i]() for i in picks))
+  make = lambda: optax.chain(*(ELEMENTWISE[i]() for i in picks))
   pairs, _, sqs = run_both(make, sq.FixedBits(None, None), steps=3)
   assert not quantized_leaves(sqs)
   for a, b in pairs:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.sampled_from(range(SMOOTH)), min_size=1, max_size=3))
+def test_8bit_chains_track_optax(picks):
+  # Measured on 14 random chains over 4 steps: at most 1.6% (relative L2 per leaf).
+  make = lambda: optax.chain(*(ELEMENTWISE[i]() for i in picks))
+  pairs, _, sqs = run_both(make, sq.FixedBits(8, 8), steps=4)
+  assert quantized_leaves(sqs) or all(i in (7, 8) for i in picks)   # stateless chains
+  for a, b in pairs:
+    for k in a:
+      rel = float(jnp.linalg.norm(a[k] - b[k]) / jnp.linalg.norm(a[k]))
+      assert rel <= TOL_8BIT, (picks, k, rel)
 
 
 def test_adam_wrapped_stores_scale_by_stquants_codes():
