@@ -262,6 +262,12 @@ def quantized(
   unsigned leaves ``nu_bits`` (so ``FixedBits(8, 4)`` stores momenta in 8 bits
   and second moments in 4).
 
+  A non-finite value that ``inner`` puts in a quantized leaf (a NaN gradient) is
+  stored as zero (the smallest level of an unsigned map) and its block's scale
+  ignores it, so that element restarts and no other element changes; the update
+  of that step is ``inner``'s (NaN there). Leaves kept as they are keep what
+  ``inner`` stores.
+
   Not yet supported (raise or fall back as stated): an adaptive policy
   (:class:`~stquant_jax.STQuantPolicy` raises a ``TypeError``: only
   :class:`~stquant_jax.FixedBits`); :func:`~stquant_jax.relayout`,
