@@ -258,6 +258,20 @@ def test_signed_override():
                  ".nu['w2']": True}
 
 
+def test_params_of_any_tree():
+  # A bare array, and a list of dicts: the state leaves that mirror them are found by
+  # their key path and shape.
+  w = jnp.ones((64, 128))
+  state = sq.quantized(optax.adam(1e-3)).init(w)
+  assert {k: q.signed for k, q in quantized_leaves(state).items()} == {
+      "[0].mu": True, "[0].nu": False}
+  tree = [{"w": w, "b": jnp.ones((128,))}, {"w": jnp.ones((128, 64))}]
+  state = sq.quantized(optax.sgd(1e-2, momentum=0.9)).init(tree)
+  assert set(quantized_leaves(state)) == {"[0].trace[0]['w']", "[0].trace[1]['w']"}
+  u, _ = jax.jit(sq.quantized(optax.sgd(1e-2, momentum=0.9)).update)(tree, state, tree)
+  assert jax.tree.structure(u) == jax.tree.structure(tree)
+
+
 def test_bf16_params_keep_their_dtype():
   p = params(jnp.bfloat16)
   tx = sq.lion(1e-3)

@@ -113,22 +113,20 @@ def default_signed(root, prefix) -> bool:
   return owner is None or owner[1] not in NON_NEGATIVE_FIELDS.get(owner[0], ())
 
 
-def _param_index(params):
-  """``(path, shape)`` of every parameter leaf, in ``jax.tree.leaves`` order."""
+def _param_index(params) -> dict:
+  """``{key path: (index, shape)}`` of every parameter leaf (``jax.tree.leaves`` order)."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [(tuple(p), leaf_shape_dtype(x)[0]) for p, x in flat]
+  return {tuple(p): (i, leaf_shape_dtype(x)[0]) for i, (p, x) in enumerate(flat)}
 
 
-def _match(path, shape, params) -> tuple[int, int] | None:
+def _match(path, shape, params: dict) -> tuple[int, int] | None:
   """``(parameter index, length of its path)`` of the parameter that a state leaf at
   ``path`` mirrors: the longest parameter path that ends ``path``, same shape."""
-  best = None
-  for i, (ppath, pshape) in enumerate(params):
-    n = len(ppath)
-    if pshape == shape and n <= len(path) and path[len(path) - n:] == ppath:
-      if best is None or n > best[1]:
-        best = (i, n)
-  return best
+  for k in range(len(path) + 1):
+    hit = params.get(path[k:])
+    if hit is not None and hit[1] == shape:
+      return hit[0], len(path) - k
+  return None
 
 
 def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | None]:
