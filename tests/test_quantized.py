@@ -338,18 +338,44 @@ def test_nnx_optimizer_matches_the_plain_optax_run(monkeypatch):
 
 
 def test_wrappers_inject_hyperparams_and_multisteps():
+  # inject_hyperparams outside the wrapper or inside it: the same codes (the same
+  # plan and counter), whatever the nesting.
   p = params()
-  tx = optax.inject_hyperparams(sq.lion)(learning_rate=1e-3)
-  state = tx.init(p)
-  u, state = jax.jit(tx.update)(grads(p, 0), state, p)
-  ref, _ = optax.lion(1e-3).update(grads(p, 0), optax.lion(1e-3).init(p), p)
-  np.testing.assert_allclose(np.asarray(u["w1"]), np.asarray(ref["w1"]), rtol=1e-6)
+  outside = optax.inject_hyperparams(sq.lion)(learning_rate=1e-3, b1=0.8)
+  inside = sq.quantized(optax.inject_hyperparams(optax.lion)(learning_rate=1e-3, b1=0.8))
+  so, si = outside.init(p), inside.init(p)
+  for t in range(3):
+    uo, so = jax.jit(outside.update)(grads(p, t), so, p)
+    ui, si = jax.jit(inside.update)(grads(p, t), si, p)
+    for x, y in zip(jax.tree.leaves(uo), jax.tree.leaves(ui)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert float(so.hyperparams["b1"]) == pytest.approx(0.8)
+  np.testing.assert_array_equal(np.asarray(so.inner_state.inner_state[0].mu["w1"].codes),
+                                np.asarray(si.inner_state.inner_state[0].mu["w1"].codes))
   ms = optax.MultiSteps(sq.sgd(1e-2, momentum=0.9), every_k_schedule=2)
   state = ms.init(p)
   u, state = jax.jit(ms.update)(grads(p, 0), state, p)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
   u, state = jax.jit(ms.update)(grads(p, 1), state, p)
   assert float(jnp.abs(u["w1"]).max()) > 0
+
+
+def test_schedules_and_masked():
+  p = params()
+  tx = sq.lion(lambda c: jnp.where(c < 1, 0.0, 1e-3))   # zero, then 1e-3
+  state = tx.init(p)
+  u, state = tx.update(grads(p, 0), state, p)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+  u, state = tx.update(grads(p, 1), state, p)
+  assert float(jnp.abs(u["w1"]).max()) > 0.0
+  # optax.masked hands the wrapper a tree with MaskedNode leaves: only the unmasked
+  # weight gets a (quantized) moment.
+  mask = {"w1": True, "b1": True, "w2": False, "b2": False}
+  tx = optax.masked(sq.sgd(1e-2, momentum=0.9), mask)
+  state = tx.init(p)
+  assert set(quantized_leaves(state.inner_state)) == {"[0].trace['w1']"}
+  u, state = jax.jit(tx.update)(grads(p, 0), state, p)
+  np.testing.assert_array_equal(np.asarray(u["w2"]), np.asarray(grads(p, 0)["w2"]))
 
 
 @pytest.mark.parametrize("name, theirs", [("lion", optax.lion), ("sgd", optax.sgd),
