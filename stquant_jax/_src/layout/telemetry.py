@@ -102,13 +102,6 @@ def unapplied(record: dict) -> dict[str, tuple]:
   return out
 
 
-def moment_bits_average(record: dict, sizes: dict[str, int]) -> float:
-  """Size-weighted mean code bits of m and v (no metadata) from a :func:`bit_widths` dict."""
-  tot = sum(2 * sizes[k] for k in record["mu_bits"])
-  return sum(sizes[k] * (record["mu_bits"][k] + record["nu_bits"][k])
-             for k in record["mu_bits"]) / max(tot, 1)
-
-
 class BitHistory:
   """Host-side log of bit-widths over training.
 

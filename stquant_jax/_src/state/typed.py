@@ -17,18 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
-from stquant_jax._src.core.trees import is_nnx_optimizer, is_variable, unwrap_variables
+from stquant_jax._src.core.trees import is_nnx_optimizer, unwrap_variables
 from stquant_jax._src.state.opt_state import ScaleByStquantState, find_states, is_stquant_state
 
 
 def is_moment_mapping(x) -> bool:
   """A quantized moment stripped to a ``{codes, scales}`` mapping (e.g. ``nnx.State``)."""
   return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scales"}
-
-
-def is_moment_leaf(x) -> bool:
-  """One moment of a state's ``mu`` / ``nu`` tree, whatever its container."""
-  return is_quantized(x) or is_moment_mapping(x) or is_variable(x)
 
 
 def typed_moment(moment, shape, signed: bool, block_size, maps):

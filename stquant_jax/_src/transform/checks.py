@@ -20,10 +20,9 @@ from stquant_jax._src.codec.blocks import check_block_size, num_blocks
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.core.checks import check_choice, check_number
+from stquant_jax._src.kernels.dispatch import BACKENDS
 from stquant_jax._src.policy.base import Policy
 from stquant_jax._src.state.typed import is_moment_mapping
-
-BACKENDS = ("auto", "jnp", "pallas")
 
 
 def check_not_policy(**positional) -> None:
@@ -180,7 +179,7 @@ def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
           return f"{path}: gradient shape {shape}, state {name} shape {tuple(q.shape)}"
         nb, bs = num_layout_blocks(shape, q.shards, q.block_size), q.block_size
       elif block_size is None:
-        continue  # leaves.typed_moment explains
+        continue  # typed_moment (state/typed.py) explains
       else:
         nb, bs = num_blocks(size, block_size), block_size
       codes, scales = (q.codes, q.scales) if is_quantized(q) else (q["codes"], q["scales"])

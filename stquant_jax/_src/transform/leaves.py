@@ -71,12 +71,6 @@ class LeafUpdate(NamedTuple):
   seen: tuple  # (gradient, mu, nu) for the policy's statistics
 
 
-def leaf_update_fn(backend: str, mu, nu):
-  """The per-leaf update for this backend: the jnp path, or the fused Pallas kernel
-  where the step is lowered for CUDA (:mod:`~stquant_jax._src.kernels.dispatch`)."""
-  return adam_leaf_fn(backend, mu, nu)
-
-
 def non_float_update(g, param):
   """Integer / float0 leaves have no moments and a zero update. A float0 gradient
   (``jax.grad(..., allow_int=True)``) becomes zeros of the param's dtype when the
@@ -133,7 +127,7 @@ def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps) ->
         f"backend='pallas' forces the fused kernel, which cannot update a leaf of shape "
         f"{tuple(g.shape)} in blocks of {mu.block_size} (it needs a power-of-two block_size "
         "and fewer than 2**31 values); use backend='auto' or 'jnp', or such a block_size")
-  leaf_fn = leaf_update_fn(backend, mu, nu)
+  leaf_fn = adam_leaf_fn(backend, mu, nu)  # jnp path or the fused kernel
   moments = [x for x in (mu, nu) if x is not None]
   bs = next((x.block_size for x in moments if is_quantized(x)), None)
   if not explicit_leaf_is_local(g, moments, bs):
