@@ -5,7 +5,7 @@
   (``memory_analysis().temp_size_in_bytes``) stays a small constant instead of a float32
   copy of the moment (8 MiB for 2M values before).
 * The maps and block size come from the state: the ``mu_map`` given to the transform is
-  the one ``relayout`` uses; the old ``relayout(mu_map=...)`` arguments are only checked.
+  the one ``relayout`` uses.
 * ``abstract_state(tx, params, bits=...)`` is exactly the structure, shapes and dtypes the
   concrete relayout produces, and serves as a checkpoint restore target.
 """
@@ -98,24 +98,14 @@ def test_relayout_donate_frees_the_replaced_moments():
   assert not kept[0].mu["w"].codes.is_deleted()  # default: the old state stays valid
 
 
-def test_relayout_uses_the_transforms_maps_and_checks_old_arguments():
-  """The mu_map given to the transform is the one relayout uses (it was ignored unless
-  repeated); relayout(mu_map=...) is deprecated, and a map that disagrees is an error
-  naming both."""
+def test_relayout_uses_the_transforms_maps():
+  """The mu_map given to the transform is the one relayout uses (the state carries it)."""
   p1 = lambda b: sq.CodeMap("power", b, True, 1)
   tx = sq.adamw(1e-3, policy=sq.STQuantPolicy(), mu_map=p1)
   state = propose(tx.init({"w": jnp.ones((256, 128))}), [[4, 5]])
   new = sq.relayout(state)
   assert new[0].mu["w"].code_map == sq.CodeMap("power", 4, True, 1)
   assert new[0].nu["w"].code_map == sq.default_map(5, signed=False)
-  with pytest.warns(DeprecationWarning):
-    assert sq.relayout(state, mu_map=p1, block_size=128)[0].mu["w"].code_map.param == 1
-  with pytest.raises(ValueError, match="gives power-p2-s3 at 3 bits.*uses power-p1-s3"):
-    with pytest.warns(DeprecationWarning):
-      sq.relayout(state, mu_map=lambda b: sq.default_map(b, True))
-  with pytest.raises(ValueError, match="block_size=64.*block_size=128"):
-    with pytest.warns(DeprecationWarning):
-      sq.relayout(state, block_size=64)
 
 
 def test_a_state_from_another_transform_is_refused_naming_both():

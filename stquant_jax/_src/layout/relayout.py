@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stquant_jax._src.codec.maps import resolve_map
+from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
+from stquant_jax._src.codec.maps import default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
 from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.core.trees import field, unwrap_variables
@@ -37,7 +38,6 @@ from stquant_jax._src.distributed.placement import (
 from stquant_jax._src.layout import repack
 from stquant_jax._src.layout.access import replace_states
 from stquant_jax._src.policy.base import is_concrete, policy_of
-from stquant_jax._src.state.config import resolve_maps
 from stquant_jax._src.state.opt_state import (
     FLOAT32, NO_MOMENT, current_bits, find_states)
 from stquant_jax._src.state.typed import opt_state_of, typed_state
@@ -85,31 +85,11 @@ def target_bits(cur: np.ndarray, prop: np.ndarray) -> np.ndarray:
   return np.where(keep, cur, prop).astype(np.int32)
 
 
-def _check_legacy_args(config, mu_map, nu_map, block_size):
-  """``relayout``'s old settings: unneeded with a config; a conflict is an error."""
-  if config is None or (mu_map is None and nu_map is None and block_size is None):
-    return
-  warnings.warn("relayout: mu_map, nu_map and block_size are not needed (the state carries "
-                "its transform's; see ScaleByStquantState.config) and will be removed",
-                DeprecationWarning, stacklevel=3)
-  if block_size is not None and block_size != config.block_size:
-    raise ValueError(f"relayout(block_size={block_size}) but the state was built with "
-                     f"block_size={config.block_size}")
-  for name, fn, theirs, signed in (("mu_map", mu_map, config.mu_maps, True),
-                                   ("nu_map", nu_map, config.nu_maps, False)):
-    if fn is None:
-      continue
-    for bits, (a, b) in enumerate(zip(resolve_maps(fn, signed, name), theirs), start=2):
-      if a != b:
-        show = lambda m: getattr(m, "name", m)
-        raise ValueError(f"relayout({name}=...) gives {show(a)} at {bits} bits, but the "
-                         f"state's transform uses {show(b)}; drop the argument")
-
-
-def _map(config, legacy_fn, bits: int, signed: bool):
+def _map(config, bits: int, signed: bool):
+  """The transform's map (``state.config``); the default map for a state built by hand."""
   if config is not None:
     return config.code_map(bits, signed)
-  return resolve_map(legacy_fn, bits, signed, "mu_map" if signed else "nu_map")
+  return default_map(bits, signed)
 
 
 def _out_shardings(x, new_bits: int, block_size: int, shards=None):
@@ -163,11 +143,6 @@ def _param_sharding_leaves(tdef, param_shardings, n):
   return out
 
 
-def _is_abstract(x) -> bool:
-  arr = x.codes if is_quantized(x) else x
-  return isinstance(arr, jax.ShapeDtypeStruct)
-
-
 def _change(x, want: int, signed: bool, block_size: int, cmap, pshard, stacked: bool):
   """The :class:`repack.Change` turning moment ``x`` into ``want`` bits."""
   bs = x.block_size if is_quantized(x) else block_size
@@ -218,8 +193,7 @@ def as_moment(out, ch: repack.Change):
                         ch.shards)
 
 
-def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = False,
-         legacy_maps=(None, None), legacy_block_size=None):
+def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = False):
   """The re-pack of a typed state to ``target`` bits: ``(positions, changes, inputs)``,
   one entry per moment that changes; ``positions`` are ``(leaf, 0 for m / 1 for v)``."""
   config = field(state, "config", None)
@@ -231,7 +205,7 @@ def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = Fal
     bs = config.block_size
   else:
     qs = [x for x in mu + nu if is_quantized(x)]
-    bs = legacy_block_size or (qs[0].block_size if qs else 128)
+    bs = qs[0].block_size if qs else DEFAULT_BLOCK_SIZE
   positions, changes, inputs = [], [], []
   for i in range(len(mu)):
     for k, (src, signed) in enumerate(((mu, True), (nu, False))):
@@ -239,7 +213,7 @@ def plan(state, target: np.ndarray, *, param_shardings=None, stacked: bool = Fal
       if want == have or NO_MOMENT in (want, have):
         continue
       x = src[i]
-      cmap = None if want == FLOAT32 else _map(config, legacy_maps[k], want, signed)
+      cmap = None if want == FLOAT32 else _map(config, want, signed)
       positions.append((i, k))
       changes.append(_change(x, want, signed, bs, cmap, pshard[i], stacked))
       inputs.append((x.codes, x.scales) if is_quantized(x) else x)
@@ -291,7 +265,7 @@ def rebuild(state, target: np.ndarray, positions, new_moments, stacked: bool = F
 
 
 def apply_bits(state, target, *, param_shardings=None, stacked: bool = False,
-               donate: bool = False, legacy_maps=(None, None), legacy_block_size=None):
+               donate: bool = False):
   """A typed stquant state (concrete or abstract) re-laid out to ``target`` bits
   (int ``[L, 2]``: 2..8, 32 for float32; leaves without moments ignore it). Returns
   ``state`` itself when nothing changes."""
@@ -301,15 +275,13 @@ def apply_bits(state, target, *, param_shardings=None, stacked: bool = False,
     raise ValueError(f"bits of shape {target.shape} for a state with {cur.shape[0]} leaves "
                      f"(need [{cur.shape[0]}, 2])")
   positions, changes, inputs = plan(state, target, param_shardings=param_shardings,
-                                    stacked=stacked, legacy_maps=legacy_maps,
-                                    legacy_block_size=legacy_block_size)
+                                    stacked=stacked)
   if not positions:
     return state
   return rebuild(state, target, positions, run_plan(changes, inputs, donate=donate), stacked)
 
 
-def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=None,
-             param_shardings=None, donate: bool = False):
+def relayout(opt_state, *, policy=None, param_shardings=None, donate: bool = False):
   """Re-packs the moments whose proposed bit-width differs from their layout.
 
   Finds every :class:`ScaleByStquantState` in ``opt_state`` (a chain,
@@ -343,8 +315,6 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
     policy: read the proposal with this policy's
       :meth:`~stquant_jax.Policy.proposed_bits` instead of the one that built
       the state (``state.config.policy``); rarely needed.
-    mu_map, nu_map, block_size: deprecated and unneeded (the state carries its
-      transform's); a value that disagrees with the state's is a ``ValueError``.
     param_shardings: optional params-shaped pytree of shardings (or the
       sharded params). When given, re-packed moments are placed exactly as
       :func:`stquant_jax.state_shardings` says for the new layout (so the
@@ -371,15 +341,13 @@ def relayout(opt_state, *, policy=None, mu_map=None, nu_map=None, block_size=Non
   new = {}
   for st in find_states(opt_state_of(opt_state)):
     typed = typed_state(st)
-    config = field(typed, "config", None)
-    _check_legacy_args(config, mu_map, nu_map, block_size)
     prop = proposal(typed, policy)
     if prop is None:
       continue
     prop, stacked = settle_proposal(typed, prop)
     target = target_bits(current_bits(typed), prop)
     out = apply_bits(typed, target, param_shardings=param_shardings, stacked=stacked,
-                     donate=donate, legacy_maps=(mu_map, nu_map), legacy_block_size=block_size)
+                     donate=donate)
     if out is not typed:
       new[id(st)] = out
   if not new:
