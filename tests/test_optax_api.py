@@ -113,8 +113,8 @@ def test_mu_dtype():
 
 
 def test_python_scalar_leaves_work_as_in_optax():
-  """``{"n": 3, "x": 2.0}`` leaves: optax treats them as arrays; so do we (was an
-  AttributeError): the float scalar gets optax's update, the int one zero."""
+  """``{"n": 3, "x": 2.0}`` leaves: optax treats them as arrays; so do we: the float
+  scalar gets optax's update, the int one zero."""
   p = {"n": 3, "x": 2.0, "w": jnp.ones((8, 8))}
   g = {"n": 0, "x": 0.5, "w": jnp.ones((8, 8))}
   for ours, theirs in ((sq.adamw(1e-2, policy=F32), optax.adamw(1e-2)),

@@ -221,8 +221,8 @@ def test_first_layout_starts_from_the_policy_s_own_first_pair():
 
 def test_decisions_spend_the_budget_when_small_leaves_keep_float32():
   """Float32 moments of small leaves are paid once: a decision's layout uses the budget
-  up to less than one level of one moment (until 2026-12 their bytes were taken off
-  twice, and budgets settled 0.26 bits under target on GPT-2, 1 bit here)."""
+  up to less than one level of one moment (paid twice, the budget here would settle
+  1 bit under target)."""
   params = _params() | {f"b{i}": jnp.zeros((200,)) for i in range(6)}
   target = 6.0
   _, state = _train(_adamw(_policy(target_bits=target)), params, 2, relayout_every=2)

@@ -144,7 +144,7 @@ def test_accounting_counts_every_byte():
 
 def test_average_bits_counts_the_params_once_over_several_stquant_states():
   """A multi_transform of two stquant states, each over half the params: the params
-  given are the values of both states together (was 2.125 bits, counted twice)."""
+  given are the values of both states together, counted once (4.25 bits, not 2.125)."""
   params = {"a": jnp.zeros((1024, 1024)), "b": jnp.zeros((1024, 1024))}
   part = lambda: sq.adamw(1e-3, policy=sq.FixedBits(4, 4))
   state = optax.multi_transform({"x": part(), "y": part()}, {"a": "x", "b": "y"}).init(params)
