@@ -269,10 +269,10 @@ def test_proposals_and_switches_are_logged_and_a_proposal_left_waiting_warns(
   proposal and switch is now a log line, and a proposal whose compile has not come
   after UNAPPLIED_CALLS calls warns (here the compile thread is held back)."""
   import threading
-  from stquant_jax._src.stepping import adaptive_jit as aj
-  gate, job = threading.Event(), aj.AdaptiveJit._job
+  from stquant_jax._src.stepping import adaptive_jit as aj, compiler
+  gate, job = threading.Event(), compiler.Compiler._job
   monkeypatch.setattr(aj, "UNAPPLIED_CALLS", 4, raising=False)
-  monkeypatch.setattr(aj.AdaptiveJit, "_job", lambda self, *a: gate.wait() and job(self, *a))
+  monkeypatch.setattr(compiler.Compiler, "_job", lambda self, *a: gate.wait() and job(self, *a))
   tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(1,), bits=((4, 5),)))
   step = sq.adaptive_jit(make_step(tx))
   params = make_params()

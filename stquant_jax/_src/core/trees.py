@@ -86,6 +86,12 @@ def has_variables(tree) -> bool:
   return any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable))
 
 
+def is_nnx_object(x) -> bool:
+  """Whether ``x`` is a ``flax.nnx`` object (a module, an optimizer...: ``nnx.Pytree``)."""
+  nnx = _nnx()
+  return nnx is not None and isinstance(x, getattr(nnx, "Pytree", ()))
+
+
 def is_nnx_optimizer(x) -> bool:
   """Whether ``x`` is a ``flax.nnx.Optimizer`` (whose ``opt_state`` tools read)."""
   nnx = _nnx()

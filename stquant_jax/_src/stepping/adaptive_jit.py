@@ -19,11 +19,13 @@ owns the step and the switch instead:
    replaced moments when the caller donates the state, ``donate_argnums``) and
    calls the step compiled for the new layout.
 
+The compile thread is :mod:`.compiler`, the re-pack at a switch :mod:`.switch`.
 Each wrapper keeps the executables it compiled (a layout seen again costs
 nothing) until ``close()``; a small process-wide cache keyed weakly by the step
 function lets the same function wrapped again for another run reuse them
-(:mod:`.cache`). ``cache_dir=`` turns on JAX's persistent compilation cache, so
-a resumed run loads its executables from disk instead of compiling them.
+(:mod:`.cache`). ``cache_dir=`` turns on JAX's persistent compilation cache
+(a process-wide ``jax.config`` change), so a resumed run loads its executables
+from disk instead of compiling them.
 
 Nothing is silent: every proposal and switch is logged (``logging`` logger
 ``"stquant_jax"``, level INFO), a proposal still unapplied
@@ -46,105 +48,24 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
-import dataclasses
 import logging
-import sys
-import threading
 import time
 import warnings
-from typing import Any, Callable
 
 import jax
-import numpy as np
 
-from stquant_jax._src.layout import repack
-from stquant_jax._src.layout.abstract import layouts_of, to_abstract, with_layouts
-from stquant_jax._src.layout.access import replace_states, settle
-from stquant_jax._src.layout.relayout import (
-    as_moment, is_stacked, plan, rebuild, release, run_plan, target_bits)
-from stquant_jax._src.state.opt_state import FLOAT32, find_states
-from stquant_jax._src.state.typed import opt_state_of, typed_state
-from stquant_jax._src.stepping.cache import (
-    Executables, fresh_thread_context, signature, trace_context)
+from stquant_jax._src.core.trees import is_nnx_object
+from stquant_jax._src.layout.abstract import layouts_of, to_abstract
+from stquant_jax._src.layout.access import settle
+from stquant_jax._src.layout.relayout import target_bits
+from stquant_jax._src.stepping.cache import signature
+from stquant_jax._src.stepping.compiler import Build, Compiler, use_persistent_cache
 from stquant_jax._src.stepping.signals import Pending, layout_signal, state_positions
+from stquant_jax._src.stepping.switch import (
+    Switch, abstract_at, describe_changes, plan_repacks, repack_states, same_layouts)
 
 _LOG = logging.getLogger("stquant_jax")
 UNAPPLIED_CALLS = 100  # calls a proposal may wait for its compile before a warning
-
-_LOCAL = threading.local()   # the stats a compile on this thread counts cache events into
-_LISTENING = False
-
-
-def _on_event(name, **_):
-  stats = getattr(_LOCAL, "stats", None)
-  if stats is not None and name.startswith("/jax/compilation_cache/cache_"):
-    key = "persistent_cache_hits" if name.endswith("hits") else "persistent_cache_misses"
-    stats[key] = stats.get(key, 0) + 1
-
-
-@contextlib.contextmanager
-def _counting(stats):
-  """Persistent-cache events of compiles on this thread count into ``stats``."""
-  _LOCAL.stats = stats
-  try:
-    yield
-  finally:
-    _LOCAL.stats = None
-
-
-def _listen():
-  global _LISTENING
-  if not _LISTENING:
-    jax.monitoring.register_event_listener(_on_event)
-    _LISTENING = True
-
-
-def use_persistent_cache(cache_dir: str) -> None:
-  """Turns on JAX's persistent compilation cache in ``cache_dir`` for every executable
-  (process-wide ``jax.config``; compiles of any duration are kept)."""
-  jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
-def _same(a, b) -> bool:
-  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def _changes(old, new) -> str:
-  """The moments a new layout changes, e.g. ``"2 moments: 8->4 x1, 8->5 x1"``."""
-  name = lambda b: "f32" if b == FLOAT32 else str(b)
-  moved = collections.Counter(
-      (int(a), int(b)) for o, n in zip(old, new) for a, b in zip(o.ravel(), n.ravel())
-      if a != b)
-  return f"{sum(moved.values())} moments: " + ", ".join(
-      f"{name(a)}->{name(b)} x{k}" for (a, b), k in sorted(moved.items()))
-
-
-@dataclasses.dataclass
-class _Build:
-  """One executable to compile: found under ``key`` in the caches, else lowered and
-  compiled (in the thread that builds it)."""
-
-  key: tuple
-  owner: Any                   # the step function (shared-cache key); None: a re-pack
-  lower: Callable[[], Any]     # -> jax.stages.Lowered
-  record: dict                 # what stats["compiles"] records, seconds added
-
-
-def _is_nnx_node(x) -> bool:
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(x, getattr(nnx, "Pytree", ()))
-
-
-@dataclasses.dataclass
-class _Switch:
-  target: list           # per state, int32 [L, 2]
-  at: int | None         # call to switch before (delay mode); None: once compiled
-  asked: int             # call whose input state showed the proposal
-  future: concurrent.futures.Future  # -> (step executable, [(changes, repack exe) per state])
-  abstract: list         # the abstract arguments at ``target``
 
 
 class AdaptiveJit:
@@ -165,25 +86,22 @@ class AdaptiveJit:
     self._donate = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
     self._jit_option = jit
     if cache_dir is not None:
-      use_persistent_cache(cache_dir)
-    _listen()
+      use_persistent_cache(cache_dir)  # process-wide jax.config, not only this wrapper
     self._jitted = None
     self._positions = ()
     self._layout: list = []
     self._exec = None
     self._pending: collections.deque = collections.deque()
-    self._scheduled: list[_Switch] = []
+    self._scheduled: list[Switch] = []
     self._failed: list = []   # layouts whose compile failed (not tried again)
     self._warned: set[str] = set()
     self._closed = False
     self._call = 0
     self._abstract = None   # abstract arguments at the current layout
-    self._cache = Executables()
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                       thread_name_prefix="stquant-compile")
     self.stats = {"compiles": [], "switches": [], "failed_compiles": [],
                   "fallback_compiles": 0, "skipped_layouts": 0,
                   "persistent_cache_hits": 0, "persistent_cache_misses": 0}
+    self._compiler = Compiler(self.stats)
 
   # ---- compiling -------------------------------------------------------------
 
@@ -197,45 +115,19 @@ class AdaptiveJit:
 
     jit = self._jit_option
     if jit is None:
-      if any(_is_nnx_node(a) for a in args):
+      if any(is_nnx_object(a) for a in args):
         from flax import nnx  # pylint: disable=import-outside-toplevel  (nnx steps only)
         jit = nnx.jit
       else:
         jit = jax.jit
     return jit(step_with_signal, donate_argnums=self._donate)
 
-  def _step_build(self, abstract_args, layouts, background: bool) -> _Build:
+  def _step_build(self, abstract_args, layouts, background: bool) -> Build:
     """The step for ``abstract_args``, keyed in the calling thread's jax context."""
     key = signature("step", self._jit_option, self._donate, args=abstract_args)
-    return _Build(key, self._fn, lambda: self._jitted.lower(*abstract_args),
-                  {"what": "step", "layout": [l.tolist() for l in layouts],
-                   "background": background})
-
-  @staticmethod
-  def _repack_build(changes, inputs, donate: bool) -> _Build:
-    key = signature("repack", tuple(changes), donate, args=inputs)
-    return _Build(key, None, lambda: repack.program(tuple(changes), donate).lower(list(inputs)),
-                  {"what": "repack", "background": True})
-
-  def _build(self, b: _Build):
-    """The executable of ``b``: from the caches, else compiled (and recorded in
-    ``stats``)."""
-    exe = self._cache.get(b.owner, b.key)
-    if exe is not None:
-      return exe
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), _counting(self.stats):
-      if b.owner is None:  # a re-pack: donated codes of another width cannot be reused
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-      exe = b.lower().compile()
-    self._cache.put(b.owner, b.key, exe)
-    self.stats["compiles"].append({**b.record, "seconds": time.perf_counter() - t0})
-    return exe
-
-  def _job(self, step: _Build, repacks):
-    """Background: the step for the new layout and each state's re-pack program."""
-    exe = self._build(step)
-    return exe, [(changes, None if b is None else self._build(b)) for changes, b in repacks]
+    return Build(key, self._fn, lambda: self._jitted.lower(*abstract_args),
+                 {"what": "step", "layout": [l.tolist() for l in layouts],
+                  "background": background})
 
   def _start(self, args):
     """First call: find the states, settle nnx ones, compile the current layout."""
@@ -248,7 +140,8 @@ class AdaptiveJit:
     self._layout = self._layouts(args)
     self._jitted = self._make_jitted(args)
     self._abstract = to_abstract(args)
-    self._exec = self._build(self._step_build(self._abstract, self._layout, background=False))
+    self._exec = self._compiler.build(self._step_build(self._abstract, self._layout,
+                                                       background=False))
 
   def _layouts(self, args):
     return [l for i in self._positions for l in layouts_of(args[i])]
@@ -268,19 +161,9 @@ class AdaptiveJit:
       self._pending.popleft()
       targets = [target_bits(lay, prop) for lay, prop in zip(p.layouts, p.proposals())]
       latest = self._scheduled[-1].target if self._scheduled else self._layout
-      if not _same(targets, latest) and not any(_same(targets, f) for f in self._failed):
+      if not same_layouts(targets, latest) and not any(same_layouts(targets, f)
+                                                        for f in self._failed):
         self._schedule(p.call, targets, args)
-
-  def _abstract_at(self, base, layouts):
-    """Abstract arguments with the states at ``layouts``, from ``base`` (arguments at the
-    current layout, concrete or abstract)."""
-    abstract = list(to_abstract(base))
-    it = iter(layouts)
-    for i in self._positions:
-      n = len(find_states(opt_state_of(abstract[i])))
-      abstract[i] = with_layouts(abstract[i], [next(it) for _ in range(n)],
-                                 param_shardings=self._param_shardings)
-    return abstract
 
   def _schedule(self, asked: int, targets, args=None):
     if self._delay is None:
@@ -290,35 +173,22 @@ class AdaptiveJit:
       self.stats["skipped_layouts"] += len(self._scheduled) - len(kept)
       self._scheduled = kept
       latest = self._scheduled[-1].target if self._scheduled else self._layout
-      if _same(targets, latest):
+      if same_layouts(targets, latest):
         return
     # The arguments of this call give the placement the step's outputs really have
     # (the first call's inputs may differ: e.g. uncommitted vs pmap-sharded).
     base = self._abstract if args is None else args
     source = self._scheduled[-1].target if self._scheduled else self._layout
-    src_args = self._abstract_at(base, source)
-    dst_args = self._abstract_at(base, targets)
-    repacks, it = [], iter(targets)
-    for i in self._positions:
-      for st in find_states(opt_state_of(src_args[i])):
-        typed = typed_state(st)
-        _, changes, inputs = plan(typed, next(it), param_shardings=self._param_shardings,
-                                  stacked=is_stacked(typed))
-        repacks.append((changes, self._repack_build(changes, inputs, i in self._donate)
-                        if changes else None))
+    src_args = abstract_at(base, self._positions, source, self._param_shardings)
+    dst_args = abstract_at(base, self._positions, targets, self._param_shardings)
+    repacks = plan_repacks(src_args, self._positions, targets, self._donate,
+                           self._param_shardings)
     step = self._step_build(dst_args, targets, background=True)
-    if trace_context() != fresh_thread_context():
-      # A jax config context of this thread (e.g. jax.default_matmul_precision) is not
-      # seen by the compile thread: trace here, compile there.
-      for b in [step] + [b for _, b in repacks if b is not None]:
-        if self._cache.get(b.owner, b.key) is None:
-          lowered = b.lower()
-          b.lower = lambda lowered=lowered: lowered
     at = None if self._delay is None else asked + self._delay
-    future = self._pool.submit(self._job, step, repacks)
-    self._scheduled.append(_Switch(targets, at, asked, future, dst_args))
+    future = self._compiler.submit(step, repacks)
+    self._scheduled.append(Switch(targets, at, asked, future, dst_args))
     _LOG.info("adaptive_jit: call %d shows a new layout (%s); compiling it in the "
-              "background, switch %s", asked, _changes(source, targets),
+              "background, switch %s", asked, describe_changes(source, targets),
               "once compiled" if at is None else f"before call {at}")
 
   def _due(self):
@@ -345,7 +215,7 @@ class AdaptiveJit:
 
   # ---- switching -------------------------------------------------------------
 
-  def _compile_failed(self, sw: _Switch, error: BaseException) -> None:
+  def _compile_failed(self, sw: Switch, error: BaseException) -> None:
     """A layout's compile failed: the run stays on its layout, the layout is not tried
     again, later proposals are still taken."""
     self._scheduled.pop(0)
@@ -363,7 +233,7 @@ class AdaptiveJit:
                     "later proposals (stats['failed_compiles'] lists every failure)",
                     stacklevel=3)
 
-  def _switch(self, args, sw: _Switch):
+  def _switch(self, args, sw: Switch):
     t0 = time.perf_counter()
     try:
       exe, programs = sw.future.result()  # waits only in delay mode, if still compiling
@@ -371,33 +241,8 @@ class AdaptiveJit:
       self._compile_failed(sw, e)
       return args
     waited = time.perf_counter() - t0
-    args, it, progs = list(args), iter(sw.target), iter(programs)
-    for i in self._positions:
-      donate = i in self._donate  # the caller's arrays are deleted only if donated
-      new = {}
-      for st in find_states(opt_state_of(args[i])):
-        typed = typed_state(st)
-        target, (pre_changes, prog) = next(it), next(progs)
-        stacked = is_stacked(typed)
-        positions, changes, inputs = plan(typed, target, param_shardings=self._param_shardings,
-                                          stacked=stacked)
-        if not positions:
-          continue
-        outs = None
-        if prog is not None and tuple(changes) == tuple(pre_changes):
-          try:
-            raw = prog(list(inputs))
-          except (TypeError, ValueError):  # placed otherwise than planned (checked first)
-            raw = None
-          if raw is not None:
-            if donate:
-              release(inputs, raw)
-            outs = [as_moment(o, ch) for o, ch in zip(raw, changes)]
-        if outs is None:  # compile here
-          self.stats["fallback_compiles"] += 1
-          outs = run_plan(changes, inputs, donate=donate)
-        new[id(st)] = rebuild(typed, target, positions, outs, stacked)
-      args[i] = replace_states(args[i], new)
+    args = repack_states(args, self._positions, sw.target, programs, self._donate,
+                         self._param_shardings, self.stats)
     self._scheduled.pop(0)
     self._layout, self._abstract = sw.target, sw.abstract
     self._exec = exe
@@ -408,7 +253,7 @@ class AdaptiveJit:
     _LOG.info("adaptive_jit: switched before call %d to the layout proposed at call %d "
               "(waited %.2f s for its compile, re-packed in %.3f s)", record["call"],
               record["asked"], waited, record["repack_s"])
-    return tuple(args)
+    return args
 
   # ---- calling ---------------------------------------------------------------
 
@@ -418,7 +263,7 @@ class AdaptiveJit:
     abstract = to_abstract(args)
     self._abstract, self._layout = abstract, self._layouts(args)
     before = len(self.stats["compiles"])
-    exe = self._build(self._step_build(abstract, self._layout, background=False))
+    exe = self._compiler.build(self._step_build(abstract, self._layout, background=False))
     self.stats["fallback_compiles"] += len(self.stats["compiles"]) - before
     return exe
 
@@ -457,14 +302,13 @@ class AdaptiveJit:
     """Stops the compile thread (after the compile in flight, if any) and drops this
     step's executables (those of the process-wide cache stay while the step function
     lives). The step cannot be called afterwards."""
-    self._pool.shutdown(wait=True, cancel_futures=True)
+    self._compiler.close()
     if self._scheduled:
       _LOG.info("adaptive_jit: closed with %d proposed layout(s) never switched to",
                 len(self._scheduled))
     self._closed = True
     self._scheduled.clear()
     self._pending.clear()
-    self._cache.clear()
     self._exec = self._jitted = self._abstract = None
 
   def __enter__(self):
@@ -508,8 +352,10 @@ def adaptive_jit(fn=None, *, donate_argnums=(), delay=None, param_shardings=None
       processes, which must all switch at the same step.
     param_shardings: optional params-shaped pytree of shardings: re-packed
       moments are placed by :func:`~stquant_jax.state_shardings`' rule.
-    cache_dir: turns on JAX's persistent compilation cache there
-      (process-wide), so a resumed run loads its executables from disk.
+    cache_dir: turns on JAX's persistent compilation cache there, so a
+      resumed run loads its executables from disk. A process-wide
+      ``jax.config`` change: every compile of the process uses that cache
+      from then on, after ``close()`` too.
     jit: the jit to use, called as ``jit(f, donate_argnums=...)`` and needing
       ``.lower(*args).compile()``: default ``flax.nnx.jit`` when an argument
       is an nnx object, else ``jax.jit``; e.g.
