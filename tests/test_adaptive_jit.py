@@ -486,6 +486,22 @@ def test_persistent_cache_lets_a_rerun_load_instead_of_compile(tmp_path):
   assert second["persistent_cache_hits"] == first["persistent_cache_misses"]
 
 
+def test_cache_dir_sets_the_process_wide_config_and_a_second_directory_warns(tmp_path):
+  """cache_dir is jax's process-wide persistent cache, not the wrapper's: it stays set
+  after close(), and another directory already set is named in a warning."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "a"))
+    with pytest.warns(UserWarning, match="process-wide and already set to .*a'"):
+      sq.adaptive_jit(make_step(sq.adamw(1e-2)), cache_dir=tmp_path / "b").close()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "b")
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+
+
 def test_the_same_step_wrapped_again_reuses_every_compiled_layout():
   """A second run (another seed) of the same step function compiles nothing: the
   executables of every layout are kept in the process."""
