@@ -54,7 +54,7 @@ _SCRIPT = textwrap.dedent(r"""
     # Final policy state of one device (or plain jit over `sharding`) on the
     # concatenated leaves.
     tx = sq.scale_by_stquant(policy=policy(None, every))
-    st = tx.init(global_params)
+    st = jax.jit(tx.init)(global_params)
     upd = jax.jit(tx.update)
     for g in grad_steps:
       g = concat(g) if sharding is None else jax.device_put(concat(g), sharding)
@@ -65,9 +65,9 @@ _SCRIPT = textwrap.dedent(r"""
     # One replica's steps (the pmap / shard_map body): `g_steps` leaves are [step, ...].
     tx = sq.scale_by_stquant(policy=policy("d", every))
     def run(g_steps):
-      st = tx.init(local_params)
-      for s in range(jax.tree.leaves(g_steps)[0].shape[0]):
-        _, st = tx.update(jax.tree.map(lambda x: x[s], g_steps), st)
+      # The steps in a scan: one update traced and compiled, whatever their number.
+      st, _ = jax.lax.scan(lambda st, g: (tx.update(g, st)[1], None), tx.init(local_params),
+                           g_steps)
       return st.policy_state.proposed
     return run
 
