@@ -314,11 +314,14 @@ def _pair_marks(model, optimizer):
 
 # Every model with fp32 AdamW and every quantized optimizer; the optax variants
 # (bf16 m, the control, the jitter) only change the optimizer chain, so one model
-# covers them (each ViT run costs ~14 s of the suite's time).
+# covers them (each ViT run costs ~14 s of the suite's time). The short form runs
+# ViT with one fixed width and one STQuantPolicy (the other two only change the
+# policy's numbers, not the model's path through it); STQUANT_SLOW=1 with all.
 _OPTAX_VARIANTS = ("adamw_bf16", "adamw_control", "adamw_jitter")
+_VIT_FULL_ONLY = () if FULL else ("stquant8", "stquant_budget")
 _PAIRS = [pytest.param(m, o, marks=_pair_marks(m, o), id=f"{m}-{o}")
           for m in ("gpt2", "vit") for o in optimizers.OPTIMIZERS
-          if m == "gpt2" or o not in _OPTAX_VARIANTS]
+          if m == "gpt2" or o not in _OPTAX_VARIANTS + _VIT_FULL_ONLY]
 
 
 @pytest.mark.parametrize("model,optimizer", _PAIRS)
