@@ -78,6 +78,19 @@ def leaf_spec(axes, shards, mesh_shape) -> P | None:
   return None if axes else P(*spec)
 
 
+def _leaves_spec(axes, shards, mesh_shape, leaves) -> P | None:
+  """The spec each device's piece of ``leaves`` takes: :func:`leaf_spec` in the per-shard
+  layout ``shards``; in the plain layout (``shards`` None) the leading axis split over
+  the block axis' mesh ``axes`` (a leaf's rows then hold the device's blocks), or None
+  where its rows do not split evenly."""
+  if shards is not None:
+    return leaf_spec(axes, shards, mesh_shape)
+  n = math.prod(mesh_shape[a] for a in axes)
+  if not axes or all(x.ndim and x.shape[0] % n == 0 for x in leaves):
+    return P(axes if len(axes) > 1 else axes[0]) if axes else P()
+  return None
+
+
 def _block_axes(blocks, mesh_shape) -> tuple[str, ...]:
   axes = next((a for a in map(_lead_axes, blocks) if a), ())
   n = math.prod(mesh_shape[a] for a in axes)
@@ -88,7 +101,7 @@ def _shard_map_call(fn, replicated, blocks, leaves, shards, mesh):
   """``fn`` inside ``jax.shard_map`` over the block axis' Explicit mesh axes."""
   axes = _block_axes(blocks, mesh.shape)
   spec = P(axes if axes else None)
-  lspec = leaf_spec(axes, shards, mesh.shape) if leaves else None
+  lspec = _leaves_spec(axes, shards, mesh.shape, leaves) if leaves else None
   if leaves and lspec is None:
     axes, spec, lspec = (), P(None), P()
   blocks = [jax.sharding.reshard(b, NamedSharding(mesh, P(spec[0], *([None] * (b.ndim - 1)))))
@@ -174,7 +187,7 @@ def _custom_partitioning_call(fn, replicated, blocks, leaves, shards):
     n = math.prod(mesh.shape[a] for a in axes)
     if axes and block_shapes[0].shape[0] % n:
       axes = ()
-    lspec = leaf_spec(axes, shards, mesh.shape) if leaves else None
+    lspec = _leaves_spec(axes, shards, mesh.shape, leaves) if leaves else None
     if leaves and lspec is None:
       axes, lspec = (), P()
     lead = axes if len(axes) != 1 else axes[0]
@@ -241,12 +254,16 @@ def map_local_blocks(fn, replicated, blocks, leaves=(), shards=None):
       ``sums`` a pytree of arrays that add up over blocks (partial sums).
     replicated: list of arrays every device needs whole (small: scalars, counters).
     blocks: list of arrays with a common leading block axis.
-    leaves: arrays of one parameter's shape whose blocks are ``blocks`` in the
-      per-shard layout ``shards`` (:mod:`~stquant_jax._src.codec.shards`): each
+    leaves: arrays of one parameter's shape whose blocks are ``blocks``: each
       device gets its own piece(s) of them, appended to ``blocks`` in ``fn``'s
       third argument, and ``fn``'s outputs are then ``[block_outputs,
-      leaf_outputs]`` (leaf outputs placed like the leaves).
-    shards: the leaves' pieces per axis (with ``leaves``).
+      leaf_outputs]`` (leaf outputs placed like the leaves). In the per-shard
+      layout ``shards`` (:mod:`~stquant_jax._src.codec.shards`) a device's pieces
+      are its shards; in the plain layout (``shards`` None) its rows, split like
+      the block axis. Passing a leaf whole (not as ``[n_blocks, block_size]``)
+      lets ``fn`` write its output in the leaf's own buffer: XLA shares a buffer
+      between arrays of one shape only.
+    shards: the leaves' pieces per axis in the per-shard layout, or None.
 
   Returns:
     ``(outputs, sums)``: ``outputs`` sharded along the block axis like the first

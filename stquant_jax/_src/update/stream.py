@@ -47,13 +47,18 @@ def chunking(shape, block_size: int, chunk_values: int = CHUNK_VALUES):
 
   ``view`` is the shape the leaf is sliced in (``(rows, last_dim)``, or
   ``(size,)``), ``lead`` the length along ``view[0]`` of one chunk, so a chunk
-  holds ``lead * prod(view[1:])`` values, always whole blocks.
+  holds ``lead * prod(view[1:])`` values, always whole blocks. Where it can, a
+  chunk divides the leaf (no tail piece), and a leaf under two chunks is cut in
+  at least two: every chunk then runs in the loop, whose temporaries live only
+  while it runs (pieces outside it may be scheduled beside other leaves' and add up).
 
   Example:
-    >>> chunking((4096, 768), 128)
-    ((4096, 768), 80)
+    >>> chunking((4096, 768), 128)     # 64 rows: 512 blocks of 128, 64 chunks
+    ((4096, 768), 64)
     >>> chunking((50257, 100), 128)    # rows hold 100 values: 32 rows make 25 blocks
     ((50257, 100), 640)
+    >>> chunking((96, 768), 128)       # under two chunks: cut in two
+    ((96, 768), 48)
     >>> chunking((1_000_000,), 128)
     ((1000000,), 65536)
   """
@@ -61,12 +66,33 @@ def chunking(shape, block_size: int, chunk_values: int = CHUNK_VALUES):
   k = max(1, chunk_values // block_size)
   if len(shape) >= 2 and shape[-1] > 0:
     cols = shape[-1]
-    # Rows that make whole blocks, and a multiple of 8 (TPU tiles are 8 rows of 128).
-    unit = math.lcm(block_size // math.gcd(cols, block_size), 8)
+    view = (n // cols, cols)
+    unit = _unit(view, block_size)
     lead = max(unit, (k * block_size // cols) // unit * unit)
     if lead * cols <= 4 * k * block_size:
-      return (n // cols, cols), lead
-  return (n,), k * block_size
+      return view, _even(view[0], lead, unit)
+  return (n,), _even(n, k * block_size, block_size)
+
+
+def _unit(view, block_size: int) -> int:
+  """The smallest run along ``view[0]`` a chunk may take: rows that make whole blocks
+  and a multiple of 8 (TPU tiles are 8 rows of 128), or one block of a flat view."""
+  if len(view) == 1:
+    return block_size
+  return math.lcm(block_size // math.gcd(view[1], block_size), 8)
+
+
+def _even(length: int, lead: int, unit: int) -> int:
+  """A chunk length (a multiple of ``unit``) for ``length``: the largest of at least
+  half ``lead`` that divides it in two or more chunks; else ``lead``, or for a length
+  under two chunks its half; ``lead`` when nothing fits."""
+  for c in range(lead, max(unit, lead // 2) - 1, -unit):
+    if length % c == 0 and length // c >= 2:
+      return c
+  if length // lead >= 2:
+    return lead
+  half = (length // 2) // unit * unit
+  return half or lead
 
 
 def _moment_parts(x):
@@ -216,15 +242,14 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
   if g.size == 0 or ragged or not may_be_block_sharded(moments + [g]):
     return _stream_pieces(fn, g, mu, nu, shards, first_block=0, **kw)
 
-  # Sharded block axis: every device streams its own blocks (no gathers). In the plain
-  # layout the gradient and float32 moments go in as blocks; in the per-shard layout
-  # as they are (each device gets its piece: ``leaves``).
-  to_blocks_ = lambda a: a.reshape(-1).reshape(nb, bs)  # merge then split keeps types
+  # Sharded block axis: every device streams its own blocks (no gathers). The gradient
+  # and float32 moments go in whole (``leaves``: each device gets its rows, or its
+  # pieces in the per-shard layout), not as ``[n_blocks, block_size]``: the update
+  # then comes out in the gradient's shape, which XLA can write over the gradient.
   quantized = [q for q in (mu, nu) if is_quantized(q)]
   dense = [q for q in (mu, nu) if not is_quantized(q)]
   q_parts = [x for q in quantized for x in _moment_parts(q)]
   naturals = [g] + dense
-  blocks = q_parts if shards else q_parts + [to_blocks_(x) for x in naturals]
 
   # Traced arguments (hyperparameters, the step) go in as replicated inputs: shard_map
   # cannot close over values typed with Explicit mesh axes.
@@ -245,20 +270,17 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
     u, m2, v2 = _stream_pieces(fn, g_l, m_l, v_l, pieces, first_block=first_block, **kw_l)
     q_out = [x for q in (m2, v2) if is_quantized(q) for x in _moment_parts(q)]
     n_out = [u] + [q for q in (m2, v2) if not is_quantized(q)]
-    return ([q_out, n_out] if shards else q_out + n_out), ()
+    return [q_out, n_out], ()
 
-  outs, _ = map_local_blocks(local, [traced[k] for k in names], blocks,
-                             naturals if shards else (), shards)
-  q_out, n_out = outs if shards else (outs[:len(q_parts)], outs[len(q_parts):])
+  (q_out, n_out), _ = map_local_blocks(local, [traced[k] for k in names], q_parts,
+                                       naturals, shards)
   q_out, n_out = iter(q_out), iter(n_out)
-  natural = lambda x, like: reshard_like(
-      x if x.shape == like.shape else x.reshape(-1).reshape(like.shape), like)
-  u = natural(next(n_out), g)
+  u = reshard_like(next(n_out), g)
 
   def back(q):
     if is_quantized(q):
       return dataclasses.replace(q, codes=reshard_like(next(q_out), q.codes),
                                  scales=reshard_like(next(q_out), q.scales))
-    return natural(next(n_out), q)
+    return reshard_like(next(n_out), q)
   new_mu = back(mu)
   return u, new_mu, back(nu)
