@@ -1,11 +1,44 @@
-"""The jitted decision of :class:`~stquant_jax.STQuantPolicy`: its state and one decision.
+"""The jitted part of :class:`~stquant_jax.STQuantPolicy`: its state, statistics and decision.
 
 :class:`STQuantPolicyState` is what the policy carries in the optimizer state;
-:func:`decide` is the step from accumulated statistics to proposed bits (score
-factors as EMAs, zones with hysteresis, annealing, the budget's allocation,
-transition limits), run inside ``jit`` every ``every`` steps. The policy's
-configuration, validation and static first layout are in
+:func:`update_state` runs in every step, :func:`decide` every ``every`` steps.
+The policy's configuration, validation and static first layout are in
 :mod:`stquant_jax._src.policy.stquant`.
+
+Every step, inside the jitted update, the score engine
+(:mod:`stquant_jax._src.policy.scores`) sums statistics over a rotating 1/K of each
+adaptive leaf's blocks (those with ``block % K == count % K``, K = ``every``)
+into ``acc`` in the policy state: O(size / K) work per step, no control flow
+around the moments. Every K steps, from ``acc`` (which then covers each block
+once):
+
+1. **Score engine**: the accumulated additive statistics of each adaptive
+   leaf, reduced with ``psum`` over ``axis_name`` (when set), give a
+   magnitude factor N and a structure factor R for m and for v separately.
+   Their log2 values are kept as EMAs in the policy state (O(1) per leaf).
+2. **Zones**: each factor is compared, relative to the geometric mean over the
+   adaptive leaves, with a hysteresis band ``(exit, enter)``: a factor becomes
+   "high" above ``enter`` and stays high until it falls below ``exit``. The
+   (N, R) quadrant picks a zone: critical (high, high), magnitude (high, low),
+   structure (low, high), redundant (low, low); the zone's table gives the bits.
+3. **Temporal annealing** (:mod:`stquant_jax._src.policy.annealing`):
+   ``tau = max(exp(-t / anneal_steps), drift / instability)`` (clipped to
+   [0, 1]; ``drift`` is the mean change of the relative log2 N and log2 R since
+   the last decision, over the moments whose bits that decision left alone),
+   never above the previous decision's tau unless ``rearm``, adds
+   ``round(tau * anneal_bits)`` bits (per moment when ``anneal_bits`` is a
+   pair): more precision early and while the statistics move, less as training
+   settles.
+4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
+   (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
+   ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least, then spends what
+   the Lagrangian solution left unused, one level at a time.
+5. **Transition limits**: a moment's proposal changes at most once per
+   ``min_interval`` steps and at most ``max_changes`` times in all.
+
+A decision only writes the *proposed* bits into the state; bits are static
+layout, applied outside ``jit`` (:func:`stquant_jax.relayout`,
+:func:`stquant_jax.adaptive_jit`).
 """
 
 from __future__ import annotations
@@ -17,10 +50,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stquant_jax._src.codec.quantized import is_quantized
+from stquant_jax._src.core.trees import field
 from stquant_jax._src.policy import annealing
 from stquant_jax._src.policy.allocation import allocate, relative_error_table
-from stquant_jax._src.policy.scores import factor_values
-from stquant_jax._src.state.opt_state import FLOAT32
+from stquant_jax._src.policy.base import is_float
+from stquant_jax._src.policy.scores import (
+    NUM_SUMS, SUMS, factor_values, leaves_sums, reduce_sums)
+from stquant_jax._src.state.opt_state import FLOAT32, NO_MOMENT, moment_bits
 
 NEVER = -(2**30)  # "last change" of a moment that never changed
 
@@ -45,8 +82,8 @@ class STQuantPolicyState(NamedTuple):
 
 def decide(p, st: STQuantPolicyState, sums, count, adaptive, sizes, blocks, fixed_bytes,
            values) -> STQuantPolicyState:
-  """One decision of :class:`~stquant_jax.STQuantPolicy` ``p`` (steps 1-5 of its module
-  doc), inside ``jit``: the new policy state from the old one and the statistics
+  """One decision of :class:`~stquant_jax.STQuantPolicy` ``p`` (steps 1-5 of this
+  module's doc), inside ``jit``: the new policy state from the old one and the statistics
   ``sums`` (``[L, NUM_SUMS]``, already reduced over devices) at step ``count``.
 
   ``adaptive`` (bool ``[L]``), ``sizes`` and ``blocks`` (values and block size per
@@ -119,3 +156,61 @@ def decide(p, st: STQuantPolicyState, sums, count, adaptive, sizes, blocks, fixe
       last_change=jnp.where(changed, count, st.last_change).astype(jnp.int32),
       changes=(st.changes + changed).astype(jnp.int32),
       decisions=st.decisions + 1, anneal=tau.astype(jnp.float32), acc=st.acc)
+
+
+def update_state(p, state, updates, mu, nu, count) -> STQuantPolicyState:
+  """One step of :class:`~stquant_jax.STQuantPolicy` ``p`` inside the jitted update:
+  ``actual`` from the moments' static layout, the statistics of a rotating 1/K of each
+  adaptive leaf's blocks added to ``acc``, and every K steps a :func:`decide`."""
+  leaves, treedef = jax.tree.flatten(updates)
+  mu_l = treedef.flatten_up_to(mu)
+  nu_l = treedef.flatten_up_to(nu)
+  layout, adaptive, sizes, blocks = [], [], [], []
+  for g, m, v in zip(leaves, mu_l, nu_l):
+    codes = [moment_bits(m), moment_bits(v)]
+    layout.append(codes)
+    ad = is_float(g.dtype) and p._adaptive(tuple(g.shape), g.dtype) and NO_MOMENT not in codes
+    adaptive.append(ad)
+    sizes.append(math.prod(g.shape))
+    qs = [x for x in (m, v) if is_quantized(x)]
+    if qs and qs[0].block_size != p._block:
+      raise ValueError(f"STQuantPolicy(block_size={p._block}) but the state uses "
+                       f"block_size={qs[0].block_size}; leave the policy's block_size unset")
+    blocks.append(p._block)
+  actual = jnp.asarray(np.array(layout, np.int32).reshape(len(leaves), 2))
+  old = STQuantPolicyState(*(field(state, f) for f in STQuantPolicyState._fields))
+  if not any(adaptive):
+    return old._replace(actual=actual)
+  adaptive_np = np.array(adaptive)
+  # The budget's bytes outside the moments: the step count and the policy state. The
+  # moments of non-adaptive leaves (float32 small leaves) are not added here: the
+  # allocation pays every moment that may not change now, these included, from its
+  # current bits (adding them here would pay them twice).
+  fixed_bytes = 4 + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in old)
+  values = sum(2 * size for (cm, cv), size in zip(layout, sizes)
+               if cm != NO_MOMENT or cv != NO_MOMENT)
+
+  # Statistics: every step, a rotating 1/K of each adaptive leaf's blocks (the blocks
+  # b with b % K == count % K), accumulated in the state; over the K steps up to a
+  # decision every block enters once. O(size / K) per step, no control flow around
+  # the moments, so the step's program keeps the moments' buffers as FixedBits does.
+  keys = p.sum_keys()
+  cols = np.array([SUMS.index(k) for k in keys])
+  stride = p.every
+  slot = count % stride
+  ad_idx = [i for i, ad in enumerate(adaptive) if ad]
+  sums = leaves_sums([leaves[i] for i in ad_idx], [mu_l[i] for i in ad_idx],
+                     [nu_l[i] for i in ad_idx], block_size=p._block,
+                     probe_bits=p.probe_bits, needed=frozenset(keys), stride=stride,
+                     slot=slot)[:, cols]
+  rows = jnp.zeros((len(leaves), len(keys)), jnp.float32).at[np.array(ad_idx)].set(sums)
+  old = old._replace(acc=old.acc + rows)
+
+  def decide_now(st):  # small operands only: the policy state and count
+    full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)
+    sums = reduce_sums(full, p.axis_name)
+    new = decide(p, st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
+    return new._replace(acc=jnp.zeros_like(st.acc))
+
+  new = jax.lax.cond(slot == 0, decide_now, lambda st: st, old)
+  return new._replace(actual=actual)

@@ -1,40 +1,10 @@
 """``STQuantPolicy``: adaptive bit-widths per leaf, per moment and over training.
 
-Every step, inside the jitted update, the score engine
-(:mod:`stquant_jax._src.policy.scores`) sums statistics over a rotating 1/K of each
-adaptive leaf's blocks (those with ``block % K == count % K``, K = ``every``)
-into ``acc`` in the policy state: O(size / K) work per step, no control flow
-around the moments. Every K steps, from ``acc`` (which then covers each block
-once):
-
-1. **Score engine**: the accumulated additive statistics of each adaptive
-   leaf, reduced with ``psum`` over ``axis_name`` (when set), give a
-   magnitude factor N and a structure factor R for m and for v separately.
-   Their log2 values are kept as EMAs in the policy state (O(1) per leaf).
-2. **Zones**: each factor is compared, relative to the geometric mean over the
-   adaptive leaves, with a hysteresis band ``(exit, enter)``: a factor becomes
-   "high" above ``enter`` and stays high until it falls below ``exit``. The
-   (N, R) quadrant picks a zone: critical (high, high), magnitude (high, low),
-   structure (low, high), redundant (low, low); the zone's table gives the bits.
-3. **Temporal annealing** (:mod:`stquant_jax._src.policy.annealing`):
-   ``tau = max(exp(-t / anneal_steps), drift / instability)`` (clipped to
-   [0, 1]; ``drift`` is the mean change of the relative log2 N and log2 R since
-   the last decision, over the moments whose bits that decision left alone),
-   never above the previous decision's tau unless ``rearm``, adds
-   ``round(tau * anneal_bits)`` bits (per moment when ``anneal_bits`` is a
-   pair): more precision early and while the statistics move, less as training
-   settles.
-4. **Budget** (optional ``target_bits``): linear-time Lagrangian allocation
-   (:mod:`stquant_jax._src.policy.allocation`) lowers bits where the damage model
-   ``(N_rel * R_rel)**2 * e(bits)**2`` says they matter least, then spends what
-   the Lagrangian solution left unused, one level at a time.
-5. **Transition limits**: a moment's proposal changes at most once per
-   ``min_interval`` steps and at most ``max_changes`` times in all.
-
-The decision (:mod:`stquant_jax._src.policy.decision`) only writes the *proposed*
-bits into the state; bits are static layout, applied outside ``jit`` by
-:func:`stquant_jax.relayout`. This module holds the policy's knobs, their checks,
-the static first layout and the per-step statistics.
+This module is the policy's configuration: its knobs and their checks, the
+static first layout (with a memory budget: :mod:`.first_layout`) and the
+:class:`~stquant_jax.Policy` interface. What runs inside the jitted update, the
+statistics and the decision, is :mod:`.decision`; the design and the evidence
+behind the defaults are in docs/policy.md.
 """
 
 from __future__ import annotations
@@ -50,7 +20,6 @@ import numpy as np
 
 from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE, check_block_size
 from stquant_jax._src.codec.packing import MAX_BITS, check_bits
-from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.core.checks import check_choice, check_int, check_number, check_pair
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import host_value
@@ -59,9 +28,8 @@ from stquant_jax._src.policy.allocation import relative_error_table
 from stquant_jax._src.policy.base import Policy, is_float, place_like
 from stquant_jax._src.policy.decision import NEVER, STQuantPolicyState
 from stquant_jax._src.policy.scores import (
-    MAGNITUDE_FACTORS, NUM_SUMS, STRUCTURE_FACTORS, SUMS, leaves_sums,
-    needed_sums, reduce_sums)
-from stquant_jax._src.state.opt_state import NO_MOMENT, bits_code, moment_bits
+    MAGNITUDE_FACTORS, STRUCTURE_FACTORS, SUMS, needed_sums)
+from stquant_jax._src.state.opt_state import NO_MOMENT, bits_code
 
 ZONES = ("critical", "magnitude", "structure", "redundant")
 BUDGET_STARTS = ("v_first", "even")
@@ -426,59 +394,9 @@ class STQuantPolicy(Policy):
   # ---- the jitted decision -------------------------------------------------
 
   def update_state(self, state, updates, mu, nu, count):
-    leaves, treedef = jax.tree.flatten(updates)
-    mu_l = treedef.flatten_up_to(mu)
-    nu_l = treedef.flatten_up_to(nu)
-    layout, adaptive, sizes, blocks = [], [], [], []
-    for g, m, v in zip(leaves, mu_l, nu_l):
-      codes = [moment_bits(m), moment_bits(v)]
-      layout.append(codes)
-      ad = is_float(g.dtype) and self._adaptive(tuple(g.shape), g.dtype) and NO_MOMENT not in codes
-      adaptive.append(ad)
-      sizes.append(math.prod(g.shape))
-      qs = [x for x in (m, v) if is_quantized(x)]
-      if qs and qs[0].block_size != self._block:
-        raise ValueError(f"STQuantPolicy(block_size={self._block}) but the state uses "
-                         f"block_size={qs[0].block_size}; leave the policy's block_size unset")
-      blocks.append(self._block)
-    actual = jnp.asarray(np.array(layout, np.int32).reshape(len(leaves), 2))
-    old = STQuantPolicyState(*(field(state, f) for f in STQuantPolicyState._fields))
-    if not any(adaptive):
-      return old._replace(actual=actual)
-    adaptive_np = np.array(adaptive)
-    # The budget's bytes outside the moments: the step count and the policy state. The
-    # moments of non-adaptive leaves (float32 small leaves) are not added here: the
-    # allocation pays every moment that may not change now, these included, from its
-    # current bits (until 2026-12 they were also added here, paid twice, and budgets
-    # settled 0.26 bits under target on GPT-2).
-    fixed_bytes = 4 + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in old)
-    values = sum(2 * size for (cm, cv), size in zip(layout, sizes)
-                 if cm != NO_MOMENT or cv != NO_MOMENT)
-
-    # Statistics: every step, a rotating 1/K of each adaptive leaf's blocks (the blocks
-    # b with b % K == count % K), accumulated in the state; over the K steps up to a
-    # decision every block enters once. O(size / K) per step, no control flow around
-    # the moments, so the step's program keeps the moments' buffers as FixedBits does.
-    keys = self.sum_keys()
-    cols = np.array([SUMS.index(k) for k in keys])
-    stride = self.every
-    slot = count % stride
-    ad_idx = [i for i, ad in enumerate(adaptive) if ad]
-    sums = leaves_sums([leaves[i] for i in ad_idx], [mu_l[i] for i in ad_idx],
-                       [nu_l[i] for i in ad_idx], block_size=self._block,
-                       probe_bits=self.probe_bits, needed=frozenset(keys), stride=stride,
-                       slot=slot)[:, cols]
-    rows = jnp.zeros((len(leaves), len(keys)), jnp.float32).at[np.array(ad_idx)].set(sums)
-    old = old._replace(acc=old.acc + rows)
-
-    def decide(st):  # small operands only: the policy state and count
-      full = jnp.zeros((len(leaves), NUM_SUMS), jnp.float32).at[:, cols].set(st.acc)
-      sums = reduce_sums(full, self.axis_name)
-      new = decision.decide(self, st, sums, count, adaptive_np, sizes, blocks, fixed_bytes, values)
-      return new._replace(acc=jnp.zeros_like(st.acc))
-
-    new = jax.lax.cond(slot == 0, decide, lambda st: st, old)
-    return new._replace(actual=actual)
+    """Accumulates this step's statistics; decides every ``every`` steps
+    (:func:`.decision.update_state`)."""
+    return decision.update_state(self, state, updates, mu, nu, count)
 
   # ---- the Policy interface outside the update ------------------------------
 
