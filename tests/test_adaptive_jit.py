@@ -170,9 +170,8 @@ def test_a_state_the_caller_did_not_donate_survives_the_switch():
 
 
 def test_close_lets_the_step_function_and_its_executables_go():
-  """The process-wide cache held the step function (and its closure) and every
-  executable for good; now a wrapper's executables go at close() and the shared cache
-  holds its function only weakly."""
+  """A wrapper's executables go at close(), and the process-wide cache holds the step
+  function (and its closure) only weakly."""
   import gc
   import weakref
 
@@ -217,8 +216,8 @@ def test_shared_cache_is_bounded_and_forgets_a_dead_owner():
 
 
 def test_the_jax_config_context_is_part_of_the_key_and_reaches_the_compile_thread():
-  """The same step wrapped again under jax.default_matmul_precision compiles again (it
-  was served the executables compiled without it), and the layout compiled in the
+  """The same step wrapped again under jax.default_matmul_precision compiles again (not
+  served the executables compiled without it), and the layout compiled in the
   background carries the precision (the compile thread does not see the caller's
   thread-local context: the step is traced in the caller's thread)."""
   tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(1,), bits=((4, 5),)))
@@ -247,8 +246,8 @@ def _fails_at_4_bits(tx):
 
 
 def test_a_failed_compile_keeps_the_layout_and_takes_later_proposals():
-  """A failed background compile made every later call raise; now it warns once, is
-  recorded in stats, the run stays on its layout, and the next proposal switches."""
+  """A failed background compile warns once, is recorded in stats, the run stays on
+  its layout (later calls do not raise), and the next proposal switches."""
   tx = sq.adamw(1e-2, policy=Scheduled(start=(8, 8), at=(2, 6), bits=((4, 5), (6, 3))))
   step = sq.adaptive_jit(_fails_at_4_bits(tx), delay=2)
   params = make_params()
@@ -265,9 +264,9 @@ def test_a_failed_compile_keeps_the_layout_and_takes_later_proposals():
 
 def test_proposals_and_switches_are_logged_and_a_proposal_left_waiting_warns(
     monkeypatch, caplog):
-  """The run that trained at 9 bits while the policy proposed 5-6 said nothing: each
-  proposal and switch is now a log line, and a proposal whose compile has not come
-  after UNAPPLIED_CALLS calls warns (here the compile thread is held back)."""
+  """A proposal never applied is not silent: each proposal and switch is a log line,
+  and a proposal whose compile has not come after UNAPPLIED_CALLS calls warns (here
+  the compile thread is held back)."""
   import threading
   from stquant_jax._src.stepping import adaptive_jit as aj, compiler
   gate, job = threading.Event(), compiler.Compiler._job

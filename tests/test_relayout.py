@@ -3,7 +3,7 @@
 * ``relayout`` re-packs block by block: its result is exactly ``quantize(dequantize(q))``
   (padding of a ragged last block included), and the compiled program's scratch
   (``memory_analysis().temp_size_in_bytes``) stays a small constant instead of a float32
-  copy of the moment (8 MiB for 2M values before).
+  copy of the moment (8 MiB for 2M values).
 * The maps and block size come from the state: the ``mu_map`` given to the transform is
   the one ``relayout`` uses.
 * ``abstract_state(tx, params, bits=...)`` is exactly the structure, shapes and dtypes the
