@@ -93,13 +93,16 @@ _WORKER = textwrap.dedent(r"""
   state = jax.jit(tx.init, out_shardings=sq.state_shardings(jax.eval_shape(tx.init, params),
                                                             pshard))(params)
 
+  def raw_step(p, s, x, y):
+    u, s = tx.update(jax.grad(loss_fn)(p, x, y), s, p)
+    return optax.apply_updates(p, u), s
+
   def make_step(state):
+    # One function for every layout: steps of the same layout and shardings (the live
+    # and the restored state below) share one compilation.
     ss = sq.state_shardings(state, pshard)
-    def step(p, s, x, y):
-      u, s = tx.update(jax.grad(loss_fn)(p, x, y), s, p)
-      return optax.apply_updates(p, u), s
-    return jax.jit(step, in_shardings=(pshard, ss, bshard, bshard), out_shardings=(pshard, ss),
-                   donate_argnums=(0, 1))
+    return jax.jit(raw_step, in_shardings=(pshard, ss, bshard, bshard),
+                   out_shardings=(pshard, ss), donate_argnums=(0, 1))
 
   def local_copies(x):
     # Every local device's own copy of a replicated array.
@@ -169,9 +172,6 @@ _WORKER = textwrap.dedent(r"""
         for k in SHAPES}
   s0 = jax.jit(tx.init, out_shardings=sq.state_shardings(jax.eval_shape(tx.init, p0),
                                                          pshard))(p0)
-  def raw_step(p, s, x, y):
-    u, s = tx.update(jax.grad(loss_fn)(p, x, y), s, p)
-    return optax.apply_updates(p, u), s
   astep = sq.adaptive_jit(raw_step, delay=2, param_shardings=pshard, donate_argnums=(0, 1))
   for i in range(2 * STEPS):  # decisions every 2 steps: proposals switch 2 calls later
     p0, s0 = astep(p0, s0, *batch(i % STEPS))
