@@ -106,6 +106,11 @@ def _with_parts(x, parts):
   return parts[0]
 
 
+def _reference(moments):
+  """The first quantized moment: its blocks set the chunks."""
+  return next(q for q in moments if is_quantized(q))
+
+
 def _on_context_mesh(a):
   """``a`` typed replicated on the context's Explicit mesh when it has no mesh of its own:
   values computed under such a mesh are typed on it, and a dynamic update slice needs
@@ -122,9 +127,10 @@ def _put(a, new, start):
   return jax.lax.dynamic_update_slice_in_dim(a, reshard_like(new.astype(a.dtype), a), start, 0)
 
 
-def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, **kwargs):
+def _stream(fn, g, moments, inputs, *, first_block, chunk_values: int, reads_once: bool,
+            **kwargs):
   """``fn`` over the blocks of one device's leaf, a chunk at a time; see the module doc."""
-  ref = mu if is_quantized(mu) else nu
+  ref = _reference(moments)
   nb, bs = ref.scales.shape[0], ref.block_size
   n = g.size
   view, lead = chunking(g.shape, bs, chunk_values)
@@ -132,11 +138,16 @@ def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, 
   k = lead * per_lead // bs                      # blocks per chunk
   chunks = view[0] // lead if n > 0 else 0
   chunks = chunks if chunks >= 2 else 0          # under two whole chunks: no loop
+  n_m = len(moments)
   dense = lambda x: x if is_quantized(x) else x.reshape(view)
-  x, mu, nu = jax.tree.map(_on_context_mesh, (g.reshape(view), dense(mu), dense(nu)))
+  x, moments, inputs = jax.tree.map(
+      _on_context_mesh, (g.reshape(view), [dense(q) for q in moments],
+                         [a.reshape(view) for a in inputs]))
+  carry = (x, *moments)                          # written back; ``inputs`` are only read
 
-  def run(gs, ms, vs, block0):
-    return fn(gs, ms, vs, first=(first_block + block0) * bs, **kwargs)
+  def run(gs, ms, ins, block0):
+    u, ms = fn(gs, list(ms), list(ins), first=(first_block + block0) * bs, **kwargs)
+    return (u, *ms)
 
   def write(arrays, new, row, blk, shape_of):
     """The piece's results written into the carried arrays (rows ``row``, blocks ``blk``)."""
@@ -160,12 +171,13 @@ def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, 
     # carried arrays every iteration to keep the old values. A barrier on the chunk's
     # inputs ensures it, unless ``fn`` reads its inputs once, into buffers, before it
     # produces anything (``reads_once``; 7% faster on XLA:CPU).
-    parts = tuple(map(part, carry))
-    new = run(*(parts if reads_once else jax.lax.optimization_barrier(parts)), blk)
+    parts = tuple(map(part, carry)) + tuple(map(rows, inputs))
+    parts = parts if reads_once else jax.lax.optimization_barrier(parts)
+    new = run(parts[0], parts[1:1 + n_m], parts[1 + n_m:], blk)
     return tuple(write(carry, new, row, blk, lambda b: b.reshape((lead,) + view[1:])))
 
   if chunks:
-    x, mu, nu = jax.lax.fori_loop(0, chunks, body, (x, mu, nu))
+    carry = jax.lax.fori_loop(0, chunks, body, carry)
   # The tail (fewer than a chunk's values, the last block maybe partial), or the whole
   # leaf when it is small: one piece, zero-padded to whole blocks.
   row0, blk0 = chunks * lead, chunks * k
@@ -174,15 +186,15 @@ def _stream(fn, g, mu, nu, *, first_block, chunk_values: int, reads_once: bool, 
     pad = lambda a: jnp.pad(a[row0:].reshape(-1), (0, tail_b * bs - tail_n)).reshape(tail_b, bs)
     part = lambda q: (dataclasses.replace(q, codes=q.codes[blk0:], scales=q.scales[blk0:])
                       if is_quantized(q) else pad(q))
-    new = run(*map(part, (x, mu, nu)), blk0)
+    parts = tuple(map(part, carry))
+    new = run(parts[0], parts[1:], map(pad, inputs), blk0)
     unpad = lambda b: b.reshape(-1)[:tail_n].reshape((view[0] - row0,) + view[1:])
     if chunks:
-      x, mu, nu = write((x, mu, nu), new, row0, blk0, unpad)
+      carry = write(carry, new, row0, blk0, unpad)
     else:  # the piece is the whole leaf: its results are the new arrays
-      x, mu, nu = (b if is_quantized(b) else unpad(b).astype(a.dtype)
-                   for a, b in zip((x, mu, nu), new))
+      carry = [b if is_quantized(b) else unpad(b).astype(a.dtype) for a, b in zip(carry, new)]
   undense = lambda q: q if is_quantized(q) else q.reshape(g.shape)
-  return x.reshape(g.shape), undense(mu), undense(nu)
+  return carry[0].reshape(g.shape), [undense(q) for q in carry[1:]]
 
 
 def _one_piece(q, shape):
@@ -190,7 +202,7 @@ def _one_piece(q, shape):
   return dataclasses.replace(q, shape=tuple(shape), shards=None) if is_quantized(q) else q
 
 
-def _stream_pieces(fn, g, mu, nu, shards, *, first_block, **kw):
+def _stream_pieces(fn, g, moments, inputs, shards, *, first_block, **kw):
   """:func:`_stream` over a leaf (or one device's part of it) in the per-shard layout
   ``shards`` (None: the plain layout). One piece streams as it is; several (a device
   holding more than one shard: one device, or a mesh that does not fit the layout)
@@ -198,22 +210,130 @@ def _stream_pieces(fn, g, mu, nu, shards, *, first_block, **kw):
   restore = lambda q, new: (dataclasses.replace(new, shape=q.shape, shards=q.shards)
                             if is_quantized(new) else new)
   if shards is None or math.prod(shards) == 1:
-    u, m, v = _stream(fn, g, _one_piece(mu, g.shape), _one_piece(nu, g.shape),
-                      first_block=first_block, **kw)
-    return u, restore(mu, m), restore(nu, v)
-  bs = (mu if is_quantized(mu) else nu).block_size
+    u, new = _stream(fn, g, [_one_piece(q, g.shape) for q in moments], inputs,
+                     first_block=first_block, **kw)
+    return u, [restore(q, m) for q, m in zip(moments, new)]
+  bs = _reference(moments).block_size
   view = lambda x: to_blocks(x, shards, bs).reshape(-1)
   gb = view(g)
   flat = lambda q: _one_piece(q, gb.shape) if is_quantized(q) else view(q)
-  u, m, v = _stream(fn, gb, flat(mu), flat(nu), first_block=first_block, **kw)
+  u, new = _stream(fn, gb, [flat(q) for q in moments],
+                   [view(a).astype(a.dtype) for a in inputs], first_block=first_block, **kw)
   whole = lambda x: from_blocks(x.reshape(-1, bs), g.shape, shards)
   dense = lambda q, new: restore(q, new) if is_quantized(new) else whole(new)
-  return whole(u).astype(g.dtype), dense(mu, m), dense(nu, v)
+  return whole(u).astype(g.dtype), [dense(q, m) for q, m in zip(moments, new)]
+
+
+def stream_moments(fn, g, moments, *, inputs=(), chunk_values: int = CHUNK_VALUES,
+                   reads_once: bool = False, **kwargs):
+  """Runs a per-block update of any number of moments over a leaf in bounded chunks.
+
+  Args:
+    fn: ``fn(g_KxB, moments, inputs, *, first, **kwargs) -> (u_KxB, moments)`` on
+      ``k`` whole blocks: ``g_KxB`` the gradient's blocks (zero-padded at the
+      leaf's end), ``moments`` a list with each moment's part (a
+      :class:`~stquant_jax.QuantizedArray` of those blocks, or ``[k, block_size]``
+      in the moment's dtype), ``inputs`` the list of the read-only inputs' blocks
+      ``[k, block_size]`` (zero-padded), ``first`` the flat index in the leaf of
+      the blocks' first value. It returns the update's blocks and each moment's
+      new part, of the kind it was given.
+    g: the gradient (any float dtype and shape).
+    moments: the leaf's moments: quantized (at least one) or dense arrays of
+      ``g``'s shape; quantized ones share the block size and layout.
+    inputs: read-only arrays of ``g``'s shape (the parameter, say), sliced as the
+      gradient is and never written.
+    chunk_values: values per chunk (rounded to whole blocks and rows).
+    reads_once: ``fn`` reads each input once into a buffer before it computes any
+      output (it ends the reads with an ``optimization_barrier``); otherwise the
+      stream puts a barrier on each chunk's inputs.
+    **kwargs: passed to ``fn``; arrays among them (a pytree's leaves included) go
+      to each device whole.
+
+  Returns:
+    ``(u, moments)``: the update (``g``'s shape and dtype) and the list of new
+    moments, as if ``fn`` had run on the whole leaf at once.
+
+  Example:
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> import stquant_jax as sq
+    >>> from stquant_jax._src.codec.blocks import dequantize_blocks, quantize_blocks
+    >>> def momentum(g, ms, ins, *, first):   # trace = 0.9 trace + g, in 8 bits
+    ...   (q,) = ms
+    ...   t = 0.9 * dequantize_blocks(q.codes, q.scales, q.code_map) + g
+    ...   codes, scales = quantize_blocks(t, q.code_map)
+    ...   return t, [dataclasses.replace(q, codes=codes, scales=scales)]
+    >>> g = jnp.ones((512, 1024))
+    >>> u, (t,) = stream_moments(momentum, g, [sq.quantize(g * 0, 8)])
+    >>> float(u[511, 1023]), t.codes.shape
+    (1.0, (4096, 32))
+  """
+  ref = _reference(moments)
+  nb, bs, shards = ref.scales.shape[0], ref.block_size, ref.shards
+  moments, inputs = list(moments), list(inputs)
+  kw = dict(chunk_values=chunk_values, reads_once=reads_once, **kwargs)
+  parts_in = [x for q in moments for x in _moment_parts(q)]
+  ragged = shards is None and g.size != nb * bs  # plain layout, padded: no block view
+  if g.size == 0 or ragged or not may_be_block_sharded(parts_in + [g]):
+    return _stream_pieces(fn, g, moments, inputs, shards, first_block=0, **kw)
+
+  # Sharded block axis: every device streams its own blocks (no gathers). The gradient,
+  # dense moments and inputs go in whole (``leaves``: each device gets its rows, or its
+  # pieces in the per-shard layout), not as ``[n_blocks, block_size]``: the update
+  # then comes out in the gradient's shape, which XLA can write over the gradient.
+  quantized = [q for q in moments if is_quantized(q)]
+  dense = [q for q in moments if not is_quantized(q)]
+  q_parts = [x for q in quantized for x in _moment_parts(q)]
+  naturals = [g] + dense + inputs
+
+  # Traced arguments (hyperparameters, the step) go in as replicated inputs: shard_map
+  # cannot close over values typed with Explicit mesh axes.
+  flat, kw_def = jax.tree.flatten(kw)
+  traced = [isinstance(v, jax.Array) for v in flat]
+
+  def local(first_block, rep, arrs):
+    rep = iter(rep)
+    kw_l = kw_def.unflatten([next(rep) if t else v for v, t in zip(flat, traced)])
+    it = iter(arrs)
+    parts = [[next(it), next(it)] for _ in quantized]
+    nat = [next(it) for _ in naturals]
+    g_l, dense_l = nat[0], iter(nat[1:1 + len(dense)])
+    parts = iter(parts)
+    m_l = [_with_parts(q, next(parts)) if is_quantized(q) else next(dense_l) for q in moments]
+    pieces = shards and tuple(c * l // s for c, s, l in zip(shards, g.shape, g_l.shape))
+    u, new = _stream_pieces(fn, g_l, m_l, nat[1 + len(dense):], pieces,
+                            first_block=first_block, **kw_l)
+    q_out = [x for q in new if is_quantized(q) for x in _moment_parts(q)]
+    n_out = [u] + [q for q in new if not is_quantized(q)]
+    return [q_out, n_out], ()
+
+  (q_out, n_out), _ = map_local_blocks(local, [v for v, t in zip(flat, traced) if t], q_parts,
+                                       naturals, shards)
+  q_out, n_out = iter(q_out), iter(n_out)
+  u = reshard_like(next(n_out), g)
+
+  def back(q):
+    if is_quantized(q):
+      return dataclasses.replace(q, codes=reshard_like(next(q_out), q.codes),
+                                 scales=reshard_like(next(q_out), q.scales))
+    return reshard_like(next(n_out), q)
+  return u, [back(q) for q in moments]
+
+
+def _two_moments(fn):
+  """A per-block ``fn(g, mu, nu, *, first, **kw) -> (u, mu, nu)`` as
+  :func:`stream_moments` calls it."""
+  def call(g_KxB, moments, inputs, **kw):
+    del inputs
+    u, mu, nu = fn(g_KxB, *moments, **kw)
+    return u, [mu, nu]
+  return call
 
 
 def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: bool = False,
                 **kwargs):
-  """Runs a per-block update over a leaf in bounded chunks; returns ``(u, mu, nu)``.
+  """Runs a per-block update of two moments over a leaf in bounded chunks; returns
+  ``(u, mu, nu)``: :func:`stream_moments` with ``moments=[mu, nu]``.
 
   Args:
     fn: ``fn(g_KxB, mu_part, nu_part, *, first, **kwargs) -> (u_KxB, mu_part, nu_part)``
@@ -234,53 +354,6 @@ def stream_leaf(fn, g, mu, nu, *, chunk_values: int = CHUNK_VALUES, reads_once: 
     The update (``g``'s shape and dtype) and the new moments, as if ``fn`` had
     run on the whole leaf at once.
   """
-  ref = mu if is_quantized(mu) else nu
-  nb, bs, shards = ref.scales.shape[0], ref.block_size, ref.shards
-  kw = dict(chunk_values=chunk_values, reads_once=reads_once, **kwargs)
-  moments = [x for q in (mu, nu) for x in _moment_parts(q)]
-  ragged = shards is None and g.size != nb * bs  # plain layout, padded: no block view
-  if g.size == 0 or ragged or not may_be_block_sharded(moments + [g]):
-    return _stream_pieces(fn, g, mu, nu, shards, first_block=0, **kw)
-
-  # Sharded block axis: every device streams its own blocks (no gathers). The gradient
-  # and float32 moments go in whole (``leaves``: each device gets its rows, or its
-  # pieces in the per-shard layout), not as ``[n_blocks, block_size]``: the update
-  # then comes out in the gradient's shape, which XLA can write over the gradient.
-  quantized = [q for q in (mu, nu) if is_quantized(q)]
-  dense = [q for q in (mu, nu) if not is_quantized(q)]
-  q_parts = [x for q in quantized for x in _moment_parts(q)]
-  naturals = [g] + dense
-
-  # Traced arguments (hyperparameters, the step) go in as replicated inputs: shard_map
-  # cannot close over values typed with Explicit mesh axes.
-  traced = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
-  static = {k: v for k, v in kw.items() if k not in traced}
-  names = sorted(traced)
-
-  def local(first_block, rep, arrs):
-    kw_l = dict(static, **dict(zip(names, rep)))
-    it = iter(arrs)
-    parts = {id(q): [next(it), next(it)] for q in quantized}
-    nat = [next(it) for _ in naturals]
-    g_l = nat[0]
-    dense_l = iter(nat[1:])
-    m_l, v_l = (_with_parts(q, parts[id(q)]) if is_quantized(q) else next(dense_l)
-                for q in (mu, nu))
-    pieces = shards and tuple(c * l // s for c, s, l in zip(shards, g.shape, g_l.shape))
-    u, m2, v2 = _stream_pieces(fn, g_l, m_l, v_l, pieces, first_block=first_block, **kw_l)
-    q_out = [x for q in (m2, v2) if is_quantized(q) for x in _moment_parts(q)]
-    n_out = [u] + [q for q in (m2, v2) if not is_quantized(q)]
-    return [q_out, n_out], ()
-
-  (q_out, n_out), _ = map_local_blocks(local, [traced[k] for k in names], q_parts,
-                                       naturals, shards)
-  q_out, n_out = iter(q_out), iter(n_out)
-  u = reshard_like(next(n_out), g)
-
-  def back(q):
-    if is_quantized(q):
-      return dataclasses.replace(q, codes=reshard_like(next(q_out), q.codes),
-                                 scales=reshard_like(next(q_out), q.scales))
-    return reshard_like(next(n_out), q)
-  new_mu = back(mu)
-  return u, new_mu, back(nu)
+  u, (new_mu, new_nu) = stream_moments(_two_moments(fn), g, [mu, nu], chunk_values=chunk_values,
+                                       reads_once=reads_once, **kwargs)
+  return u, new_mu, new_nu
