@@ -58,6 +58,12 @@ _SCRIPT = textwrap.dedent(r"""
       m = state[0].mu["wte"]
       row = {"shards": m.shards, "codes_spec": str(m.codes.sharding.spec),
              "w_shards": state[0].mu["w"].shards}
+      if mesh_type == "Explicit":  # the abstract state: eval_shape under the mesh
+        sds = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=pshard[k])
+               for k, x in params0.items()}
+        with jax.set_mesh(mesh):
+          am = jax.eval_shape(tx.init, sds)[0].mu["wte"]
+        row["abstract"] = {"shards": am.shards, "codes_spec": str(am.codes.sharding.spec)}
       # The same state on one device: the reference run.
       ref_state = jax.tree.map(lambda x: jax.device_put(host(x), jax.devices()[0]), state)
       ref_params = params0
@@ -100,6 +106,14 @@ def test_second_axis_sharded_leaf_has_sharded_moments(results, case):
   r = results[case]
   assert r["shards"] == [1, 8] and r["codes_spec"] == "P('d', None)"
   assert r["w_shards"] is None  # leading-axis shards of whole blocks: the plain layout
+
+
+@pytest.mark.parametrize("case", ["Explicit-fixed", "Explicit-adaptive"])
+def test_eval_shape_of_init_under_an_explicit_mesh_gives_the_same_layout(results, case):
+  # Under Explicit axes the sharding is in the traced params' types, so the abstract
+  # state (what nnx.eval_shape, orbax restore targets and AOT compiles use) matches.
+  r = results[case]
+  assert r["abstract"] == {"shards": r["shards"], "codes_spec": r["codes_spec"]}, r
 
 
 @pytest.mark.parametrize("case", ["Explicit-fixed", "Auto-fixed"])

@@ -140,8 +140,13 @@ def reshard_like(x, like):
 
 
 def concrete_sharding(x) -> NamedSharding | None:
-  """The NamedSharding of a concrete array spread over several devices, else None."""
-  if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+  """The NamedSharding of an array spread over several devices, else None: a concrete
+  array's, or a traced one's whose type is sharded on Explicit mesh axes (under
+  ``jax.eval_shape`` or ``jit`` in ``jax.set_mesh`` with Explicit axes, where the
+  sharding is part of the type)."""
+  if isinstance(x, jax.core.Tracer):
+    return jax.typeof(x).sharding if explicit_axes_per_dim(x) else None
+  if not isinstance(x, jax.Array):
     return None
   s = getattr(x, "sharding", None)
   if isinstance(s, NamedSharding) and len(s.device_set) > 1:
@@ -150,9 +155,12 @@ def concrete_sharding(x) -> NamedSharding | None:
 
 
 def zeros(shape, dtype, sharding: Sharding | None = None):
-  """``jnp.zeros`` created directly with ``sharding`` (also across processes)."""
+  """``jnp.zeros`` created directly with ``sharding`` (also across processes); under a
+  trace, typed with it (a sharding over an abstract mesh, from a traced array's type)."""
   if sharding is None:
     return jax.numpy.zeros(shape, dtype)
+  if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+    return jax.numpy.zeros(shape, dtype, out_sharding=sharding)
   return _sharded_zeros(tuple(shape), np.dtype(dtype), sharding)
 
 
