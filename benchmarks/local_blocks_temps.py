@@ -1,4 +1,4 @@
-"""Step temporaries of one leaf with and without the per-device path (a known gap, compiled on CPU).
+"""Step temporaries of one leaf with and without the per-device path (compiled on CPU).
 
 One float32 leaf (default 24576 x 768), stquant 8-bit, ``step(params, state, grads)``
 (update + apply) compiled with state and gradients donated; printed as JSON: the
@@ -6,8 +6,9 @@ temporaries and the parameter bytes per device. With one visible device the
 streamed update runs in place (a few chunk buffers). With several devices the
 update goes through :func:`~stquant_jax._src.distributed.local_blocks.map_local_blocks`
 (``custom_partitioning`` without a mesh or under Auto axes, ``shard_map`` under
-Explicit axes), and a leaf-sized buffer appears: the streaming loop's update is not
-written over the donated gradient across that boundary (docs/sharding.md).
+Explicit axes); each device's gradient goes in in its own shape, so the update is
+written over it there too. Measured 2026-12-07 (CPU): 0.59 MB in every case (a leaf-sized
+buffer before, 75.5 MB with 8 devices and no mesh, 9.4 MB per device on a mesh).
 
 Usage: ``python -m benchmarks.local_blocks_temps [--devices 8] [--mesh none|Auto|Explicit]``.
 """
