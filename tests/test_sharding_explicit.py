@@ -161,7 +161,7 @@ def test_relayout_with_param_shardings_matches_state_shardings(results):
 
 def test_explicit_mesh_mixed_widths_for_m_and_v(results):
   """8-bit m with 4-bit v (different packing groups) on a leading-axis-sharded leaf
-  under an Explicit mesh: runs sharded (before: a reshape sharding type error) and
+  under an Explicit mesh: runs sharded and
   equals one device."""
   info = results["explicit_mixed"]
   assert info["bits"] == [8, 4]

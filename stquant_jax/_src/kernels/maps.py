@@ -4,8 +4,8 @@ The maps are closed-form, so a map is fully identified by the static
 ``CodeMap(kind, bits, signed, param)``: kernels receive it as a static argument
 and no level table is passed as an input (there is none to pass).
 
-The kernels call ``stquant_jax.codec_maps.encode``/``decode`` themselves, not a copy,
-through :func:`pallas_kernels.exact_math.correctly_rounded`, which swaps float32
+The kernels call ``stquant_jax._src.codec.maps.encode``/``decode`` themselves, not a copy,
+through :func:`stquant_jax._src.kernels.exact_math.correctly_rounded`, which swaps float32
 division and square root for IEEE-rounded versions on the GPU (Triton's default
 division is approximate). Whatever the library's maps become, the kernels follow,
 as long as the maps keep to element-wise ops that Triton lowers (the lowering

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from stquant_jax._src.codec.quantized import QuantizedArray, is_quantized
 from stquant_jax._src.codec.shards import num_layout_blocks
