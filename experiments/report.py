@@ -187,12 +187,74 @@ def _pm(mean, half) -> str:
   return f"{mean:+.2f}" + ("" if math.isinf(half) else f" ± {half:.2f}")
 
 
-def _above(c: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+MARGINAL = 2.0  # a resolved interval whose end nearest 0 lies within this many floors
+
+
+def _marginal(mean: float, half: float, floor: float | None) -> float | None:
+  """The end of ``mean ± half`` nearest 0 when the interval is resolved beyond ± ``floor``
+  (it excludes the floor band) but that end lies within ``MARGINAL`` floors of 0: a
+  verdict that a slightly larger floor would undo. None otherwise.
+
+  Example:
+    >>> round(_marginal(-1.44, 1.32, 0.095), 2)  # ends at -0.12, floor 0.095
+    -0.12
+    >>> _marginal(-1.39, 1.11, 0.095) is None    # ends at -0.28: 3 floors away
+    True
+  """
+  if not floor or math.isinf(half):
+    return None
+  edge = mean + half if mean < 0 else mean - half
+  resolved = (mean + half < -floor) or (mean - half > floor)
+  return edge if resolved and abs(edge) < MARGINAL * floor else None
+
+
+def _verdict_cell(verdict: str, mean, half, floor) -> str:
+  """A verdict, flagged ``(marginal: ends at X%)`` when :func:`_marginal` says so."""
+  edge = None if mean is None else _marginal(mean, half, floor)
+  return verdict if edge is None else f"{verdict} (marginal: ends at {edge:+.3f}%)"
+
+
+def _above(c: dict[str, Any], rows: dict[str, dict[str, Any]], floor=None) -> str:
   """The last two cells: the adaptive run against the cheapest fixed run above it."""
   if "above" not in c:
     return "none | — |"
   return (f"{rows[c['above']]['label']} ({c['above_bits']:.2f}) "
-          f"| {_pm(c['above_vs_mean'], c['above_vs_ci95'])}, {c['above_vs_verdict']} |")
+          f"| {_pm(c['above_vs_mean'], c['above_vs_ci95'])}, "
+          f"{_verdict_cell(c['above_vs_verdict'], c['above_vs_mean'], c['above_vs_ci95'], floor)} |")
+
+
+def _frontier_summary(comparisons: list[dict[str, Any]],
+                      rows: dict[str, dict[str, Any]], floor) -> list[str]:
+  """The list under the adaptive-vs-uniform table: every resolved paired verdict, with
+  how many bits fewer (or more) the fixed run uses, and the count of the others."""
+  out = ["Every resolved paired verdict of the table above (a *lower* loss against a "
+         "fixed run with fewer bits does not separate the policy from its extra bits):", ""]
+  for key, other, other_bits, what in (
+      ("vs_", "uniform", "uniform_bits", "the best fixed run at no more bits"),
+      ("above_vs_", "above", "above_bits", "the cheapest fixed run using more bits")):
+    found = {"lower": [], "higher": []}
+    rest = 0
+    for c in comparisons:
+      if other not in c:
+        continue
+      v = c[f"{key}verdict"]
+      if v not in found:
+        rest += 1
+        continue
+      gap = c["bits"] - c[other_bits]
+      edge = _marginal(c[f"{key}mean"], c[f"{key}ci95"], floor)
+      found[v].append(
+          f"{rows[c['adaptive']]['label']} ({c['bits']:.2f} bits) vs "
+          f"{rows[c[other]]['label']} ({c[other_bits]:.2f} bits: "
+          + (f"{gap:.2f} fewer" if gap > 0.005 else f"{-gap:.2f} more"
+             if gap < -0.005 else "the same")
+          + f") {_pm(c[f'{key}mean'], c[f'{key}ci95'])}%"
+          + (f", marginal (ends at {edge:+.3f}%)" if edge is not None else ""))
+    for v in ("lower", "higher"):
+      out.append(f"- Against {what}, adaptive loss **{v}**: "
+                 + ("; ".join(found[v]) if found[v] else "none") + ".")
+    out.append(f"- Against {what}, indistinguishable: {rest} run(s).")
+  return out + [""]
 
 
 def _variants(rows: dict[str, dict[str, Any]], size_of) -> list[tuple[float, dict]]:
@@ -242,6 +304,14 @@ def _noise_check(rows: dict[str, dict[str, Any]]) -> list[str]:
           f"each step (u uniform in [-1, 1]): {parts}; {end}", ""]
 
 
+def _marginal_list(rows: dict[str, dict[str, Any]], reference: str, floor) -> str:
+  """`` (here: <label>, ends at X%; ...)`` for the rows whose verdict is marginal."""
+  found = [f"{r['label']}, ends at {_marginal(r['delta_pct_mean'], r['delta_pct_ci95'], floor):+.3f}%"
+           for n, r in rows.items() if n != reference and r["delta_pct_mean"] is not None
+           and _marginal(r["delta_pct_mean"], r["delta_pct_ci95"], floor) is not None]
+  return f" (here: {'; '.join(found)}; the floor is {floor:.3f}%)" if found else ""
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
   """The results (GitHub markdown): per model the paired table with its noise floor,
   the frontier, and the setup."""
@@ -282,7 +352,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
       acc = (f" {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f} % |"
              if vit and r["val_accuracy_mean"] is not None else " — |" if vit else "")
       ok = "—" if name == summary["reference"] else "yes" if r["within_1pct"] else "no"
-      lines.append(f"| {r['label']} | {bits} | {seeds} | {ci} | {r['verdict']} | {ok} |{acc} "
+      verdict = r["verdict"]
+      if name != summary["reference"] and r["delta_pct_mean"] is not None:
+        verdict = ("better (marginal)" if verdict == "better" else "worse (marginal)"
+                   if verdict == "worse" else verdict) if _marginal(
+                       r["delta_pct_mean"], r["delta_pct_ci95"], floor) is not None else verdict
+      lines.append(f"| {r['label']} | {bits} | {seeds} | {ci} | {verdict} | {ok} |{acc} "
                    f"{mb} |")
     n = max(len(r["seeds"]) for r in m["optimizers"].values())
     if floor is None:
@@ -294,7 +369,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 f"each step) caused on any of the {n} seeds. *matches*: the 95% interval "
                 "of the mean Δ lies within ± the floor; *worse* / *better*: it lies "
                 "entirely beyond it; *unresolved*: neither (more seeds, or a lower floor, "
-                "would be needed).", ""]
+                f"would be needed); *(marginal)*: resolved, but the interval's end nearest 0 "
+                f"lies within {MARGINAL:g}× the floor, so a slightly larger floor would undo "
+                "the verdict" + _marginal_list(m["optimizers"], summary["reference"], floor)
+                + ".", ""]
       jit = m["optimizers"].get("adamw_jitter")
       if jit and jit["delta_pct"]:
         d = ", ".join(f"{v:+.2f}" for v in jit["delta_pct"].values())
@@ -324,12 +402,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
               f"| {rows[c['adaptive']]['label']} | {c['bits']:.2f} | {c['delta']:+.2f} "
               f"| {rows[c['uniform']]['label']} | {c['uniform_bits']:.2f} "
               f"| {c['uniform_delta']:+.2f} | {_pm(c['vs_mean'], c['vs_ci95'])} "
-              f"| {c['vs_verdict']} | {_above(c, rows)}")
+              f"| {_verdict_cell(c['vs_verdict'], c['vs_mean'], c['vs_ci95'], floor)} "
+              f"| {_above(c, rows, floor)}")
         else:
           lines.append(f"| {rows[c['adaptive']]['label']} | {c['bits']:.2f} "
                        f"| {c['delta']:+.2f} | none (every fixed run uses more) "
-                       f"| — | — | — | — | {_above(c, rows)}")
+                       f"| — | — | — | — | {_above(c, rows, floor)}")
       lines.append("")
+      if floor is not None:
+        lines += _frontier_summary(fr["comparisons"], rows, floor)
     for key, what in (("lowest_matching", "match fp32 AdamW (within the noise floor)"),
                       ("lowest_better", "are better than fp32 AdamW (lower final loss, "
                        "the 95% interval entirely below minus the floor)"),
