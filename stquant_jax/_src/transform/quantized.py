@@ -14,6 +14,13 @@ Which leaves mirror which parameter, and whether a leaf is signed, is decided
 from the tree structure only (paths, shapes, dtypes) by :func:`plan_leaves`, once
 at ``init`` and again, identically, inside ``update``: nothing but arrays and the
 quantized arrays' own static metadata is stored.
+
+With ``elementwise=True`` (the aliases of :mod:`quantized_alias`) a parameter with
+quantized leaves is not dequantized whole: ``inner.update`` runs on one chunk of its
+blocks at a time inside the streaming loop of
+:func:`~stquant_jax._src.update.stream.stream_moments`, on *restricted* trees that
+hold the chunk at the parameter's position and None elsewhere (:func:`_streamed_update`),
+so the step's temporaries are a few chunk-sized buffers, as in :func:`~stquant_jax.adamw`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import optax
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
 from stquant_jax._src.codec.blocks import (
-    DEFAULT_BLOCK_SIZE, encode_blocks, finite_absmax, group_view)
+    DEFAULT_BLOCK_SIZE, dequantize_blocks, encode_blocks, finite_absmax, group_view)
 from stquant_jax._src.codec.maps import default_map
 from stquant_jax._src.codec.quantized import QuantizedArray, dequantize, is_quantized, quantize
 from stquant_jax._src.codec.rounding import check_rounding
@@ -38,6 +45,7 @@ from stquant_jax._src.state.config import leaf_shape_dtype
 from stquant_jax._src.state.typed import is_moment_mapping
 from stquant_jax._src.transform.checks import static_block_size
 from stquant_jax._src.update.adam import moment_noise
+from stquant_jax._src.update.stream import stream_moments
 
 # Fields of optax states that hold non-negative statistics (second moments,
 # sums of squares): they take the unsigned, zero-free map and ``nu_bits``.
@@ -129,17 +137,12 @@ def _match(path, shape, params: dict) -> tuple[int, int] | None:
   return None
 
 
-def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | None]:
-  """The storage of each leaf of ``state`` (``jax.tree.leaves`` order): a
-  :class:`LeafPlan`, or None to keep it as it is.
-
-  A leaf is quantized when it is a floating array that mirrors a parameter
-  (:func:`_match`) and the policy gives its kind a width (signed leaves take
-  ``mu_bits``, unsigned ones ``nu_bits``; ``min_size`` applies to the leaf's
-  shape). ``params`` may be the updates (same tree, same shapes).
-  """
+def _mirrors(params, state) -> list[tuple[tuple, int, tuple, int] | None]:
+  """For each leaf of ``state`` (``jax.tree.leaves`` order): ``(path, parameter index,
+  prefix, prefix number)`` where it is a floating leaf that mirrors a parameter
+  (:func:`_match`; ``prefix`` is its path down to the parameter tree, numbered in
+  order of first appearance), else None."""
   pindex = _param_index(params)
-  n = max(len(pindex), 1)
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   prefixes: dict[tuple, int] = {}
   out = []
@@ -152,7 +155,27 @@ def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | Non
       continue
     i, depth = m
     prefix = path[:len(path) - depth]
-    j = prefixes.setdefault(prefix, len(prefixes))
+    out.append((path, i, prefix, prefixes.setdefault(prefix, len(prefixes))))
+  return out
+
+
+def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | None]:
+  """The storage of each leaf of ``state`` (``jax.tree.leaves`` order): a
+  :class:`LeafPlan`, or None to keep it as it is.
+
+  A leaf is quantized when it is a floating array that mirrors a parameter
+  (:func:`_match`) and the policy gives its kind a width (signed leaves take
+  ``mu_bits``, unsigned ones ``nu_bits``; ``min_size`` applies to the leaf's
+  shape). ``params`` may be the updates (same tree, same shapes).
+  """
+  n = max(len(_param_index(params)), 1)
+  out = []
+  for x, m in zip(jax.tree.leaves(state), _mirrors(params, state)):
+    if m is None:
+      out.append(None)
+      continue
+    path, i, prefix, j = m
+    shape, dtype = leaf_shape_dtype(x)
     is_signed = None if signed is None else signed(jax.tree_util.keystr(path), x)
     if is_signed is None:
       is_signed = default_signed(state, prefix)
@@ -166,16 +189,27 @@ def plan_leaves(params, state, policy: FixedBits, signed) -> list[LeafPlan | Non
   return out
 
 
+def _encode(x_KxB, plan: LeafPlan, step, rounding: str, first=0, size=None):
+  """Codes and block scales of the blocks ``x_KxB`` (the leaf's blocks from flat element
+  ``first``; values at or past ``size`` are padding, stored as zero) as ``plan`` says."""
+  x = x_KxB.astype(jnp.float32)
+  if size is not None and size % x.shape[1]:
+    index = (jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) * x.shape[1]
+             + jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) + first)
+    x = jnp.where(index < size, x, 0.0)
+  view = group_view(x, plan.bits)
+  (scale,) = finite_absmax(view)
+  noise = None if rounding == "nearest" else moment_noise(view.shape, step, plan.leaf,
+                                                          plan.moment, first)
+  return encode_blocks(view, scale, default_map(plan.bits, plan.signed), noise), scale
+
+
 def requantize(x, plan: LeafPlan, block_size: int, step, rounding: str) -> QuantizedArray:
   """``x`` quantized as ``plan`` says (default map, plain layout), with new block scales,
   rounded to nearest or stochastically with the counter ``(step, plan.leaf, plan.moment)``,
   as :func:`~stquant_jax._src.update.adam.adam_blocks` writes Adam's moments."""
-  cmap = default_map(plan.bits, plan.signed)
-  view = group_view(to_blocks(x, None, block_size), plan.bits)
-  (scale,) = finite_absmax(view)
-  noise = None if rounding == "nearest" else moment_noise(view.shape, step, plan.leaf,
-                                                          plan.moment)
-  return QuantizedArray(encode_blocks(view, scale, cmap, noise), scale, cmap, block_size,
+  codes, scale = _encode(to_blocks(x, None, block_size), plan, step, rounding)
+  return QuantizedArray(codes, scale, default_map(plan.bits, plan.signed), block_size,
                         tuple(x.shape), jnp.dtype(x.dtype))
 
 
@@ -214,6 +248,192 @@ def typed_leaves(inner_init, updates, inner_state, policy, signed) -> list:
   return out
 
 
+def _abstract(x):
+  """A state leaf (a :class:`QuantizedArray` included) as its shape and dtype."""
+  return jax.ShapeDtypeStruct(*leaf_shape_dtype(x))
+
+
+def _chunk_shape(shape_KxB, ndim: int) -> tuple[int, ...]:
+  """The shape a chunk of blocks takes in ``inner``: the parameter's rank kept (a
+  transform may read ``x.ndim``, as weight-decay masks do)."""
+  k, bs = shape_KxB
+  if ndim <= 1:
+    return (k * bs,)
+  return (1,) * (ndim - 2) + (k, bs)
+
+
+def _barrier(*xs):
+  return jax.lax.optimization_barrier(xs)
+
+
+def _computed_once(*xs):
+  """A chunk's fresh values computed once into buffers (CPU, GPU), so XLA does not
+  recompute the decode and ``inner``'s math in each consumer; a TPU recomputes in
+  registers instead (as :func:`~stquant_jax._src.update.adam.adam_blocks`)."""
+  return jax.lax.platform_dependent(*xs, tpu=lambda *x: x, default=_barrier)
+
+
+class _Slots(NamedTuple):
+  """Where an inner state holds each parameter's leaves.
+
+  The state is seen as a *skeleton* (``skeleton``: its treedef with each
+  parameter-structured subtree, a *prefix*, as one leaf; ``is_prefix`` per
+  skeleton leaf) whose other leaves (counts, hyperparameters) are ``others``, and
+  each prefix subtree as the list of its parts per parameter position
+  (``parts[k][j]``: the leaf that mirrors parameter ``j``, or an array-free
+  placeholder such as ``optax.MaskedNode``), at key paths ``prefixes``. ``params`` is
+  the parameters' treedef.
+  """
+
+  skeleton: Any
+  is_prefix: tuple[bool, ...]
+  params: Any
+  others: list
+  parts: list
+  prefixes: list  # the prefixes' key paths, as ``parts``
+
+  def build(self, others, parts):
+    """The state tree from its other leaves and its prefixes' parts."""
+    others, parts = iter(others), iter(parts)
+    return self.skeleton.unflatten([self.params.unflatten(next(parts)) if p else next(others)
+                                    for p in self.is_prefix])
+
+  def split(self, state):
+    """``(others, parts)`` of a state of this skeleton (its prefixes may hold None)."""
+    vals = self.skeleton.flatten_up_to(state)
+    return ([v for v, p in zip(vals, self.is_prefix) if not p],
+            [self.params.flatten_up_to(v) for v, p in zip(vals, self.is_prefix) if p])
+
+
+def _holds_arrays(x) -> bool:
+  """Whether a part of a state holds arrays (not a placeholder such as ``MaskedNode``)."""
+  return bool(jax.tree.leaves(x, is_leaf=_is_stored))
+
+
+def _slots(updates, tree, mirrors) -> _Slots:
+  """The :class:`_Slots` of the state ``tree`` (quantized leaves whole); raises where a
+  parameter-structured subtree holds a leaf that does not mirror its parameter."""
+  flat, params_def = jax.tree_util.tree_flatten_with_path(updates)
+  ppaths = [tuple(p) for p, _ in flat]
+  mirror_of = {m[0]: (m[1], m[2]) for m in mirrors if m is not None}
+  prefixes = {m[2] for m in mirrors if m is not None}
+  sk, skeleton = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda p, x: _is_stored(x) or tuple(p) in prefixes, is_leaf_takes_path=True)
+  others, parts, is_prefix, paths = [], [], [], []
+  for path, v in sk:
+    path = tuple(path)
+    is_prefix.append(path in prefixes)
+    if not is_prefix[-1]:
+      others.append(v)
+      continue
+    ps = params_def.flatten_up_to(v)
+    for j, x in enumerate(ps):
+      if _holds_arrays(x) and mirror_of.get(path + ppaths[j]) != (j, path):
+        raise ValueError(
+            f"sq.quantized(elementwise=True): the state leaf at "
+            f"{jax.tree_util.keystr(path + ppaths[j])} does not mirror its parameter (shape "
+            f"{leaf_shape_dtype(flat[j][1])[0]}), so the "
+            "transform is not elementwise (Adafactor's factored statistics, say); leave "
+            "elementwise=False")
+    parts.append(ps)
+    paths.append(path)
+  return _Slots(skeleton, tuple(is_prefix), params_def, others, parts, paths)
+
+
+def _streamed_update(inner, updates, tree, params, extra_args, *, count, policy, signed,
+                     rounding):
+  """``inner.update`` with every parameter that has a quantized leaf streamed a chunk of
+  blocks at a time (:func:`~stquant_jax._src.update.stream.stream_moments`).
+
+  Parameter ``j``'s chunk runs ``inner.update`` on *restricted* trees: the
+  gradient, parameter and every prefix subtree hold the chunk's values at
+  position ``j`` and None elsewhere (optax maps skip None), the counts and
+  hyperparameters the step's inputs. One more call, with None at every streamed
+  position, gives the other parameters' updates and state and the counts, once.
+  """
+  abstract = jax.tree.map(_abstract, tree, is_leaf=_is_stored)
+  mirrors = _mirrors(updates, abstract)
+  plans = plan_leaves(updates, abstract, policy, signed)
+  stored = jax.tree.leaves(tree, is_leaf=_is_stored)
+  if any((p is not None) != is_quantized(x) for p, x in zip(plans, stored)):
+    raise ValueError(f"sq.quantized: the state holds {sum(map(is_quantized, stored))} "
+                     f"quantized leaves, this transform quantizes "
+                     f"{sum(p is not None for p in plans)} leaves of its inner state for "
+                     "updates of this tree; use the transform and parameters that built the state")
+  plan_of = {m[0]: p for m, p in zip(mirrors, plans) if m is not None}
+  slots = _slots(updates, tree, mirrors)
+  ppaths = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+  grads = slots.params.flatten_up_to(updates)
+  ps = None if params is None else slots.params.flatten_up_to(params)
+  n = len(grads)
+  streamed = [j for j in range(n) if any(is_quantized(part[j]) for part in slots.parts)]
+
+  def only(j, x):
+    """A tree of the parameters' structure holding ``x`` at position ``j``, None elsewhere."""
+    return slots.params.unflatten([x if i == j else None for i in range(n)])
+
+  # Everything but the streamed parameters, and the counts: one call. Placeholders
+  # (``optax.MaskedNode``) stay where they are: ``inner`` builds them again.
+  s = set(streamed)
+  keep = lambda xs: [None if j in s and _holds_arrays(x) else x for j, x in enumerate(xs)]
+  rest_u, rest_state = inner.update(
+      slots.params.unflatten(keep(grads)), slots.build(slots.others, map(keep, slots.parts)),
+      None if ps is None else slots.params.unflatten(keep(ps)), **extra_args)
+  new_u = slots.params.flatten_up_to(rest_u)
+  new_others, new_parts = slots.split(rest_state)
+
+  for j in streamed:
+    g = grads[j]
+    mine = [k for k, part in enumerate(slots.parts) if _holds_arrays(part[j])]
+    moments = [slots.parts[k][j] for k in mine]
+    mplans = [plan_of[slots.prefixes[k] + ppaths[j]] for k in mine]
+    p_j = None if ps is None else ps[j]
+    has_p = p_j is not None and getattr(p_j, "shape", None) == g.shape
+
+    def restricted(grad, vals, p, others, extra, j=j, mine=mine, p_j=p_j, has_p=has_p):
+      """``inner.update`` of parameter ``j`` alone: its update and new moments."""
+      vals = dict(zip(mine, vals))
+      parts = [[vals.get(k, x) if i == j else None if _holds_arrays(x) else x
+                for i, x in enumerate(part)] for k, part in enumerate(slots.parts)]
+      u, new = inner.update(only(j, grad), slots.build(others, parts),
+                            only(j, p if has_p else p_j) if ps is not None else None, **extra)
+      new = slots.split(new)[1]
+      return slots.params.flatten_up_to(u)[j], [new[k][j] for k in mine]
+
+    shapes = [_abstract(q) for q in moments]
+    u_dtype = jax.eval_shape(restricted, g, shapes, p_j if has_p else None, slots.others,
+                             extra_args)[0].dtype
+    separate = u_dtype != g.dtype   # the update cannot be written over the gradient
+
+    def chunk(g_KxB, ms, ins, *, first, step, others, extra, j=j, mplans=mplans, has_p=has_p,
+              separate=separate, size=g.size, ndim=g.ndim, restricted=restricted):
+      shape = _chunk_shape(g_KxB.shape, ndim)
+      grad = (ins[-1] if separate else g_KxB).reshape(shape)
+      p = ins[0].reshape(shape) if has_p else None
+      vals = [(dequantize_blocks(q.codes, q.scales, q.code_map).astype(q.dtype)
+               if is_quantized(q) else q).reshape(shape) for q in ms]
+      u, new = restricted(grad, vals, p, others, extra)
+      u, *new = _computed_once(u, *new)
+      out = []
+      for q, x, plan in zip(ms, new, mplans):
+        x = x.reshape(g_KxB.shape)
+        if is_quantized(q):
+          codes, scale = _encode(x, plan, step, rounding[0 if plan.signed else 1], first, size)
+          x = dataclasses.replace(q, codes=codes, scales=scale)
+        out.append(x)
+      return u.reshape(g_KxB.shape), out
+
+    target = jnp.zeros(g.shape, u_dtype) if separate else g
+    inputs = ([p_j] if has_p else []) + ([g] if separate else [])
+    new_u[j], new_ms = stream_moments(chunk, target, moments, inputs=inputs, step=count,
+                                      others=slots.others, extra=dict(extra_args))
+    for k, part in enumerate(slots.parts):
+      new_parts[k][j] = part[j]   # placeholders stay
+    for k, q in zip(mine, new_ms):
+      new_parts[k][j] = q
+  return slots.params.unflatten(new_u), slots.build(new_others, new_parts)
+
+
 def _check_signed(signed):
   """``signed`` as a callable ``(path, leaf) -> bool | None``, or None."""
   if signed is None:
@@ -233,6 +453,7 @@ def quantized(
     block_size: int = DEFAULT_BLOCK_SIZE,
     signed: bool | Callable[[str, Any], bool | None] | None = None,
     rounding="stochastic",
+    elementwise: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps any optax transform so that its parameter-shaped state is stored quantized.
 
@@ -266,6 +487,26 @@ def quantized(
   of that step is ``inner``'s (NaN there). Leaves kept as they are keep what
   ``inner`` stores.
 
+  Temporaries: by default the step dequantizes each quantized leaf whole, so it
+  holds leaf-sized float temporaries (2.3x the parameter bytes for Lion's one
+  moment, 4.5x for AdEMAMix's three, on one 4096 x 4096 leaf). With
+  ``elementwise=True`` each parameter that has a quantized leaf is streamed a
+  chunk of whole blocks at a time: ``inner.update`` runs on the chunk's gradient,
+  parameter and moments (the parameter's rank kept; None at every other
+  parameter's position, which optax's tree maps skip; counts and hyperparameters
+  as the step got them), and the chunk is requantized with the stochastic
+  rounding numbers of its place in the leaf, so the codes are the whole-leaf
+  step's (up to where XLA contracts a multiply-add); one more call, with None at
+  the streamed positions, updates the counts and the other parameters once. The
+  temporaries are then a few chunk buffers (~1% of the parameter bytes, as
+  :func:`~stquant_jax.adamw`'s). This is right only for a transform that is
+  elementwise in the parameters: each leaf's update and state depend on the same
+  elements of that leaf's gradient, parameter and state and on scalars, not on the
+  leaf's shape beyond its rank nor on other leaves (Lion, SGD momentum, RMSprop,
+  Adam/AdamW, AdEMAMix, their masks and chains; not Muon, Adafactor,
+  ``clip_by_global_norm``). A state that visibly is not (a parameter-structured
+  subtree holding a leaf of another shape) raises a ``ValueError``.
+
   Not yet supported (raise or fall back as stated): an adaptive policy
   (:class:`~stquant_jax.STQuantPolicy` raises a ``TypeError``: only
   :class:`~stquant_jax.FixedBits`); :func:`~stquant_jax.relayout`,
@@ -274,9 +515,7 @@ def quantized(
   ``scale_by_stquant`` states only; :func:`~stquant_jax.state_nbytes` works);
   sharded (FSDP) layouts (moments are stored in the plain layout). A
   ``flax.nnx.Optimizer`` works: the ``{codes, scales}`` mappings it hands back are
-  rebuilt from the plan of ``inner``'s abstract initial state. The step dequantizes each
-  quantized leaf whole, so it holds leaf-sized float temporaries (the fused,
-  streamed path of :func:`~stquant_jax.adamw` does not).
+  rebuilt from the plan of ``inner``'s abstract initial state.
 
   Args:
     inner: any optax transform (a chain, ``inject_hyperparams``, ``masked``,
@@ -291,6 +530,9 @@ def quantized(
       and None keeps the rule's answer.
     rounding: ``"stochastic"`` (default), ``"nearest"``, or a ``(signed,
       unsigned)`` pair of them.
+    elementwise: ``inner`` is elementwise in the parameters (see Temporaries
+      above): stream each parameter's quantized leaves a chunk at a time
+      (bounded temporaries). Default False: dequantize each leaf whole.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with a
@@ -308,6 +550,10 @@ def quantized(
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> round(float(updates["w"][0, 0]), 6)
     -0.001001
+    >>> tx = sq.quantized(optax.lion(1e-3), policy=sq.FixedBits(8, 8), elementwise=True)
+    >>> streamed, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    >>> bool((streamed["w"] == updates["w"]).all())
+    True
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"inner must be an optax.GradientTransformation, got "
@@ -344,6 +590,11 @@ def quantized(
     stored, qdef = jax.tree.flatten(inner_state, is_leaf=_is_stored)
     if any(is_moment_mapping(x) for x in stored):
       stored = typed_leaves(inner.init, updates, inner_state, policy, signed)
+    if elementwise and any(is_quantized(x) for x in stored):
+      new_updates, new_state = _streamed_update(
+          inner, updates, qdef.unflatten(stored), params, extra_args, count=count,
+          policy=policy, signed=signed, rounding=rounding)
+      return new_updates, QuantizedState(count=count, inner_state=new_state)
     held = [x for x in stored if is_quantized(x)]
     plain = [dequantize(x) if is_quantized(x) else x for x in stored]
     new_updates, new_state = inner.update(updates, qdef.unflatten(plain), params, **extra_args)
