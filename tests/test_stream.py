@@ -144,11 +144,10 @@ def test_compiled_mixed_layout_temporaries_are_a_few_chunks():
   assert _step_temp_bytes(tx, BIGGER) <= 0.05 * _param_bytes(BIGGER)
 
 
-def test_adaptive_policy_statistics_cost_a_gradient_copy():
-  """Known limit: STQuantPolicy reads a sample of each adaptive leaf's gradient after
-  the update has been written over it, so XLA keeps a copy of the gradient (a
-  parameter-sized buffer per adaptive leaf, ~7% of these parameter bytes here). The
-  fix is to take the policy's gradient sample before the update (issue: a policy
-  interface); this test records the cost so that fix shows."""
+def test_adaptive_policy_statistics_temporaries_are_bounded():
+  """STQuantPolicy decodes a rotating 1/K of each adaptive leaf's blocks every step.
+  Decoded and reduced in one pass, that sample's float32 arrays were ~7% of the
+  parameter bytes here (K = 100, growing with the model); in ordered groups of about
+  2048 blocks they are a few MB (``policy.scores.leaves_sums``)."""
   tx = sq.adamw(1e-3, policy=sq.STQuantPolicy(target_bits=4.5), backend="jnp")
-  assert _step_temp_bytes(tx, BIGGER) > 0.05 * _param_bytes(BIGGER)
+  assert _step_temp_bytes(tx, BIGGER) <= 0.05 * _param_bytes(BIGGER)

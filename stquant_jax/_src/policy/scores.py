@@ -69,8 +69,9 @@ NUM_SUMS = len(SUMS)
 _TINY = 1e-30
 
 
-def _take_rows(a, rows, stride: int, slot):
-  """Rows ``rows = slot + stride * arange(r)`` of ``a`` (``[nb, ...]``).
+def _take_rows(a, rows, stride: int, slot, span=None):
+  """Rows ``rows = slot + stride * arange(r)`` of ``a`` (``[nb, ...]``); with ``span``
+  ``(lo, hi)`` only ``rows[lo:hi]``.
 
   When ``stride`` divides ``nb`` this is a strided slice of the view
   ``[nb / stride, stride, ...]``: with the block axis sharded (FSDP), each
@@ -79,17 +80,20 @@ def _take_rows(a, rows, stride: int, slot):
   """
   nb = a.shape[0]
   shards = explicit_shards(a)
+  lo, hi = span if span is not None else (0, rows.shape[0])
   if nb % stride == 0 and (nb // stride) % shards == 0:
     view = a.reshape((nb // stride, stride) + a.shape[1:])
+    if span is not None:
+      view = view[lo:hi]
     return jax.lax.dynamic_index_in_dim(view, jnp.asarray(slot, jnp.int32), axis=1,
                                         keepdims=False)
   if shards > 1:
     a = replicated(a)
-  return jnp.take(a, jnp.minimum(rows, nb - 1), axis=0)
+  return jnp.take(a, jnp.minimum(rows[lo:hi], nb - 1), axis=0)
 
 
 def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride: int = 1,
-            slot=0):
+            slot=0, span=None):
   """``x`` (a moment leaf or the gradient) as float32 blocks ``[nb, bs]`` plus a validity mask.
 
   ``rows`` (optional int32 ``[r]``, from :func:`sample_rows` with ``stride``
@@ -97,13 +101,15 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
   invalid rows (mask all False). The subsample is taken directly from the
   packed codes / the flat array, so it costs O(r * bs), not O(size), and it
   is local to each device when the block axis is sharded and ``stride``
-  divides the blocks per device.
+  divides the blocks per device. ``span`` ``(lo, hi)`` keeps ``rows[lo:hi]`` only.
   """
   shards = _shards_of(x, q_ref)
+  some = rows if rows is None or span is None else rows[span[0]:span[1]]
   if is_quantized(x):
     codes, scales = x.codes, x.scales
     if rows is not None:
-      codes, scales = _take_rows(codes, rows, stride, slot), _take_rows(scales, rows, stride, slot)
+      codes = _take_rows(codes, rows, stride, slot, span)
+      scales = _take_rows(scales, rows, stride, slot, span)
     d = decode_blocks(codes, scales, x.code_map)
     d = d.reshape(d.shape[0], -1)
     bs = x.block_size
@@ -111,7 +117,7 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
     bs = q_ref.block_size
     d = to_blocks(replicated(x) if explicit_axes_per_dim(x) else x, shards, bs)
     if rows is not None:
-      d = jnp.take(d, jnp.minimum(rows, d.shape[0] - 1), axis=0)
+      d = jnp.take(d, jnp.minimum(some, d.shape[0] - 1), axis=0)
   else:
     flat = jnp.ravel(x).astype(jnp.float32)
     n = flat.size
@@ -121,13 +127,13 @@ def _blocks(x, q_ref: QuantizedArray | None, block_size: int, rows=None, stride:
       if explicit_shards(flat) > 1:
         flat = replicated(flat)
       d = (jnp.pad(flat, (0, nb * bs - n)).reshape(nb, bs) if rows is None
-           else _gather_blocks(flat, rows, bs))
+           else _gather_blocks(flat, some, bs))
     else:
       d = flat.reshape(nb, bs)
       if rows is not None:
-        d = _take_rows(d, rows, stride, slot)
-  rows = jnp.arange(d.shape[0], dtype=jnp.int32) if rows is None else rows
-  return d, valid_mask(rows, x.shape, shards, bs)
+        d = _take_rows(d, rows, stride, slot, span)
+  some = jnp.arange(d.shape[0], dtype=jnp.int32) if rows is None else some
+  return d, valid_mask(some, x.shape, shards, bs)
 
 
 def _gather_blocks(flat, rows, bs: int):
@@ -279,15 +285,26 @@ def _row_sums(m, v, valid, g_blocks, needed, probe_bits: int):
                    axis=1)
 
 
+# Rows (sampled blocks) decoded and reduced together in :func:`leaves_sums`: ~1 MB per
+# float32 array at 128 values a block; at most :data:`_MAX_GROUPS` groups (a model
+# with more sampled blocks takes larger groups).
+_GROUP_ROWS = 2048
+_MAX_GROUPS = 16
+
+
 def leaves_sums(gs, mus, nus, *, block_size: int, probe_bits: int = 4, needed=None,
                 stride: int = 1, slot=0):
   """:func:`leaf_sums` of many leaves at once: float32 ``[L, NUM_SUMS]``.
 
   With ``stride > 1`` the sampled blocks of all leaves (that are not taken shard
-  by shard) are decoded, concatenated and reduced in one pass, then summed per
-  leaf: the step's program holds one set of reductions instead of one per leaf,
+  by shard) are decoded, concatenated and reduced together, then summed per
+  leaf: the step's program holds a few sets of reductions instead of one per leaf,
   which is most of what the adaptive policy adds to the compile time of a step
-  (for GPT-2 small compiled for an H100, ~45 s of ~55 s). With ``stride == 1``
+  (for GPT-2 small compiled for an H100, ~45 s of ~55 s). The sample is cut into
+  groups of about :data:`_GROUP_ROWS` blocks (at most :data:`_MAX_GROUPS`), each
+  group's reads made to wait for the previous group's sums: the float32 arrays a
+  group's reductions hold are bounded by the group, not by the model (as one pass,
+  they were ~7% of the parameter bytes at ``every=100``). With ``stride == 1``
   (whole leaves) each leaf is reduced on its own, so no copy of the state exists.
   """
   needed = frozenset(SUMS) if needed is None else frozenset(needed) | {"n", "blocks"}
@@ -298,28 +315,72 @@ def leaves_sums(gs, mus, nus, *, block_size: int, probe_bits: int = 4, needed=No
       out[i] = leaf_sums(g, mu, nu, block_size=block_size, probe_bits=probe_bits,
                          needed=needed, stride=stride, slot=slot)
       continue
-    rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
-    m, valid = _blocks(mu, ref, block_size, rows, stride, slot)
-    v, _ = _blocks(nu, ref, block_size, rows, stride, slot)
-    gb = _blocks(g, ref, block_size, rows, stride, slot)[0] if "g2" in needed else None
-    parts = [m, v, valid] + ([gb] if gb is not None else [])
-    parts = [replicated(x) if explicit_shards(x) > 1 else x for x in parts]
-    groups.setdefault(m.shape[1], []).append((i, parts))
-  for items in groups.values():
-    cat = [jnp.concatenate([p[k] for _, p in items]) for k in range(len(items[0][1]))]
-    # Materialise the decoded sample once: otherwise XLA fuses every leaf's gather and
-    # decode into each reduction that reads it (slow to compile, and repeated work).
-    cat = jax.lax.optimization_barrier(cat)
-    g_cat = cat[3] if len(cat) > 3 else None
-    per_row = _row_sums(cat[0], cat[1], cat[2], lambda: g_cat, needed, probe_bits)
-    leaf_of_row = np.concatenate([np.full(p[0].shape[0], j, np.int32)
-                                  for j, (_, p) in enumerate(items)])
-    per_leaf = jax.ops.segment_sum(per_row, leaf_of_row, num_segments=len(items))
-    for j, (i, _) in enumerate(items):
-      out[i] = per_leaf[j]
+    nb = num_leaf_blocks(mu, ref, block_size)
+    bs = ref.block_size if ref is not None else block_size
+    groups.setdefault(bs, []).append((i, -(-nb // stride)))
+  done = None
+  for bs, leaves in groups.items():
+    total = sum(r for _, r in leaves)
+    size = max(_GROUP_ROWS, -(-total // _MAX_GROUPS))
+    acc = {i: jnp.zeros((NUM_SUMS,), jnp.float32) for i, _ in leaves}
+    for group in _row_groups(leaves, size):
+      parts, owner = [], []
+      for i, lo, hi in group:
+        g, mu, nu = gs[i], mus[i], nus[i]
+        ref = mu if is_quantized(mu) else (nu if is_quantized(nu) else None)
+        rows = sample_rows(num_leaf_blocks(mu, ref, block_size), stride, slot)
+        slot_i = jnp.asarray(slot, jnp.int32)
+        if done is not None:  # this group's reads after the previous group's sums
+          rows, slot_i = _after(done, (rows, slot_i))
+        take = lambda x: _blocks(x, ref, block_size, rows, stride, slot_i, span=(lo, hi))
+        m, valid = take(mu)
+        v, _ = take(nu)
+        gb = take(g)[0] if "g2" in needed else None
+        piece = [m, v, valid] + ([gb] if gb is not None else [])
+        parts.append([replicated(x) if explicit_shards(x) > 1 else x for x in piece])
+        owner.append(i)
+      cat = [jnp.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+      # Materialise the decoded sample once: otherwise XLA fuses every leaf's gather and
+      # decode into each reduction that reads it (slow to compile, and repeated work).
+      cat = jax.lax.optimization_barrier(cat)
+      g_cat = cat[3] if len(cat) > 3 else None
+      per_row = _row_sums(cat[0], cat[1], cat[2], lambda: g_cat, needed, probe_bits)
+      piece_of_row = np.concatenate([np.full(p[0].shape[0], j, np.int32)
+                                     for j, p in enumerate(parts)])
+      per_piece = jax.ops.segment_sum(per_row, piece_of_row, num_segments=len(parts))
+      for j, i in enumerate(owner):
+        acc[i] = acc[i] + per_piece[j]
+      done = per_piece
+    for i in acc:
+      out[i] = acc[i]
   if not out:
     return jnp.zeros((0, NUM_SUMS), jnp.float32)
   return jnp.stack(out)
+
+
+def _row_groups(leaves, size: int):
+  """``(leaf, lo, hi)`` row ranges of ``leaves`` (``(leaf, rows)`` pairs, in order) cut
+  into consecutive groups of at most ``size`` rows."""
+  groups, cur, room = [], [], size
+  for i, r in leaves:
+    lo = 0
+    while lo < r:
+      hi = min(r, lo + room)
+      cur.append((i, lo, hi))
+      room -= hi - lo
+      lo = hi
+      if room == 0:
+        groups.append(cur)
+        cur, room = [], size
+  if cur:
+    groups.append(cur)
+  return groups
+
+
+def _after(done, xs):
+  """``xs`` made to wait for ``done``."""
+  _, xs = jax.lax.optimization_barrier((done, xs))
+  return xs
 
 
 def _sample_per_shard(g, mu, nu, ref, block_size: int) -> bool:
