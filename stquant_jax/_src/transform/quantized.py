@@ -400,13 +400,17 @@ def _streamed_update(inner, updates, tree, params, extra_args, *, count, policy,
       new = slots.split(new)[1]
       return slots.params.flatten_up_to(u)[j], [new[k][j] for k in mine]
 
-    shapes = [_abstract(q) for q in moments]
-    u_dtype = jax.eval_shape(restricted, g, shapes, p_j if has_p else None, slots.others,
-                             extra_args)[0].dtype
+    # Traced once more, abstractly: the update's dtype, and whether ``inner`` closes over
+    # traced values (inject_hyperparams outside the wrapper), which a per-device call
+    # under GSPMD cannot take.
+    traced = jax.make_jaxpr(restricted)(g, [_abstract(q) for q in moments],
+                                        p_j if has_p else None, slots.others, extra_args)
+    u_dtype = traced.out_avals[0].dtype
     separate = u_dtype != g.dtype   # the update cannot be written over the gradient
 
-    def chunk(g_KxB, ms, ins, *, first, step, others, extra, j=j, mplans=mplans, has_p=has_p,
+    def chunk(g_KxB, ms, ins, *, first, step, others, extra, mplans=mplans, has_p=has_p,
               separate=separate, size=g.size, ndim=g.ndim, restricted=restricted):
+      """One chunk of parameter ``j``: decode, ``inner.update``, encode (stream's ``fn``)."""
       shape = _chunk_shape(g_KxB.shape, ndim)
       grad = (ins[-1] if separate else g_KxB).reshape(shape)
       p = ins[0].reshape(shape) if has_p else None
@@ -426,7 +430,8 @@ def _streamed_update(inner, updates, tree, params, extra_args, *, count, policy,
     target = jnp.zeros(g.shape, u_dtype) if separate else g
     inputs = ([p_j] if has_p else []) + ([g] if separate else [])
     new_u[j], new_ms = stream_moments(chunk, target, moments, inputs=inputs, step=count,
-                                      others=slots.others, extra=dict(extra_args))
+                                      others=slots.others, extra=dict(extra_args),
+                                      closes_over_tracers=bool(traced.consts))
     for k, part in enumerate(slots.parts):
       new_parts[k][j] = part[j]   # placeholders stay
     for k, q in zip(mine, new_ms):

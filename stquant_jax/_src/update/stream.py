@@ -122,6 +122,12 @@ def _on_context_mesh(a):
   return jax.sharding.reshard(a, P())
 
 
+def _on_explicit_axes(a) -> bool:
+  """Whether ``a``'s type carries a mesh with Explicit axes (the per-device call is then
+  a ``shard_map``, which may close over traced values)."""
+  return has_mesh(a) and jax.sharding.AxisType.Explicit in jax.typeof(a).sharding.mesh.axis_types
+
+
 def _put(a, new, start):
   """``new`` written into ``a`` from ``start`` along the leading axis (in place in XLA)."""
   return jax.lax.dynamic_update_slice_in_dim(a, reshard_like(new.astype(a.dtype), a), start, 0)
@@ -225,7 +231,7 @@ def _stream_pieces(fn, g, moments, inputs, shards, *, first_block, **kw):
 
 
 def stream_moments(fn, g, moments, *, inputs=(), chunk_values: int = CHUNK_VALUES,
-                   reads_once: bool = False, **kwargs):
+                   reads_once: bool = False, closes_over_tracers: bool = False, **kwargs):
   """Runs a per-block update of any number of moments over a leaf in bounded chunks.
 
   Args:
@@ -246,6 +252,11 @@ def stream_moments(fn, g, moments, *, inputs=(), chunk_values: int = CHUNK_VALUE
     reads_once: ``fn`` reads each input once into a buffer before it computes any
       output (it ends the reads with an ``optimization_barrier``); otherwise the
       stream puts a barrier on each chunk's inputs.
+    closes_over_tracers: ``fn`` closes over traced values. Where the blocks may
+      be sharded each device streams its own
+      (:func:`~stquant_jax._src.distributed.local_blocks.map_local_blocks`); under
+      GSPMD (no Explicit mesh axes) that per-device call cannot take such an
+      ``fn``, so the stream then runs on the global arrays and XLA partitions it.
     **kwargs: passed to ``fn``; arrays among them (a pytree's leaves included) go
       to each device whole.
 
@@ -274,7 +285,8 @@ def stream_moments(fn, g, moments, *, inputs=(), chunk_values: int = CHUNK_VALUE
   kw = dict(chunk_values=chunk_values, reads_once=reads_once, **kwargs)
   parts_in = [x for q in moments for x in _moment_parts(q)]
   ragged = shards is None and g.size != nb * bs  # plain layout, padded: no block view
-  if g.size == 0 or ragged or not may_be_block_sharded(parts_in + [g]):
+  global_only = closes_over_tracers and not any(map(_on_explicit_axes, parts_in + [g]))
+  if g.size == 0 or ragged or global_only or not may_be_block_sharded(parts_in + [g]):
     return _stream_pieces(fn, g, moments, inputs, shards, first_block=0, **kw)
 
   # Sharded block axis: every device streams its own blocks (no gathers). The gradient,
