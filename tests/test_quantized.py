@@ -491,6 +491,19 @@ def test_streamed_step_stores_the_whole_leaf_steps_codes(name):
     state = sw
 
 
+def test_streamed_update_takes_inners_dtype():
+  # bf16 gradients, float32 momentum: Lion's update is float32, so it is streamed into
+  # its own buffer (not over the gradient's), as the whole-leaf step returns it.
+  p = {"w": (0.1 * jax.random.normal(jax.random.key(3), (300, 500))).astype(jnp.bfloat16)}
+  make = lambda ew: sq.quantized(optax.lion(1e-3, mu_dtype=jnp.float32), elementwise=ew)
+  state = make(False).init(p)
+  uw, sw = jax.jit(make(False).update)(grads(p, 0), state, p)
+  us, ss = jax.jit(make(True).update)(grads(p, 0), state, p)
+  assert uw["w"].dtype == us["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(uw["w"]), np.asarray(us["w"]))
+  assert float(jnp.mean(sw.inner_state[0].mu["w"].codes == ss.inner_state[0].mu["w"].codes)) >= 0.999
+
+
 def _step_temp_bytes(tx, shape):
   params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
   state = jax.eval_shape(tx.init, params)
