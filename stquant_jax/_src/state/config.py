@@ -66,6 +66,9 @@ class StquantConfig:
       built by hand): how ``relayout``, ``adaptive_jit``, the telemetry and the
       checkpoints reach the policy's interface
       (:func:`~stquant_jax._src.policy.base.policy_of`).
+    shards: each leaf's per-shard layout (:mod:`~stquant_jax._src.codec.shards`;
+      None: the plain layout), same order, or ``()`` when every leaf has the plain
+      one: what rebuilds a moment that ``flax.nnx`` hands back without its metadata.
 
   Example:
     >>> import jax.numpy as jnp
@@ -82,6 +85,7 @@ class StquantConfig:
   shapes: tuple
   dtypes: tuple
   policy: Any = None
+  shards: tuple = ()
   _hash: int = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
@@ -92,7 +96,7 @@ class StquantConfig:
     except TypeError:
       policy = id(self.policy)
     object.__setattr__(self, "_hash", hash((self.block_size, self.mu_maps, self.nu_maps,
-                                            self.shapes, self.dtypes, policy)))
+                                            self.shapes, self.dtypes, policy, self.shards)))
 
   def __hash__(self):
     return self._hash
@@ -108,6 +112,10 @@ class StquantConfig:
                        f"{bits} bits: {m}")
     return m
 
+  def leaf_shards(self, i: int):
+    """Leaf ``i``'s per-shard layout, or None (the plain layout)."""
+    return self.shards[i] if self.shards else None
+
   def num_values(self, i: int) -> int:
     return math.prod(self.shapes[i])
 
@@ -115,7 +123,9 @@ class StquantConfig:
     # Deterministic and short: it is part of the state's tree structure, which
     # checkpoints record and compare as text.
     names = lambda maps: ",".join(m.name if isinstance(m, CodeMap) else "-" for m in maps)
-    digest = hashlib.sha1(repr((self.shapes, self.dtypes)).encode()).hexdigest()[:10]
+    # (shards only where a leaf has them: a plain-layout state's text is unchanged)
+    key = (self.shapes, self.dtypes) + ((self.shards,) if self.shards else ())
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:10]
     return (f"StquantConfig(block_size={self.block_size}, mu_maps=[{names(self.mu_maps)}], "
             f"nu_maps=[{names(self.nu_maps)}], leaves={len(self.shapes)}, shapes#{digest})")
 
@@ -124,8 +134,10 @@ jax.tree_util.register_static(StquantConfig)
 
 
 def make_config(params, block_size: int, mu_maps: tuple, nu_maps: tuple,
-                policy=None) -> StquantConfig:
-  """The :class:`StquantConfig` of a state built for ``params`` by ``policy``."""
+                policy=None, shards=()) -> StquantConfig:
+  """The :class:`StquantConfig` of a state built for ``params`` by ``policy`` (``shards``:
+  the leaves' per-shard layouts, if any has one)."""
   pairs = [leaf_shape_dtype(p) for p in jax.tree.leaves(params)]
+  shards = tuple(shards) if any(x is not None for x in shards) else ()
   return StquantConfig(block_size, mu_maps, nu_maps, tuple(s for s, _ in pairs),
-                       tuple(d.name for _, d in pairs), policy)
+                       tuple(d.name for _, d in pairs), policy, shards)

@@ -26,7 +26,7 @@ def is_moment_mapping(x) -> bool:
   return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scales"}
 
 
-def typed_moment(moment, shape, signed: bool, block_size, maps):
+def typed_moment(moment, shape, signed: bool, block_size, maps, shards=None):
   """Rebuilds a :class:`QuantizedArray` from a bare ``{codes, scales}`` mapping.
 
   Other moments (quantized arrays, float32 arrays, placeholders, None) come
@@ -38,6 +38,7 @@ def typed_moment(moment, shape, signed: bool, block_size, maps):
     signed: True for m, False for v.
     block_size: the state's static block size (None when unknown).
     maps: ``maps(bits, signed) -> CodeMap``, the transform's map choice.
+    shards: the moment's per-shard layout (None: the plain layout).
   """
   if is_quantized(moment) or not isinstance(moment, Mapping):
     return moment
@@ -51,7 +52,7 @@ def typed_moment(moment, shape, signed: bool, block_size, maps):
   if rem or codes.ndim != 2:
     raise ValueError(f"codes of shape {codes.shape} do not fit block_size={block_size}")
   return QuantizedArray(codes, scales, maps(bits, signed), block_size, tuple(shape),
-                        jnp.dtype(jnp.float32))
+                        jnp.dtype(jnp.float32), shards=shards)
 
 
 def _typed_moments(tree, cfg, signed: bool):
@@ -67,8 +68,8 @@ def _typed_moments(tree, cfg, signed: bool):
   if len(leaves) != len(cfg.shapes):
     raise ValueError(f"the state's {'mu' if signed else 'nu'} has {len(leaves)} moments, its "
                      f"config describes {len(cfg.shapes)} parameters")
-  out = [typed_moment(x, shape, signed, cfg.block_size, cfg.code_map)
-         for x, shape in zip(leaves, cfg.shapes)]
+  out = [typed_moment(x, shape, signed, cfg.block_size, cfg.code_map, cfg.leaf_shards(i))
+         for i, (x, shape) in enumerate(zip(leaves, cfg.shapes))]
   return treedef.unflatten(out)
 
 

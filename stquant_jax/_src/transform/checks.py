@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stquant_jax._src.codec.blocks import check_block_size, num_blocks
+from stquant_jax._src.codec.blocks import check_block_size
 from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.codec.shards import num_layout_blocks
 from stquant_jax._src.core.checks import check_choice, check_number
@@ -164,11 +164,10 @@ def _structure_error(updates, moments) -> ValueError:
                     "params?): " + "; ".join(lines))
 
 
-def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
+def _leaf_mismatch(path, g, mu, nu, block_size, shards=None) -> str | None:
   """Why a gradient leaf does not fit its stored moments (static checks), or None."""
   shape = tuple(g.shape)
   floating = jnp.issubdtype(g.dtype, jnp.floating)
-  size = int(np.prod(shape, dtype=np.int64))
   for name, q in (("mu", mu), ("nu", nu)):
     if is_quantized(q) or is_moment_mapping(q):
       if not floating:
@@ -181,7 +180,7 @@ def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
       elif block_size is None:
         continue  # typed_moment (state/typed.py) explains
       else:
-        nb, bs = num_blocks(size, block_size), block_size
+        nb, bs = num_layout_blocks(shape, shards, block_size), block_size
       codes, scales = (q.codes, q.scales) if is_quantized(q) else (q["codes"], q["scales"])
       if jnp.shape(scales) != (nb,) or jnp.shape(codes)[:1] != (nb,):
         return (f"{path}: gradient shape {shape} needs {nb} blocks of {bs}; state "
@@ -200,9 +199,10 @@ def _leaf_mismatch(path, g, mu, nu, block_size) -> str | None:
   return None
 
 
-def moments_for_updates(updates, treedef, leaves, mu, nu, block_size):
+def moments_for_updates(updates, treedef, leaves, mu, nu, block_size, shards=None):
   """``(mu_leaves, nu_leaves)`` aligned with the update leaves, after checking that every
-  leaf fits its stored moments; raises a ``ValueError`` naming the leaves otherwise."""
+  leaf fits its stored moments (``shards``: each leaf's per-shard layout, for bare
+  ``{codes, scales}`` moments); raises a ``ValueError`` naming the leaves otherwise."""
   try:
     mu_leaves = treedef.flatten_up_to(mu)
     nu_leaves = treedef.flatten_up_to(nu)
@@ -211,8 +211,9 @@ def moments_for_updates(updates, treedef, leaves, mu, nu, block_size):
     raise _structure_error(updates, bad) from e
   paths = [jax.tree_util.keystr(path) for path, _ in
            jax.tree_util.tree_flatten_with_path(updates)[0]]
+  shards = [None] * len(leaves) if shards is None else shards
   problems = [p for p in map(_leaf_mismatch, paths, leaves, mu_leaves, nu_leaves,
-                             [block_size] * len(leaves)) if p]
+                             [block_size] * len(leaves), shards) if p]
   if problems:
     raise ValueError("scale_by_stquant: the updates do not match the optimizer state "
                      "built by init: " + "; ".join(problems[:8])

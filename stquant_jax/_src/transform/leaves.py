@@ -107,17 +107,19 @@ def replicated_update(leaf_fn, g, mu, nu, hparams) -> LeafUpdate:
                     (g_rep, _replicated_moment(new_mu), _replicated_moment(new_nu)))
 
 
-def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps) -> LeafUpdate:
+def update_leaf(g, mu, nu, param, *, hparams, backend: str, block_size, maps,
+                shards=None) -> LeafUpdate:
   """One leaf of ``scale_by_stquant``'s update, every special case included.
 
   ``hparams`` are the keyword arguments of the per-leaf update
   (:func:`~stquant_jax._src.update.adam.adam_leaf`): Adam's scalars, the
-  rounding and the stochastic rounding counter (step, leaf index).
+  rounding and the stochastic rounding counter (step, leaf index). ``shards`` is
+  the leaf's per-shard layout (for moments ``flax.nnx`` hands back bare).
   """
   if not jnp.issubdtype(g.dtype, jnp.floating):
     return LeafUpdate(non_float_update(g, param), mu, nu, (g, mu, nu))
-  mu = typed_moment(mu, g.shape, True, block_size, maps)
-  nu = typed_moment(nu, g.shape, False, block_size, maps)
+  mu = typed_moment(mu, g.shape, True, block_size, maps, shards)
+  nu = typed_moment(nu, g.shape, False, block_size, maps, shards)
   # (A per-shard layout, FSDP of a parameter sharded on a later axis, streams through
   # the jnp path whatever the backend: README "Many devices, many hosts".)
   if (backend == "pallas" and is_quantized(mu) and is_quantized(nu) and not supports(mu, nu)

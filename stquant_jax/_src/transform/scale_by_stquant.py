@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from stquant_jax._src.codec.blocks import DEFAULT_BLOCK_SIZE
+from stquant_jax._src.codec.quantized import is_quantized
 from stquant_jax._src.codec.rounding import check_rounding
 from stquant_jax._src.core.trees import field
 from stquant_jax._src.distributed.mesh import replicated_on_params_mesh
@@ -177,8 +178,14 @@ def scale_by_stquant(
     rep = replicated_on_params_mesh(params)
     if rep is not None:
       count, policy_state = jax.device_put((count, policy_state), rep)
-    return ScaleByStquantState(count=count, mu=moments(True), nu=moments(False),
-                               policy_state=policy_state, config=config)
+    mu, nu = moments(True), moments(False)
+    # Each leaf's per-shard layout (FSDP on a later axis) goes in the config too: flax.nnx
+    # hands quantized moments back without it.
+    shards = [next((q.shards for q in pair if is_quantized(q)), None) for pair in
+              zip(treedef.flatten_up_to(mu), treedef.flatten_up_to(nu))]
+    config = make_config(params, block_size, mu_maps, nu_maps, policy, shards)
+    return ScaleByStquantState(count=count, mu=mu, nu=nu, policy_state=policy_state,
+                               config=config)
 
   def update_fn(updates, state, params=None):
     # The state's own config (block size, maps) describes its moments; it must be
@@ -191,13 +198,14 @@ def scale_by_stquant(
     count_inc = optax.safe_increment(field(state, "count"))
     updates = jax.tree.map(_as_array, updates)
     leaves, treedef = jax.tree.flatten(updates)
+    shards = [None if config is None else config.leaf_shards(i) for i in range(len(leaves))]
     mu, nu = moments_for_updates(updates, treedef, leaves, field(state, "mu"),
-                                 field(state, "nu"), bs)
+                                 field(state, "nu"), bs, shards)
     hparams = _adam_scalars(b1, b2, eps, eps_root, count_inc, nesterov)
     params = _aligned_params(treedef, params, len(leaves))
     out = [update_leaf(g, m, v, p, hparams=dict(hparams, rounding=rounding, leaf=i),
-                       backend=leaf_backend, block_size=bs, maps=code_map)
-           for i, (g, m, v, p) in enumerate(zip(leaves, mu, nu, params))]
+                       backend=leaf_backend, block_size=bs, maps=code_map, shards=sh)
+           for i, (g, m, v, p, sh) in enumerate(zip(leaves, mu, nu, params, shards))]
     tree = lambda xs: treedef.unflatten(list(xs))
     seen_g, seen_mu, seen_nu = zip(*(o.seen for o in out)) if out else ((), (), ())
     policy_state = pol.update_state(field(state, "policy_state"), tree(seen_g), tree(seen_mu),
