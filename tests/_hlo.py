@@ -1,5 +1,6 @@
-"""Collectives read from compiled HLO text, shared by the sharding tests (their
-subprocess scripts import it as ``tests._hlo``: they run from the repository root).
+"""Compiled-program facts shared by tests and benchmarks: the collectives read from
+HLO text (the sharding tests' subprocess scripts import it as ``tests._hlo``: they
+run from the repository root), and a step's compiled temporaries.
 
 Example:
   >>> collectives("%x = f32[8,4]{1,0} all-gather(f32[1,4]{1,0} %p), dimensions={0}")
@@ -31,3 +32,19 @@ def collectives(text: str, ops=ALL, start_results_only: bool = False):
       res.append((mt.group(2), sum(math.prod(int(d) for d in sh.split(",") if d)
                                    for sh in shapes)))
   return res
+
+
+def step_temp_bytes(tx, params) -> int:
+  """Temporary bytes of ``step(params, state, grads)`` (``tx.update`` then
+  ``optax.apply_updates``) compiled for abstract ``params`` with the state and the
+  gradients donated, as in a train step (the gradient a temporary the update may
+  overwrite)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  state = jax.eval_shape(tx.init, params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes

@@ -53,7 +53,9 @@ from hypothesis import strategies as st
 import stquant_jax as sq
 from stquant_jax._src.transform import quantized as quantized_module
 
+from _hlo import step_temp_bytes
 from _subprocess import run_json
+from test_nnx import MLP
 
 STEPS = 8
 TOL_8BIT = 0.05      # relative L2 error of each leaf's update, each step
@@ -308,15 +310,6 @@ def test_state_passes_through_lax_cond():
     assert int(out.count) == int(pred)
 
 
-class MLP(nnx.Module):
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(64, 128, rngs=rngs)
-    self.l2 = nnx.Linear(128, 64, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(jax.nn.relu(self.l1(x)))
-
-
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_nnx_optimizer_matches_the_plain_optax_run(monkeypatch, elementwise):
   # nnx.Optimizer hands quantized leaves back as {codes, scales} without their
@@ -505,15 +498,7 @@ def test_streamed_update_takes_inners_dtype():
 
 
 def _step_temp_bytes(tx, shape):
-  params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
-  state = jax.eval_shape(tx.init, params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  # State and gradients donated, as in a train step (the gradient a temporary).
-  compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  return step_temp_bytes(tx, {"w": jax.ShapeDtypeStruct(shape, jnp.float32)})
 
 
 @pytest.mark.parametrize("make", [lambda: optax.lion(1e-3),

@@ -20,13 +20,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import stquant_jax as sq
 from stquant_jax._src.update import stream
 from stquant_jax._src.update.adam import adam_blocks, adam_leaf
 
+from _hlo import step_temp_bytes
 from _policies import MixedBits
 
 HP = dict(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, bc1=0.5, bc2=0.01, step=7, leaf=3)
@@ -113,16 +113,8 @@ def _param_bytes(shapes):
 
 
 def _step_temp_bytes(tx, shapes):
-  params = {f"w{i}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
-  state = jax.eval_shape(tx.init, params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  # State and gradients donated: the new params may take the gradient's buffer, and the
-  # update the same buffer before them, as in a train step (the gradient a temporary).
-  compiled = jax.jit(step, donate_argnums=(1, 2)).lower(params, state, params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  return step_temp_bytes(tx, {f"w{i}": jax.ShapeDtypeStruct(s, jnp.float32)
+                              for i, s in enumerate(shapes)})
 
 
 SHAPES = [(8192, 768), (3072, 3072), (12564, 96), (3000, 100), (1_000_000,)]
