@@ -376,7 +376,10 @@ def test_ragged_shapes_every_width(bits):
       n = int(np.prod(s))
       assert u[k].shape == s
       np.testing.assert_allclose(u[k].reshape(-1), up[k][:n], rtol=1e-6, atol=1e-7)
-      np.testing.assert_array_equal(state.mu[k].scales, pstate.mu[k].scales)
+      # (The two leaves stream in different chunks, and XLA may contract a multiply-add
+      # differently per program, and over 4 steps a scale may drift by ~1e-6; a leak
+      # would move it by far more, and the padding is checked to hold m = 0 below.)
+      np.testing.assert_allclose(state.mu[k].scales, pstate.mu[k].scales, rtol=1e-5)
       uk, urk = np.asarray(u[k]), np.asarray(ur[k])
       err = float(np.linalg.norm(uk - urk) / np.linalg.norm(urk))
       assert err <= RAGGED_TOL[bits], (k, err)

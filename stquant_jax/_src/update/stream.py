@@ -83,10 +83,11 @@ def _unit(view, block_size: int) -> int:
 
 
 def _even(length: int, lead: int, unit: int) -> int:
-  """A chunk length (a multiple of ``unit``) for ``length``: the largest of at least
-  half ``lead`` that divides it in two or more chunks; else ``lead``, or for a length
-  under two chunks its half; ``lead`` when nothing fits."""
-  for c in range(lead, max(unit, lead // 2) - 1, -unit):
+  """A chunk length (a multiple of ``unit``) for ``length``: the largest of at least an
+  eighth of ``lead`` that divides it in two or more chunks (no tail: a tail piece runs
+  outside the loop, and XLA:TPU held a leaf-sized buffer for one beside other leaves);
+  else ``lead``, or for a length under two chunks its half; ``lead`` when nothing fits."""
+  for c in range(lead, max(unit, lead // 8) - 1, -unit):
     if length % c == 0 and length // c >= 2:
       return c
   if length // lead >= 2:
@@ -109,6 +110,26 @@ def _with_parts(x, parts):
 def _reference(moments):
   """The first quantized moment: its blocks set the chunks."""
   return next(q for q in moments if is_quantized(q))
+
+
+def _vma(x) -> frozenset:
+  try:
+    return frozenset(getattr(jax.typeof(x), "vma", ()) or ())
+  except (TypeError, AttributeError):
+    return frozenset()
+
+
+def _varying_like(tree, everything):
+  """``tree``'s arrays cast to vary over every manual mesh axis any array of
+  ``everything`` varies over (inside ``shard_map``; a no-op elsewhere)."""
+  axes = frozenset().union(*map(_vma, jax.tree.leaves(everything)))
+  if not axes:
+    return tree
+
+  def cast(a):
+    missing = tuple(sorted(axes - _vma(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return jax.tree.map(cast, tree)
 
 
 def _on_context_mesh(a):
@@ -150,6 +171,9 @@ def _stream(fn, g, moments, inputs, *, first_block, chunk_values: int, reads_onc
       _on_context_mesh, (g.reshape(view), [dense(q) for q in moments],
                          [a.reshape(view) for a in inputs]))
   carry = (x, *moments)                          # written back; ``inputs`` are only read
+  # Inside shard_map the chunk's results vary over every manual axis its inputs vary
+  # over; the loop's carry must start varying over them too.
+  carry = _varying_like(carry, (carry, inputs, kwargs))
 
   def run(gs, ms, ins, block0):
     u, ms = fn(gs, list(ms), list(ins), first=(first_block + block0) * bs, **kwargs)
@@ -183,7 +207,14 @@ def _stream(fn, g, moments, inputs, *, first_block, chunk_values: int, reads_onc
     return tuple(write(carry, new, row, blk, lambda b: b.reshape((lead,) + view[1:])))
 
   if chunks:
-    carry = jax.lax.fori_loop(0, chunks, body, carry)
+    try:
+      carry = jax.lax.fori_loop(0, chunks, body, carry)
+    except TypeError as e:
+      # Inside a pmap / shard_map whose replicated moments the update makes varying
+      # (the carry's manual axis types change): the leaf goes as one piece instead.
+      if "manual axis types" not in str(e):
+        raise
+      chunks = 0
   # The tail (fewer than a chunk's values, the last block maybe partial), or the whole
   # leaf when it is small: one piece, zero-padded to whole blocks.
   row0, blk0 = chunks * lead, chunks * k
